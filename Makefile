@@ -1,0 +1,30 @@
+# Two commands for a fresh machine: `make run` (the app on the demo models) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# llama.cpp is compiled from source by pip. GGML_LLAMAFILE=OFF makes every batch size use the same
+# CPU kernels, so verifying k drafted tokens in one batch gives bit-identical logits to decoding them
+# one by one: speculative output is then exactly plain output (see README). Our own pip cache keeps
+# this build apart from a default-flag wheel pip may have cached for other projects.
+export CMAKE_ARGS ?= -DGGML_LLAMAFILE=OFF
+export PIP_CACHE_DIR ?= $(HOME)/.cache/tandem/pip
+
+.PHONY: setup run test bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/tandem $(ARGS)
+
+test: setup
+	$(PY) -m ruff check app tests bench
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/bench.py $(ARGS)

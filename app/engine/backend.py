@@ -1,0 +1,238 @@
+"""Thin, allocation-aware wrappers over llama-cpp-python's low-level API: a model and a context.
+
+Only what the speculative loop needs: decode a batch with logits at chosen positions, read those
+logits as a numpy view over llama.cpp's own buffer (no copy), and cut the KV cache back to n tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import psutil
+
+from app.engine.errors import ContextOverflowError, ModelFileError, TandemError
+from app.engine.gguf_info import GGUFInfo, read_gguf_info
+
+_init_lock = threading.Lock()
+_initialised = False
+# llama.cpp's recent log lines: quoted back to the user when a load fails
+_log_tail: deque[str] = deque(maxlen=40)
+_log_verbose = bool(os.environ.get("TANDEM_LLAMA_LOG"))
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", errors="replace")
+    _log_tail.append(line)
+    if _log_verbose:
+        os.write(2, text)
+
+
+def init_backend() -> None:
+    global _initialised
+    with _init_lock:
+        if not _initialised:
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _initialised = True
+
+
+def _last_llama_error() -> str:
+    errors = [line.strip() for line in _log_tail if "error" in line.lower() or "failed" in line.lower()]
+    return errors[-1] if errors else "no reason given"
+
+
+def batch_invariant_build() -> bool:
+    """True when a token's logits do not depend on how many tokens share its batch.
+
+    llama.cpp's CPU backend sends batches of 2+ tokens through llamafile's sgemm, which sums in
+    another order than the one-token kernel: then a verify batch can break a near-tie differently
+    from plain decoding. Built with -DGGML_LLAMAFILE=OFF, every batch size uses the same kernel.
+    """
+    init_backend()
+    return b"LLAMAFILE = 1" not in llama_cpp.llama_print_system_info()
+
+
+def supports_gpu_offload() -> bool:
+    init_backend()
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+class Model:
+    """A loaded GGUF model (weights and vocabulary)."""
+
+    def __init__(self, path: str | os.PathLike[str], n_gpu_layers: int = 0):
+        self.info: GGUFInfo = read_gguf_info(path)
+        self.path = Path(path).expanduser().resolve()
+        init_backend()
+        self._check_memory(n_gpu_layers)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
+        _log_tail.clear()
+        ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not ptr:
+            raise ModelFileError(f"llama.cpp could not load {self.path}: {_last_llama_error()}")
+        self.ptr = ptr
+        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_layer: int = llama_cpp.llama_model_n_layer(ptr)
+        self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(ptr)
+        self.bos: int = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos: int = llama_cpp.llama_vocab_eos(self.vocab)
+        self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def _check_memory(self, n_gpu_layers: int) -> None:
+        """Refuse a model that cannot fit in RAM before llama.cpp tries (and the OS kills us)."""
+        if n_gpu_layers != 0 and supports_gpu_offload():
+            return  # weights go to the GPU; llama.cpp reports a VRAM shortfall itself
+        need, free = self.info.file_size, psutil.virtual_memory().available
+        if need > free:
+            raise TandemError(
+                f"{self.path.name} needs about {need / 2**30:.1f} GiB of memory but only {free / 2**30:.1f} GiB is free;"
+                " pick a smaller quantization or close other programs"
+            )
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        raw = text.encode("utf-8")
+        capacity = len(raw) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, capacity, add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, capacity, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens render as empty, like a chat UI shows them)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
+            cached = self._piece_buf.raw[: max(n, 0)]
+            self._pieces[token] = cached
+        return cached
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry itself (used to compare two vocabularies)."""
+        return (llama_cpp.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def chat_template(self) -> str | None:
+        tmpl = llama_cpp.llama_model_chat_template(self.ptr, None)
+        return tmpl.decode("utf-8", errors="replace") if tmpl else None
+
+
+class Context:
+    """One llama.cpp context over a model: a KV cache of `tokens`, a reusable batch, logits views."""
+
+    def __init__(self, model: Model, n_ctx: int, n_threads: int, n_batch: int = 512):
+        self.model = model
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_threads = params.n_threads_batch = n_threads
+        params.no_perf = True
+        ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise TandemError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path.name}: {_last_llama_error()}")
+        self.ptr = ptr
+        self.n_ctx: int = llama_cpp.llama_n_ctx(ptr)
+        self.n_batch: int = llama_cpp.llama_n_batch(ptr)  # llama.cpp caps it at n_ctx; a bigger batch aborts
+        self._memory = llama_cpp.llama_get_memory(ptr)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        for i in range(self.n_batch):
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = 0
+        self.tokens: list[int] = []  # the tokens whose K/V sit in the cache, position = index
+        self.n_evaluated = 0  # tokens run through the model since creation (tests check draft sync with it)
+        self._n_outputs = 0
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def decode(self, tokens: Sequence[int], all_logits: bool = False) -> None:
+        """Append `tokens` to the cache. Logits are kept for the last token, or for every token."""
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(
+                f"the context is full ({self.n_ctx} tokens); start a new chat or raise --ctx-size"
+            )
+        if not tokens:
+            return
+        batch = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            last_chunk = start + self.n_batch >= len(tokens)
+            pos0 = len(self.tokens)
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = pos0 + i
+                batch.logits[i] = all_logits and last_chunk
+            if last_chunk:
+                batch.logits[len(chunk) - 1] = True
+            batch.n_tokens = len(chunk)
+            rc = llama_cpp.llama_decode(self.ptr, batch)
+            if rc != 0:
+                raise TandemError(f"llama.cpp failed to evaluate {len(chunk)} tokens (code {rc}): {_last_llama_error()}")
+            self.tokens.extend(chunk)
+            self.n_evaluated += len(chunk)
+            self._n_outputs = len(chunk) if all_logits else 1
+
+    def logits(self) -> np.ndarray:
+        """A (n_outputs, n_vocab) float32 view over llama.cpp's logits buffer: valid until the next decode."""
+        ptr = llama_cpp.llama_get_logits(self.ptr)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_outputs, self.model.n_vocab))
+
+    def truncate(self, n: int) -> None:
+        """Forget every cached position >= n (rollback after rejected draft tokens)."""
+        if n < len(self.tokens):
+            llama_cpp.llama_memory_seq_rm(self._memory, 0, n, -1)
+            del self.tokens[n:]
+
+    def sync(self, tokens: Sequence[int]) -> int:
+        """Make the cache hold exactly `tokens`, evaluating only what differs; logits end on the last one.
+
+        Returns how many tokens were evaluated. This is how the draft catches up on the tokens the
+        main model accepted: usually one or two per round, never the whole prompt again.
+        """
+        return self._extend_from_common_prefix(tokens, min(len(self.tokens), len(tokens) - 1))
+
+    def sync_prefix(self, tokens: Sequence[int]) -> int:
+        """Like sync, but logits are not needed: a fully cached sequence costs nothing (new chat turns)."""
+        return self._extend_from_common_prefix(tokens, min(len(self.tokens), len(tokens)))
+
+    def _extend_from_common_prefix(self, tokens: Sequence[int], limit: int) -> int:
+        keep = 0
+        while keep < limit and self.tokens[keep] == tokens[keep]:
+            keep += 1
+        self.truncate(keep)
+        self.decode(tokens[keep:])
+        return len(tokens) - keep

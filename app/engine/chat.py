@@ -1,0 +1,106 @@
+"""Chat turns through the model's own template, with KV-prefix reuse across turns.
+
+The template comes from the GGUF metadata: llama.cpp's built-in renderer first (it knows the
+common families), a sandboxed Jinja2 render of the template text when llama.cpp does not, ChatML
+when the model has no template at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import llama_cpp
+
+from app.engine.backend import Model
+from app.engine.events import Event, Finished
+from app.engine.speculative import GenerationConfig, SpeculativeEngine
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system", "user" or "assistant"
+    content: str
+
+
+def format_chat(model: Model, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    template = model.chat_template()
+    if template:
+        rendered = _render_builtin(template, messages, add_generation_prompt)
+        if rendered is None:
+            rendered = _render_jinja(template, model, messages, add_generation_prompt)
+        return rendered
+    return _render_chatml(messages, add_generation_prompt)
+
+
+def _render_builtin(template: str, messages: list[Message], add_generation_prompt: bool) -> str | None:
+    encoded = [(m.role.encode(), m.content.encode()) for m in messages]
+    chat = (llama_cpp.llama_chat_message * len(messages))()
+    for slot, (role, content) in zip(chat, encoded, strict=True):
+        slot.role, slot.content = role, content
+    size = 256 + 2 * sum(len(c) for _, c in encoded)
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(template.encode(), chat, len(messages), add_generation_prompt, buf, size)
+        if n < 0:
+            return None  # not a template llama.cpp recognises
+        if n <= size:
+            return buf.raw[:n].decode("utf-8", errors="replace")
+        size = n
+    return None
+
+
+def _render_jinja(template: str, model: Model, messages: list[Message], add_generation_prompt: bool) -> str:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(
+        messages=[{"role": m.role, "content": m.content} for m in messages],
+        add_generation_prompt=add_generation_prompt,
+        bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
+        eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
+        raise_exception=raise_exception,
+    )
+
+
+def _render_chatml(messages: list[Message], add_generation_prompt: bool) -> str:
+    text = "".join(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def tokenize_prompt(model: Model, text: str) -> list[int]:
+    """Tokenize a rendered prompt: special tokens parsed, BOS added once (some templates write it)."""
+    tokens = model.tokenize(text, add_special=True, parse_special=True)
+    if len(tokens) >= 2 and tokens[0] == tokens[1] == model.bos:
+        del tokens[0]
+    return tokens
+
+
+class ChatSession:
+    """A conversation. Each turn re-renders the whole chat; the contexts keep the shared prefix,
+    so only the new turn's tokens are evaluated."""
+
+    def __init__(self, engine: SpeculativeEngine, system: str | None = None):
+        self.engine = engine
+        self.messages: list[Message] = [Message("system", system)] if system else []
+
+    def prompt_tokens(self) -> list[int]:
+        return tokenize_prompt(self.engine.main, format_chat(self.engine.main, self.messages))
+
+    def send(self, user_text: str, config: GenerationConfig, cancel: threading.Event | None = None) -> Iterator[Event]:
+        self.messages.append(Message("user", user_text))
+        try:
+            prompt = self.prompt_tokens()
+            for event in self.engine.generate(prompt, config, cancel):
+                if isinstance(event, Finished):
+                    self.messages.append(Message("assistant", event.text))
+                yield event
+        except BaseException:
+            if self.messages and self.messages[-1].role == "user":
+                self.messages.pop()  # the turn failed: the conversation stays as it was
+            raise

@@ -1,0 +1,85 @@
+"""What the engine tells its consumers (CLI, TUI, benchmark): one event per round, one at the end.
+
+Stats use LM Studio's field names so numbers can be compared with its speculative-decoding stats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    """One draft/verify round. `tokens` are what the round emitted, in order."""
+
+    drafted: tuple[int, ...]  # sent to the main model for verification
+    n_accepted: int  # leading drafted tokens the main model agreed with
+    main_token: int  # the main model's own token: a correction (rejection) or a bonus (all accepted)
+    n_ignored: int  # drafted but never sent (confidence stop, below --draft-min)
+    tokens: tuple[int, ...]  # emitted this round (accepted drafts + main token, cut at a stop)
+    text: str  # text released this round (held back while it could be part of a stop string)
+    draft_seconds: float
+    verify_seconds: float
+    draft_source: str  # "model", "lookup" or "none"
+
+
+@dataclass
+class GenerationStats:
+    tokens_per_second: float = 0.0
+    time_to_first_token: float = 0.0
+    generation_time: float = 0.0
+    stop_reason: str = ""
+    draft_model: str | None = None
+    total_draft_tokens_count: int = 0
+    accepted_draft_tokens_count: int = 0
+    rejected_draft_tokens_count: int = 0
+    ignored_draft_tokens_count: int = 0
+    prompt_tokens_count: int = 0
+    prompt_tokens_evaluated: int = 0  # less than prompt_tokens_count when a KV prefix was reused
+    predicted_tokens_count: int = 0
+    rounds: int = 0
+    mean_draft_length: float = 0.0
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+    draft_length_histogram: dict[int, int] = field(default_factory=dict)
+    batch_invariant_build: bool = True  # False: greedy output may differ from plain at near-ties
+
+    @property
+    def acceptance_rate(self) -> float:
+        sent = self.accepted_draft_tokens_count + self.rejected_draft_tokens_count
+        return self.accepted_draft_tokens_count / sent if sent else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out["acceptance_rate"] = round(self.acceptance_rate, 4)
+        out["draft_length_histogram"] = {str(k): v for k, v in sorted(self.draft_length_histogram.items())}
+        for key in ("tokens_per_second", "time_to_first_token", "generation_time", "mean_draft_length", "draft_time", "verify_time"):
+            out[key] = round(out[key], 4)
+        return out
+
+    def summary(self) -> str:
+        line = (
+            f"{self.predicted_tokens_count} tokens, {self.tokens_per_second:.1f} tok/s, "
+            f"first token {self.time_to_first_token * 1000:.0f} ms, stop: {self.stop_reason}"
+        )
+        if self.draft_model:
+            line += (
+                f" | draft {self.draft_model}: {self.accepted_draft_tokens_count}/"
+                f"{self.accepted_draft_tokens_count + self.rejected_draft_tokens_count} accepted "
+                f"({self.acceptance_rate:.0%}), {self.ignored_draft_tokens_count} ignored, "
+                f"mean draft {self.mean_draft_length:.2f}"
+            )
+        return line
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a generation."""
+
+    text: str  # the whole reply
+    tail: str  # text released only now: held back until the end (a partial stop string, split UTF-8)
+    tokens: tuple[int, ...]
+    stats: GenerationStats
+
+
+Event = RoundEvent | Finished

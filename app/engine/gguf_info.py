@@ -1,0 +1,161 @@
+"""A cheap GGUF header read: validates a file and returns its metadata without loading weights.
+
+llama.cpp answers a damaged file with a log line and a NULL model; we check first so the user
+gets one clear sentence. Parsing runs over an mmap with struct, skipping big arrays (the
+tokenizer's 50k strings) by length instead of decoding them, so a header read takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from app.engine.errors import ModelFileError
+
+_MAGIC = b"GGUF"
+# value type id -> struct format for fixed-size scalars
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+# arrays longer than this are summarised by their length (tokenizer vocabularies, merges)
+_MAX_ARRAY_KEPT = 64
+
+
+@dataclass
+class GGUFInfo:
+    path: Path
+    version: int
+    file_size: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+    array_lengths: dict[str, int] = field(default_factory=dict)
+    n_tensors: int = 0
+    n_params: int = 0
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "unknown"))
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("general.name") or self.path.stem)
+
+    @property
+    def quantization(self) -> str:
+        file_type = self.metadata.get("general.file_type")
+        try:
+            return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+        except (TypeError, ValueError):
+            return "unknown"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.array_lengths.get("tokenizer.ggml.tokens", 0)
+
+
+class _Cursor:
+    def __init__(self, buf: mmap.mmap, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise ModelFileError(f"{self.path} is truncated: its GGUF header ends early (the download may be incomplete)")
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > len(self.buf):
+            raise ModelFileError(f"{self.path} is truncated: its GGUF header ends early (the download may be incomplete)")
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        length = self.take("<Q")  # read first: `self.pos += self.take()` would add to the stale position
+        self.pos += length
+
+    def value(self, vtype: int, key: str, info: GGUFInfo) -> Any:
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.take("<I"), self.take("<Q")
+            info.array_lengths[key] = count
+            if count <= _MAX_ARRAY_KEPT:
+                return [self.value(etype, key, info) for _ in range(count)]
+            self.skip_array(etype, count)
+            return None
+        raise ModelFileError(f"{self.path} is not a valid GGUF file (unknown metadata type {vtype} for '{key}')")
+
+    def skip_array(self, etype: int, count: int) -> None:
+        if etype in _SCALARS:
+            self.pos += struct.calcsize(_SCALARS[etype]) * count
+        elif etype == _STRING:
+            for _ in range(count):
+                self.skip_string()
+        else:
+            raise ModelFileError(f"{self.path} is not a valid GGUF file (nested metadata arrays)")
+
+
+def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
+    """Validate `path` as a complete GGUF file and return its metadata. Raises ModelFileError."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelFileError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a directory, not a GGUF model file")
+    size = path.stat().st_size
+    if size < 24:
+        raise ModelFileError(f"{path} is not a GGUF model file (only {size} bytes)")
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != _MAGIC:
+                raise ModelFileError(f"{path} is not a GGUF model file (it does not start with 'GGUF')")
+            return _parse(_Cursor(buf, path), size)
+    except PermissionError as exc:
+        raise ModelFileError(f"cannot read {path}: permission denied") from exc
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _parse(cur: _Cursor, size: int) -> GGUFInfo:
+    cur.pos = 4
+    version = cur.take("<I")
+    if version not in (2, 3):
+        raise ModelFileError(f"{cur.path} uses GGUF version {version}; only versions 2 and 3 are supported")
+    n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+    info = GGUFInfo(path=cur.path, version=version, file_size=size, n_tensors=n_tensors)
+    for _ in range(n_kv):
+        key = cur.string()
+        value = cur.value(cur.take("<I"), key, info)
+        if value is not None:
+            info.metadata[key] = value
+    data_end = 0
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.take("<I")
+        dims = [cur.take("<Q") for _ in range(n_dims)]
+        ggml_type, offset = cur.take("<I"), cur.take("<Q")
+        n_elements = 1
+        for d in dims:
+            n_elements *= d
+        info.n_params += n_elements
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError) as exc:
+            raise ModelFileError(f"{cur.path}: tensor '{name}' has a tensor type ({ggml_type}) this build does not know") from exc
+        data_end = max(data_end, offset + n_elements // block * type_size)
+    alignment = int(info.metadata.get("general.alignment", 32))
+    data_start = (cur.pos + alignment - 1) // alignment * alignment
+    if data_start + data_end > size:
+        missing = data_start + data_end - size
+        raise ModelFileError(f"{cur.path} is truncated: {missing} bytes of tensor data are missing (the download may be incomplete)")
+    return info

@@ -1,0 +1,264 @@
+"""The speculative loop: draft k tokens, verify them in one main-model batch, keep what agrees.
+
+Invariant between rounds: `tokens` is the whole sequence (prompt + reply so far); the main context
+caches every token but the last, which is the first token of the next verify batch. Plain decoding
+is the same loop with k = 0, so plain and speculative numbers come from one code path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.engine.backend import Context, Model, batch_invariant_build
+from app.engine.compat import check_compatibility
+from app.engine.errors import ContextOverflowError, IncompatibleDraftError
+from app.engine.events import Event, Finished, GenerationStats, RoundEvent
+from app.engine.sampling import (
+    Confidence,
+    Distribution,
+    PenaltyWindow,
+    SamplerSettings,
+    accept_or_resample,
+    distribution,
+    greedy_token,
+)
+from app.engine.text import TextStream
+
+# LM Studio's stop reasons, so its users read ours the same way
+EOS, STOP_STRING, MAX_TOKENS, CONTEXT_FULL, CANCELLED = (
+    "eosFound",
+    "stopStringFound",
+    "maxPredictedTokensReached",
+    "contextLengthReached",
+    "userStopped",
+)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 512
+    draft_max: int = 8
+    draft_min: int = 0
+    draft_p_min: float = 0.0
+    stop: tuple[str, ...] = ()
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    dists: list[Distribution] = field(default_factory=list)  # q per token, for speculative sampling
+    n_ignored: int = 0
+
+
+class ModelDrafter:
+    """Drafts with a small model. Its context follows the accepted sequence incrementally:
+    each round it evaluates only the tokens it has not seen (usually the main model's last token)."""
+
+    source = "model"
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self._confidence = Confidence(ctx.model.n_vocab)
+
+    def propose(self, tokens: list[int], k: int, config: GenerationConfig, rng: np.random.Generator) -> Draft:
+        draft = Draft()
+        settings = config.sampler
+        penalty = PenaltyWindow(settings)
+        self.ctx.sync(tokens)
+        for i in range(k):
+            row = self.ctx.logits()[-1]
+            history = tokens + draft.tokens if penalty.active else ()
+            if settings.greedy:
+                token = greedy_token(row, penalty, history)
+                # a softmax over the vocabulary costs ~50 us: only pay it when the threshold can bite
+                confidence = self._confidence.top_prob(row) if config.draft_p_min > 0 else 1.0
+            else:
+                q = distribution(row, settings, penalty.ids(history) if penalty.active else None)
+                token = q.sample(rng)
+                confidence = q.max_prob()
+                draft.dists.append(q)
+            if confidence < config.draft_p_min:
+                draft.n_ignored += 1  # llama.cpp's rule: an unsure token ends the draft and is not sent
+                draft.dists = draft.dists[: len(draft.tokens)]
+                break
+            draft.tokens.append(token)
+            if i + 1 < k:  # the last drafted token is evaluated next round, only if accepted
+                self.ctx.decode([token])
+        if len(draft.tokens) < config.draft_min:
+            draft.n_ignored += len(draft.tokens)
+            draft.tokens, draft.dists = [], []
+        return draft
+
+
+class SpeculativeEngine:
+    """Main model + optional draft model, each in its own llama.cpp context."""
+
+    def __init__(self, main: Model, draft: Model | None = None, n_ctx: int = 4096, n_threads: int = 4):
+        n_ctx = min(n_ctx, main.n_ctx_train) if main.n_ctx_train > 0 else n_ctx
+        self.main = main
+        self.draft_model = draft
+        self.main_ctx = Context(main, n_ctx, n_threads)
+        self.drafter: ModelDrafter | None = None
+        if draft is not None:
+            compat = check_compatibility(main, draft)
+            if not compat.ok:
+                raise IncompatibleDraftError(
+                    f"draft {draft.path.name} cannot be used with {main.path.name}: {compat.reason}"
+                )
+            self.drafter = ModelDrafter(Context(draft, n_ctx, n_threads))
+        self.n_ctx = self.main_ctx.n_ctx
+        self.batch_invariant = batch_invariant_build()
+
+    def close(self) -> None:
+        self.main_ctx.close()
+        if self.drafter:
+            self.drafter.ctx.close()
+
+    def generate(
+        self, prompt: Sequence[int], config: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[Event]:
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {len(prompt)} tokens but the context holds {self.n_ctx}; "
+                "shorten it or raise --ctx-size"
+            )
+        settings = config.sampler
+        rng = np.random.default_rng(settings.seed)
+        penalty = PenaltyWindow(settings)
+        stats = GenerationStats(draft_model=self.draft_model.name if self.drafter else None)
+        stats.prompt_tokens_count = len(prompt)
+        stats.batch_invariant_build = self.batch_invariant
+        stream = TextStream(self.main.piece, config.stop)
+        tokens = list(prompt)
+        reply: list[int] = []
+        released: list[str] = []
+        started = time.perf_counter()
+        first_token_at = 0.0
+        first_round_tokens = 0
+        stop_reason = ""
+
+        # the last prompt token opens the first verify batch
+        stats.prompt_tokens_evaluated = self.main_ctx.sync_prefix(tokens[:-1]) + 1
+
+        while not stop_reason:
+            if cancel is not None and cancel.is_set():
+                stop_reason = CANCELLED
+                break
+            room = self.n_ctx - len(tokens)  # verify batch = last token + k drafts must fit
+            if room <= 0:
+                stop_reason = CONTEXT_FULL
+                break
+            k = min(config.draft_max, config.max_tokens - len(reply) - 1, room - 1) if self.drafter else 0
+
+            t0 = time.perf_counter()
+            draft = self.drafter.propose(tokens, k, config, rng) if self.drafter and k > 0 else Draft()
+            t1 = time.perf_counter()
+            self.main_ctx.decode([tokens[-1], *draft.tokens], all_logits=True)
+            rows = self.main_ctx.logits()
+            if settings.greedy and not penalty.active:
+                n_accepted, main_token = _verify_greedy(rows, draft.tokens)
+            else:
+                n_accepted, main_token = _verify_sampled(rows, draft, tokens, settings, penalty, rng)
+            self.main_ctx.truncate(len(tokens) + n_accepted)  # drop rejected drafts from the KV cache
+            t2 = time.perf_counter()
+
+            emitted: list[int] = []
+            for token in (*draft.tokens[:n_accepted], main_token):
+                if self.main.is_eog(token):
+                    stop_reason = EOS
+                    break
+                tokens.append(token)
+                reply.append(token)
+                emitted.append(token)
+                if stream.push(token):
+                    stop_reason = STOP_STRING
+                    break
+                if len(reply) >= config.max_tokens:
+                    stop_reason = MAX_TOKENS
+                    break
+            text = stream.release()
+            released.append(text)
+            if not first_token_at:
+                first_token_at = time.perf_counter()
+                first_round_tokens = len(reply)
+
+            n_drafted = len(draft.tokens)
+            stats.rounds += 1
+            stats.total_draft_tokens_count += n_drafted + draft.n_ignored
+            stats.accepted_draft_tokens_count += n_accepted
+            stats.rejected_draft_tokens_count += n_drafted - n_accepted
+            stats.ignored_draft_tokens_count += draft.n_ignored
+            stats.draft_length_histogram[n_drafted] = stats.draft_length_histogram.get(n_drafted, 0) + 1
+            stats.draft_time += t1 - t0
+            stats.verify_time += t2 - t1
+            yield RoundEvent(
+                drafted=tuple(draft.tokens),
+                n_accepted=n_accepted,
+                main_token=main_token,
+                n_ignored=draft.n_ignored,
+                tokens=tuple(emitted),
+                text=text,
+                draft_seconds=t1 - t0,
+                verify_seconds=t2 - t1,
+                draft_source=self.drafter.source if self.drafter and k > 0 else "none",
+            )
+
+        tail = stream.finish()
+        released.append(tail)
+        finished_at = time.perf_counter()
+        stats.stop_reason = stop_reason
+        stats.predicted_tokens_count = len(reply)
+        stats.generation_time = finished_at - started
+        stats.time_to_first_token = (first_token_at or finished_at) - started
+        after_first = len(reply) - first_round_tokens
+        if after_first > 0 and finished_at > first_token_at:
+            stats.tokens_per_second = after_first / (finished_at - first_token_at)
+        elif reply:
+            stats.tokens_per_second = len(reply) / stats.generation_time
+        sent = sum(n * c for n, c in stats.draft_length_histogram.items())
+        stats.mean_draft_length = sent / stats.rounds if stats.rounds else 0.0
+        yield Finished(text="".join(released), tail=tail, tokens=tuple(reply), stats=stats)
+
+
+def _verify_greedy(rows: np.ndarray, drafted: list[int]) -> tuple[int, int]:
+    """Accept the longest prefix of `drafted` that matches the main model's argmax at each position."""
+    best = rows.argmax(axis=1)
+    n = 0
+    while n < len(drafted) and best[n] == drafted[n]:
+        n += 1
+    return n, int(best[n])
+
+
+def _verify_sampled(
+    rows: np.ndarray,
+    draft: Draft,
+    tokens: list[int],
+    settings: SamplerSettings,
+    penalty: PenaltyWindow,
+    rng: np.random.Generator,
+) -> tuple[int, int]:
+    """Speculative sampling: each draft token kept with probability min(1, p/q), else resampled."""
+    for i, token in enumerate(draft.tokens):
+        history = tokens + draft.tokens[:i] if penalty.active else ()
+        if settings.greedy:  # greedy with a repeat penalty: exact match against the penalised argmax
+            best = greedy_token(rows[i], penalty, history)
+            if best != token:
+                return i, best
+            continue
+        p = distribution(rows[i], settings, penalty.ids(history) if penalty.active else None)
+        accepted, replacement = accept_or_resample(p, draft.dists[i], token, rng)
+        if not accepted:
+            return i, replacement
+    n = len(draft.tokens)
+    history = tokens + draft.tokens if penalty.active else ()
+    if settings.greedy:
+        return n, greedy_token(rows[n], penalty, history)
+    return n, distribution(rows[n], settings, penalty.ids(history) if penalty.active else None).sample(rng)

@@ -1,0 +1,167 @@
+"""Plain vs speculative decoding through the same engine, runs interleaved, medians reported.
+
+With llama.cpp's own tools present (built by ../shared/tools/build-llama-anchor.sh), it also runs
+`llama-speculative-simple` and `llama-bench` on the same files and settings, and prints our
+ratios to them. This is a benchmark, not a test: numbers on a shared 2-core machine are noisy,
+which is why every figure is a median of interleaved runs and every claim is a ratio within one run.
+
+    python bench/bench.py [--runs 3] [--max-tokens 256] [--modes plain,k2,k4,k8] [--anchor-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.engine.backend import Model  # noqa: E402
+from app.engine.chat import Message, format_chat, tokenize_prompt  # noqa: E402
+from app.engine.demo import ensure_demo_pair  # noqa: E402
+from app.engine.events import Finished  # noqa: E402
+from app.engine.sampling import SamplerSettings  # noqa: E402
+from app.engine.speculative import GenerationConfig, SpeculativeEngine  # noqa: E402
+
+
+@dataclass
+class Sample:
+    tok_s: float
+    acceptance: float
+    tokens: tuple[int, ...]
+
+
+def load_prompts(path: Path | None) -> list[dict[str, str]]:
+    candidates = [path] if path else [ROOT.parent / "shared" / "bench" / "prompts.jsonl", ROOT / "bench" / "prompts.jsonl"]
+    for candidate in candidates:
+        if candidate and candidate.exists():
+            return [json.loads(line) for line in candidate.read_text().splitlines() if line.strip()]
+    raise SystemExit("no prompts.jsonl found")
+
+
+def mode_config(name: str, base: GenerationConfig) -> GenerationConfig:
+    if name == "plain":
+        return replace(base, draft_max=0)
+    if m := re.fullmatch(r"k(\d+)", name):
+        return replace(base, draft_max=int(m.group(1)))
+    raise SystemExit(f"unknown mode {name!r}")
+
+
+def run_once(engine: SpeculativeEngine, prompt: list[int], config: GenerationConfig) -> Sample:
+    finished = next(e for e in engine.generate(prompt, config) if isinstance(e, Finished))
+    return Sample(finished.stats.tokens_per_second, finished.stats.acceptance_rate, finished.tokens)
+
+
+def anchor_dir(explicit: str | None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    import llama_cpp
+
+    guess = Path.home() / ".cache" / "llama-anchor" / llama_cpp.__version__ / "llama.cpp" / "build" / "bin"
+    return guess if (guess / "llama-speculative-simple").exists() else None
+
+
+def run_speculative_simple(bin_dir: Path, main: Path, draft: Path, prompt_text: str, args: argparse.Namespace, k: int) -> float:
+    cmd = [
+        str(bin_dir / "llama-speculative-simple"), "-m", str(main), "-md", str(draft), "--spec-type", "draft-simple",
+        "-p", prompt_text, "-n", str(args.max_tokens), "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0",
+        "--spec-draft-p-min", "0", "-t", str(args.threads), "-td", str(args.threads), "--temp", "0", "-c", "4096",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    m = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", out.stdout + out.stderr)
+    if not m:
+        raise RuntimeError(f"llama-speculative-simple printed no speed:\n{out.stderr[-2000:]}")
+    return float(m.group(1))
+
+
+def run_llama_bench(bin_dir: Path, model: Path, threads: int) -> float:
+    out = subprocess.run(
+        [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "0", "-n", "128", "-r", "5", "-o", "json"],
+        capture_output=True, text=True, timeout=600,
+    )
+    return float(json.loads(out.stdout)[0]["avg_ts"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model")
+    parser.add_argument("--draft")
+    parser.add_argument("--prompts", type=Path)
+    parser.add_argument("--only", help="comma-separated prompt ids")
+    parser.add_argument("--modes", default="plain,k2,k4,k8")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--anchor-dir")
+    parser.add_argument("--anchor-k", type=int, default=8, help="draft length for llama-speculative-simple")
+    parser.add_argument("--no-anchor", action="store_true")
+    args = parser.parse_args()
+
+    if args.model:
+        main_path, draft_path = Path(args.model), Path(args.draft) if args.draft else None
+    else:
+        main_path, draft_path = ensure_demo_pair()
+    main_model, draft_model = Model(main_path), Model(draft_path) if draft_path else None
+    engine = SpeculativeEngine(main_model, draft_model, n_ctx=4096, n_threads=args.threads)
+    base = GenerationConfig(max_tokens=args.max_tokens, sampler=SamplerSettings(temperature=0.0))
+    modes = args.modes.split(",")
+    prompts = load_prompts(args.prompts)
+    if args.only:
+        prompts = [p for p in prompts if p["id"] in args.only.split(",")]
+    bin_dir = None if args.no_anchor else anchor_dir(args.anchor_dir)
+
+    print(f"main {main_path.name}, draft {draft_path.name if draft_path else '-'}, {args.threads} threads, "
+          f"greedy, {args.max_tokens} tokens max, {args.runs} interleaved runs, medians", flush=True)
+    header = ["prompt", *[f"{m} tok/s" for m in modes], *[f"{m}/plain" for m in modes if m != "plain"], "accept (k max)"]
+    if bin_dir:
+        header += [f"spec-simple k{args.anchor_k} tok/s", f"ours k{args.anchor_k} / spec-simple"]
+    rows, ratios = [], {m: [] for m in modes}
+    for prompt in prompts:
+        text = format_chat(main_model, [Message("user", prompt["prompt"])])
+        tokens = tokenize_prompt(main_model, text)
+        samples: dict[str, list[Sample]] = {m: [] for m in modes}
+        anchor: list[float] = []
+        for _ in range(args.runs):
+            for m in modes:
+                samples[m].append(run_once(engine, tokens, mode_config(m, base)))
+            if bin_dir and draft_path:
+                anchor.append(run_speculative_simple(bin_dir, main_path, draft_path, text, args, args.anchor_k))
+        plain_tokens = samples[modes[0]][0].tokens
+        identical = all(s.tokens == plain_tokens for runs in samples.values() for s in runs)
+        med = {m: statistics.median(s.tok_s for s in samples[m]) for m in modes}
+        row = [prompt["id"] + ("" if identical else " (OUTPUT DIFFERS)"), *[f"{med[m]:.1f}" for m in modes]]
+        plain = med.get("plain")
+        for m in modes:
+            if m != "plain" and plain:
+                ratios[m].append(med[m] / plain)
+                row.append(f"{med[m] / plain:.2f}x")
+        row.append(f"{statistics.median(s.acceptance for s in samples[modes[-1]]):.0%}")
+        if anchor:
+            ours = med.get(f"k{args.anchor_k}", 0.0)
+            row += [f"{statistics.median(anchor):.1f}", f"{ours / statistics.median(anchor):.2f}x"]
+        rows.append(row)
+        print(" | ".join(row), flush=True)
+
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    for m, values in ratios.items():
+        if values:
+            print(f"{m}/plain: mean {statistics.mean(values):.2f}x over {len(values)} prompts")
+    if bin_dir:
+        tg = run_llama_bench(bin_dir, main_path, args.threads)
+        ours = statistics.median(float(r[1 + modes.index("plain")]) for r in rows) if "plain" in modes else float("nan")
+        print(f"llama-bench tg128 (main): {tg:.1f} tok/s; our plain decoding (median over prompts): {ours:.1f} tok/s = {ours / tg:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

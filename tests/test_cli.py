@@ -1,0 +1,137 @@
+"""The headless CLI as a user runs it: a real process, real (tiny) models, every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tandem(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def tiny_args(tiny, *extra: str) -> list[str]:
+    return ["--model", str(tiny.main), "--threads", "2", "--ctx-size", "512", *extra]
+
+
+def test_json_output_is_one_object_with_tokens_and_stats(tiny) -> None:
+    result = tandem(*tiny_args(tiny, "--draft", str(tiny.draft), "--prompt", "the cat", "--temp", "0", "-n", "24", "--json"))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(doc) == {"text", "tokens", "model_path", "draft_path", "stats"}
+    assert len(doc["tokens"]) == 24
+    assert doc["draft_path"] == str(tiny.draft)
+    stats = doc["stats"]
+    for key in (
+        "tokens_per_second", "time_to_first_token", "generation_time", "stop_reason", "draft_model",
+        "total_draft_tokens_count", "accepted_draft_tokens_count", "rejected_draft_tokens_count",
+        "ignored_draft_tokens_count", "prompt_tokens_count", "rounds", "mean_draft_length",
+    ):
+        assert key in stats
+    assert stats["stop_reason"] == "maxPredictedTokensReached"
+    assert stats["total_draft_tokens_count"] > 0
+
+
+def test_no_draft_and_draft_give_the_same_tokens_and_aliases_work(tiny) -> None:
+    common = ["--prompt", "hello world", "--temp", "0", "--max-tokens", "40", "--json"]
+    plain = json.loads(tandem(*tiny_args(tiny, "--no-draft", *common)).stdout)
+    spec = json.loads(tandem("-m", str(tiny.main), "-md", str(tiny.draft), "--draftamount", "5", "-t", "2", "-c", "512", *common).stdout)
+    assert plain["draft_path"] is None
+    assert spec["tokens"] == plain["tokens"]
+
+
+def test_prompt_from_stdin_streams_text_and_prints_stats_on_stderr(tiny) -> None:
+    result = tandem(*tiny_args(tiny, "--prompt", "-", "--temp", "0", "-n", "8"), stdin="the dog ran")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "tok/s" in result.stderr
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_model(tmp_path: Path) -> None:
+    assert_clean_failure(tandem("--model", str(tmp_path / "nope.gguf"), "--prompt", "hi"), "not found", "nope.gguf")
+
+
+def test_directory_as_model(tmp_path: Path) -> None:
+    assert_clean_failure(tandem("--model", str(tmp_path), "--prompt", "hi"), "is a directory")
+
+
+def test_non_gguf_model(tmp_path: Path) -> None:
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("these are not weights\n" * 10)
+    assert_clean_failure(tandem("--model", str(fake), "--prompt", "hi"), "not a GGUF model file")
+
+
+def test_truncated_model(tiny, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    data = tiny.main.read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    assert_clean_failure(tandem("--model", str(cut), "--prompt", "hi"), "truncated")
+
+
+def test_header_only_model(tiny, tmp_path: Path) -> None:
+    cut = tmp_path / "header.gguf"
+    cut.write_bytes(tiny.main.read_bytes()[:4000])
+    assert_clean_failure(tandem("--model", str(cut), "--prompt", "hi"), "truncated")
+
+
+def test_missing_draft(tiny, tmp_path: Path) -> None:
+    assert_clean_failure(tandem(*tiny_args(tiny, "--draft", str(tmp_path / "d.gguf"), "--prompt", "hi")), "not found")
+
+
+def test_incompatible_draft(tiny) -> None:
+    assert_clean_failure(tandem(*tiny_args(tiny, "--draft", str(tiny.foreign), "--prompt", "hi")), "cannot be used", "differs")
+
+
+def test_prompt_longer_than_context(tiny) -> None:
+    result = tandem("--model", str(tiny.main), "--ctx-size", "256", "--raw", "--prompt", "the cat sat " * 200)
+    assert_clean_failure(result, "context holds 256")
+
+
+def test_empty_prompt(tiny) -> None:
+    assert_clean_failure(tandem(*tiny_args(tiny, "--prompt", "  ")), "prompt is empty")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--bogus-flag"], "unrecognized arguments"),
+        (["--temp", "-1"], "--temp"),
+        (["--draft-max", "-2"], "--draft-max"),
+        (["--draft-p-min", "1.5"], "between 0 and 1"),
+        (["--ctx-size", "0"], "1 or more"),
+        (["--draft-min", "5", "--draft-max", "2"], "larger than --draft-max"),
+        (["--no-draft", "--draft", "x.gguf"], "contradict"),
+    ],
+)
+def test_bad_flags(args: list[str], needle: str) -> None:
+    result = tandem(*args, "--prompt", "hi")
+    assert result.returncode == 2
+    assert_clean_failure(result, needle)
+
+
+def test_chat_without_a_terminal_says_what_to_do(tiny) -> None:
+    assert_clean_failure(tandem(*tiny_args(tiny)), "--prompt")

@@ -1,0 +1,195 @@
+"""The speculative loop on tiny real llama.cpp models: losslessness, rollback, sync, stops, sampling."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.engine.backend import Context, Model
+from app.engine.chat import ChatSession, Message
+from app.engine.errors import ContextOverflowError, IncompatibleDraftError
+from app.engine.events import Finished, RoundEvent
+from app.engine.sampling import SamplerSettings, distribution
+from app.engine.speculative import GenerationConfig, SpeculativeEngine
+from tests import tiny_models
+
+GREEDY = SamplerSettings(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def models(tiny) -> dict[str, Model]:
+    return {name: Model(getattr(tiny, name), n_gpu_layers=0) for name in ("main", "draft", "twin", "foreign")}
+
+
+def run(main: Model, draft: Model | None, prompt: list[int], **config) -> tuple[Finished, list[RoundEvent], SpeculativeEngine]:
+    engine = SpeculativeEngine(main, draft, n_ctx=512, n_threads=2)
+    config.setdefault("sampler", GREEDY)
+    events = list(engine.generate(prompt, GenerationConfig(**config)))
+    return events[-1], events[:-1], engine
+
+
+PROMPTS = ["the cat sat on the mat", "def sort ( x ) : return", "hello world , hello"]
+
+
+@pytest.mark.parametrize("draft_max", [1, 4, 8])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_speculative_equals_plain(models, prompt: str, draft_max: int) -> None:
+    tokens = models["main"].tokenize(prompt)
+    plain, _, _ = run(models["main"], None, tokens, max_tokens=96)
+    spec, rounds, _ = run(models["main"], models["draft"], tokens, max_tokens=96, draft_max=draft_max)
+    assert spec.tokens == plain.tokens
+    assert spec.text == plain.text
+    # the perturbed draft must exercise both paths of the loop
+    assert spec.stats.accepted_draft_tokens_count > 0
+    assert spec.stats.rejected_draft_tokens_count > 0
+    assert max(len(r.drafted) for r in rounds) == draft_max
+
+
+def test_twin_draft_is_always_accepted_and_takes_fewer_rounds(models) -> None:
+    tokens = models["main"].tokenize(PROMPTS[0])
+    plain, _, _ = run(models["main"], None, tokens, max_tokens=64)
+    spec, _, _ = run(models["main"], models["twin"], tokens, max_tokens=64, draft_max=4)
+    assert spec.tokens == plain.tokens
+    assert spec.stats.rejected_draft_tokens_count == 0
+    assert spec.stats.rounds < plain.stats.rounds / 3
+    stats = spec.stats
+    assert stats.total_draft_tokens_count == (
+        stats.accepted_draft_tokens_count + stats.rejected_draft_tokens_count + stats.ignored_draft_tokens_count
+    )
+
+
+def test_draft_context_is_synced_incrementally_never_replaying_the_prompt(models) -> None:
+    tokens = models["main"].tokenize(PROMPTS[1] * 4)
+    spec, rounds, engine = run(models["main"], models["draft"], tokens, max_tokens=80, draft_max=4)
+    draft_ctx = engine.drafter.ctx
+    drafted = sum(len(r.drafted) for r in rounds)
+    # each token is evaluated once, plus draft tokens that were later rolled back
+    assert draft_ctx.n_evaluated <= len(tokens) + len(spec.tokens) + drafted
+    assert draft_ctx.n_evaluated < 2 * len(tokens) + len(spec.tokens) + drafted - len(tokens)
+    # the main context holds exactly the accepted sequence but its last token
+    assert engine.main_ctx.tokens == [*tokens, *spec.tokens][:-1]
+
+
+def test_kv_rollback_gives_the_same_logits_as_a_fresh_context(models) -> None:
+    main = models["main"]
+    prefix = main.tokenize("the cat sat")
+    rolled = Context(main, 256, 2)
+    rolled.decode([*prefix, 280, 281, 282])
+    rolled.truncate(len(prefix))
+    rolled.decode([270, 271])
+    fresh = Context(main, 256, 2)
+    fresh.decode([*prefix, 270, 271])
+    np.testing.assert_allclose(rolled.logits()[-1], fresh.logits()[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_max_tokens_inside_an_accepted_draft_is_exact(models) -> None:
+    tokens = models["main"].tokenize(PROMPTS[0])
+    for limit in (1, 3, 6, 7):
+        spec, _, _ = run(models["main"], models["twin"], tokens, max_tokens=limit, draft_max=8)
+        assert len(spec.tokens) == limit
+        assert spec.stats.stop_reason == "maxPredictedTokensReached"
+
+
+def test_stop_string_inside_an_accepted_draft_emits_nothing_past_it(models) -> None:
+    tokens = models["main"].tokenize(PROMPTS[0])
+    plain, _, _ = run(models["main"], None, tokens, max_tokens=40)
+    stop = plain.text[12:15]
+    expected = plain.text[: plain.text.index(stop)]
+    spec, rounds, _ = run(models["main"], models["twin"], tokens, max_tokens=40, draft_max=8, stop=(stop,))
+    assert spec.stats.stop_reason == "stopStringFound"
+    assert spec.text == expected
+    assert "".join(r.text for r in rounds) + spec.tail == expected
+
+
+def test_eos_inside_an_accepted_draft_ends_the_reply_there(tiny, tmp_path: Path, models) -> None:
+    tokens = models["main"].tokenize(PROMPTS[0])
+    plain, _, _ = run(models["main"], None, tokens, max_tokens=20)
+    eos = plain.tokens[5]
+    cut = plain.tokens.index(eos)
+    weights = tiny_models.random_weights(seed=1, n_vocab=tiny_models.n_vocab())
+    main = Model(tiny_models.write_model(tmp_path / "eos.gguf", weights, eos_id=eos))
+    spec, _, _ = run(main, models["twin"], tokens, max_tokens=20, draft_max=8)
+    assert spec.stats.stop_reason == "eosFound"
+    assert spec.tokens == plain.tokens[:cut]
+
+
+def test_incompatible_draft_is_refused_with_its_reason(models) -> None:
+    with pytest.raises(IncompatibleDraftError, match="token 259 differs"):
+        SpeculativeEngine(models["main"], models["foreign"], n_ctx=256, n_threads=2)
+
+
+def test_prompt_longer_than_context_is_refused(models) -> None:
+    engine = SpeculativeEngine(models["main"], None, n_ctx=256, n_threads=2)
+    with pytest.raises(ContextOverflowError, match="the prompt is 300 tokens but the context holds 256"):
+        list(engine.generate([5] * 300, GenerationConfig()))
+
+
+def test_context_full_stops_generation(models) -> None:
+    engine = SpeculativeEngine(models["main"], models["twin"], n_ctx=256, n_threads=2)
+    events = list(engine.generate(models["main"].tokenize(PROMPTS[0]), GenerationConfig(max_tokens=500, sampler=GREEDY)))
+    assert events[-1].stats.stop_reason == "contextLengthReached"
+
+
+def test_chat_turns_reuse_the_kv_prefix_losslessly(models) -> None:
+    config = GenerationConfig(max_tokens=12, draft_max=4, sampler=GREEDY)
+    session = ChatSession(SpeculativeEngine(models["main"], models["draft"], n_ctx=512, n_threads=2))
+    first = list(session.send("hello world", config))[-1]
+    second = list(session.send("the cat sat", config))[-1]
+    # the whole first-turn prompt stays cached; only the reply and the new turn are evaluated
+    reused = second.stats.prompt_tokens_count - second.stats.prompt_tokens_evaluated
+    assert reused >= first.stats.prompt_tokens_count - 1
+    fresh = ChatSession(SpeculativeEngine(models["main"], models["draft"], n_ctx=512, n_threads=2))
+    fresh.messages = [Message("user", "hello world"), Message("assistant", first.text)]
+    again = list(fresh.send("the cat sat", config))[-1]
+    assert again.stats.prompt_tokens_evaluated == again.stats.prompt_tokens_count
+    assert again.tokens == second.tokens
+    assert [m.role for m in session.messages] == ["user", "assistant", "user", "assistant"]
+
+
+SAMPLED = SamplerSettings(temperature=1.5, top_k=12, top_p=1.0, min_p=0.0, seed=7)
+
+
+def _chi_square(observed: np.ndarray, expected: np.ndarray) -> float:
+    mask = expected > 0
+    return float((((observed - expected) ** 2)[mask] / expected[mask]).sum())
+
+
+def test_speculative_sampling_matches_the_main_models_distribution(models) -> None:
+    """First reply token: speculative draws vs the main model's exact p (chi-square, fixed seed).
+    Second token: speculative vs plain sampling (two-sample chi-square)."""
+    main, draft = models["main"], models["draft"]
+    prompt = main.tokenize(PROMPTS[2])
+    probe = Context(main, 128, 2)
+    probe.decode(prompt)
+    p = distribution(probe.logits()[-1].copy(), SAMPLED)
+
+    n = 1500
+    spec_engine = SpeculativeEngine(main, draft, n_ctx=128, n_threads=2)
+    plain_engine = SpeculativeEngine(main, None, n_ctx=128, n_threads=2)
+    spec_first, spec_second, plain_second = Counter(), Counter(), Counter()
+    for i in range(n):
+        cfg = GenerationConfig(max_tokens=2, draft_max=2, sampler=SamplerSettings(**{**SAMPLED.__dict__, "seed": i}))
+        out = list(spec_engine.generate(prompt, cfg))[-1].tokens
+        spec_first[out[0]] += 1
+        if out[0] == int(p.ids[p.probs.argmax()]):
+            spec_second[out[1]] += 1
+        plain = list(plain_engine.generate(prompt, GenerationConfig(max_tokens=2, sampler=cfg.sampler)))[-1].tokens
+        if plain[0] == int(p.ids[p.probs.argmax()]):
+            plain_second[plain[1]] += 1
+
+    observed = np.array([spec_first[int(t)] for t in p.ids], dtype=float)
+    assert sum(spec_first.values()) == observed.sum()  # nothing outside p's support
+    # df = len(p.ids) - 1 <= 11; the 99.9% quantile of chi2(11) is 31.3
+    assert _chi_square(observed, p.probs * n) < 31.3
+
+    support = sorted(set(spec_second) | set(plain_second))
+    a = np.array([spec_second[t] for t in support], dtype=float)
+    b = np.array([plain_second[t] for t in support], dtype=float)
+    pooled = (a + b) / (a.sum() + b.sum())
+    stat = _chi_square(a, pooled * a.sum()) + _chi_square(b, pooled * b.sum())
+    assert stat < 31.3, (a, b)
+    # and the draft was really used: some drafts accepted, some rejected
+    assert spec_engine.drafter is not None

@@ -1,0 +1,109 @@
+"""Tiny llama-architecture GGUF files with random weights, written with the `gguf` package.
+
+They load in real llama.cpp in milliseconds, so tests exercise the true engine (decode, KV
+rollback, logits views) where the logic, not the language quality, is under test. A "draft" is
+the main model's weights plus noise: it agrees often but not always, so both the accept and the
+reject paths of the speculative loop run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+# SentencePiece-style vocabulary: control tokens, all 256 byte tokens, then words
+WORDS = [
+    "▁the", "▁a", "▁cat", "▁dog", "▁sat", "▁on", "▁mat", "▁and", "▁ran", "▁to", "▁def", "▁return",
+    "▁if", "▁else", "▁for", "▁in", "(", ")", ":", "▁x", "▁y", "▁=", "▁+", "▁1", "▁2", "▁print",
+    "▁hello", "▁world", "▁sort", "▁list", ".", ",",
+]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def vocabulary(words: list[str] = WORDS) -> tuple[list[str], list[float], list[int]]:
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *words]
+    T = gguf.TokenType
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL, *([T.BYTE] * 256), *([T.NORMAL] * len(words))]
+    scores = [0.0, 0.0, 0.0, *([0.0] * 256), *(-float(i) for i in range(len(words)))]
+    return tokens, scores, [int(t) for t in types]
+
+
+def random_weights(seed: int, n_vocab: int, n_embd: int = 64, n_layer: int = 2, n_ff: int = 128) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+
+    def mat(rows: int, cols: int, scale: float) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+
+    w = {
+        "token_embd.weight": mat(n_vocab, n_embd, 1.0),
+        "output_norm.weight": np.ones(n_embd, dtype=np.float32),
+        # large output weights make logits peaky: clear argmax gaps, as in a trained model
+        "output.weight": mat(n_vocab, n_embd, 0.6),
+    }
+    for i in range(n_layer):
+        w[f"blk.{i}.attn_norm.weight"] = np.ones(n_embd, dtype=np.float32)
+        w[f"blk.{i}.ffn_norm.weight"] = np.ones(n_embd, dtype=np.float32)
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w[f"blk.{i}.{name}.weight"] = mat(n_embd, n_embd, n_embd**-0.5)
+        w[f"blk.{i}.ffn_gate.weight"] = mat(n_ff, n_embd, n_embd**-0.5)
+        w[f"blk.{i}.ffn_up.weight"] = mat(n_ff, n_embd, n_embd**-0.5)
+        w[f"blk.{i}.ffn_down.weight"] = mat(n_embd, n_ff, n_ff**-0.5)
+    return w
+
+
+def perturbed(weights: dict[str, np.ndarray], seed: int, noise: float) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.standard_normal(v.shape).astype(np.float32) * noise * v.std()).astype(np.float32) for k, v in weights.items()}
+
+
+def write_model(
+    path: Path,
+    weights: dict[str, np.ndarray],
+    words: list[str] = WORDS,
+    n_head: int = 4,
+    n_ctx: int = 1024,
+    name: str = "tiny",
+    eos_id: int = 2,
+) -> Path:
+    tokens, scores, types = vocabulary(words)
+    n_vocab, n_embd = weights["token_embd.weight"].shape
+    assert n_vocab == len(tokens), (n_vocab, len(tokens))
+    n_layer = sum(1 for k in weights if k.endswith("attn_q.weight"))
+    n_ff = weights["blk.0.ffn_up.weight"].shape[0]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_context_length(n_ctx)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(eos_id)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHATML)
+    for key, value in weights.items():
+        writer.add_tensor(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def n_vocab(words: list[str] = WORDS) -> int:
+    return 3 + 256 + len(words)
