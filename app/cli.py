@@ -74,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="context size in tokens (default 4096, capped at the model's training context)")
 
     draft = p.add_argument_group("draft (speculative decoding)")
-    draft.add_argument("--draft", "--draftmodel", "-md", metavar="PATH", help="draft model (GGUF) sharing the main model's vocabulary")
+    draft.add_argument("--draft", "--draftmodel", "-md", metavar="PATH|lookup",
+                       help="draft model (GGUF) sharing the main model's vocabulary, or 'lookup' for prompt-lookup drafting "
+                       "(the default when no draft model is given)")
     draft.add_argument("--no-draft", action="store_true", help="plain decoding, no speculation (the baseline)")
+    draft.add_argument("--no-adaptive", action="store_true", help="always draft --draft-max tokens instead of adapting per round")
     draft.add_argument("--draft-max", "--draftamount", "--draft-n", type=_non_negative_int, default=8, metavar="K",
                        help="most tokens drafted per round (default 8)")
     draft.add_argument("--draft-min", type=_non_negative_int, default=0, metavar="K",
@@ -145,16 +148,17 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    """(main, draft): the demo pair unless --model is given; a draft only when asked for or demo."""
+    """(main, draft model): the demo pair unless --model is given; no draft model for --draft lookup."""
     from app.engine.demo import ensure_demo_pair
 
+    lookup_only = args.draft == "lookup"
     if args.model:
         main = Path(args.model)
-        draft = Path(args.draft) if args.draft else None
+        draft = Path(args.draft) if args.draft and not lookup_only else None
     else:
         demo_main, demo_draft = ensure_demo_pair()
         main = demo_main
-        draft = Path(args.draft) if args.draft else demo_draft
+        draft = None if lookup_only else Path(args.draft) if args.draft else demo_draft
     return main, (None if args.no_draft else draft)
 
 
@@ -169,7 +173,8 @@ def build_engine(args: argparse.Namespace):  # -> SpeculativeEngine (imported la
         read_gguf_info(draft_path)
     main = Model(main_path, n_gpu_layers=args.gpu_layers)
     draft = Model(draft_path, n_gpu_layers=-1 if args.draft_gpu_layers != 0 else 0) if draft_path else None
-    return SpeculativeEngine(main, draft, n_ctx=args.ctx_size, n_threads=args.threads)
+    # prompt lookup rides along with any draft model (the controller picks per round) and stands in when there is none
+    return SpeculativeEngine(main, draft, n_ctx=args.ctx_size, n_threads=args.threads, lookup=not args.no_draft)
 
 
 def generation_config(args: argparse.Namespace):
@@ -191,6 +196,7 @@ def generation_config(args: argparse.Namespace):
         draft_p_min=args.draft_p_min,
         stop=tuple(args.stop),
         sampler=sampler,
+        adaptive=not args.no_adaptive,
     )
 
 
@@ -250,7 +256,7 @@ def run_chat(args: argparse.Namespace) -> int:
     engine = build_engine(args)
     config = generation_config(args)
     session = ChatSession(engine, system=args.system)
-    draft = engine.draft_model.name if engine.draft_model else "none"
+    draft = engine.draft_name or "none"
     print(f"tandem {__version__}: main {engine.main.name}, draft {draft}. /new starts over, /quit or Ctrl-D leaves.")
     while True:
         try:

@@ -45,11 +45,16 @@ def load_prompts(path: Path | None) -> list[dict[str, str]]:
     raise SystemExit("no prompts.jsonl found")
 
 
-def mode_config(name: str, base: GenerationConfig) -> GenerationConfig:
+def mode_config(name: str, base: GenerationConfig) -> tuple[str, GenerationConfig]:
+    """(engine, config): plain, kN (fixed draft-model length N), adaptive (model + lookup), lookup (no draft model)."""
     if name == "plain":
-        return replace(base, draft_max=0)
+        return "model", replace(base, draft_max=0, adaptive=False)
     if m := re.fullmatch(r"k(\d+)", name):
-        return replace(base, draft_max=int(m.group(1)))
+        return "model", replace(base, draft_max=int(m.group(1)), adaptive=False)
+    if name == "adaptive":
+        return "model", replace(base, draft_max=8, adaptive=True)
+    if name == "lookup":
+        return "lookup", replace(base, draft_max=8, adaptive=True)
     raise SystemExit(f"unknown mode {name!r}")
 
 
@@ -94,7 +99,7 @@ def main() -> int:
     parser.add_argument("--draft")
     parser.add_argument("--prompts", type=Path)
     parser.add_argument("--only", help="comma-separated prompt ids")
-    parser.add_argument("--modes", default="plain,k2,k4,k8")
+    parser.add_argument("--modes", default="plain,k2,k4,k8,adaptive,lookup")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -108,7 +113,10 @@ def main() -> int:
     else:
         main_path, draft_path = ensure_demo_pair()
     main_model, draft_model = Model(main_path), Model(draft_path) if draft_path else None
-    engine = SpeculativeEngine(main_model, draft_model, n_ctx=4096, n_threads=args.threads)
+    engines = {
+        "model": SpeculativeEngine(main_model, draft_model, n_ctx=4096, n_threads=args.threads, lookup=True),
+        "lookup": SpeculativeEngine(main_model, None, n_ctx=4096, n_threads=args.threads, lookup=True),
+    }
     base = GenerationConfig(max_tokens=args.max_tokens, sampler=SamplerSettings(temperature=0.0))
     modes = args.modes.split(",")
     prompts = load_prompts(args.prompts)
@@ -120,7 +128,7 @@ def main() -> int:
           f"greedy, {args.max_tokens} tokens max, {args.runs} interleaved runs, medians", flush=True)
     header = ["prompt", *[f"{m} tok/s" for m in modes], *[f"{m}/plain" for m in modes if m != "plain"], "accept (k max)"]
     if bin_dir:
-        header += [f"spec-simple k{args.anchor_k} tok/s", f"ours k{args.anchor_k} / spec-simple"]
+        header += [f"llama-speculative-simple k{args.anchor_k} tok/s", f"ours k{args.anchor_k} / it"]
     rows, ratios = [], {m: [] for m in modes}
     for prompt in prompts:
         text = format_chat(main_model, [Message("user", prompt["prompt"])])
@@ -129,7 +137,8 @@ def main() -> int:
         anchor: list[float] = []
         for _ in range(args.runs):
             for m in modes:
-                samples[m].append(run_once(engine, tokens, mode_config(m, base)))
+                engine_key, config = mode_config(m, base)
+                samples[m].append(run_once(engines[engine_key], tokens, config))
             if bin_dir and draft_path:
                 anchor.append(run_speculative_simple(bin_dir, main_path, draft_path, text, args, args.anchor_k))
         plain_tokens = samples[modes[0]][0].tokens
@@ -141,7 +150,8 @@ def main() -> int:
             if m != "plain" and plain:
                 ratios[m].append(med[m] / plain)
                 row.append(f"{med[m] / plain:.2f}x")
-        row.append(f"{statistics.median(s.acceptance for s in samples[modes[-1]]):.0%}")
+        k_max = max((m for m in modes if m.startswith("k")), key=lambda m: int(m[1:]), default=modes[-1])
+        row.append(f"{statistics.median(s.acceptance for s in samples[k_max]):.0%}")
         if anchor:
             ours = med.get(f"k{args.anchor_k}", 0.0)
             row += [f"{statistics.median(anchor):.1f}", f"{ours / statistics.median(anchor):.2f}x"]
@@ -155,7 +165,12 @@ def main() -> int:
         print("| " + " | ".join(row) + " |")
     for m, values in ratios.items():
         if values:
-            print(f"{m}/plain: mean {statistics.mean(values):.2f}x over {len(values)} prompts")
+            print(f"{m}/plain: mean {statistics.mean(values):.2f}x, min {min(values):.2f}x over {len(values)} prompts")
+    fixed = [m for m in modes if m.startswith("k")]
+    if "adaptive" in modes and fixed:
+        best = [max(float(r[1 + modes.index(m)]) for m in fixed) for r in rows]
+        ada = [float(r[1 + modes.index("adaptive")]) for r in rows]
+        print(f"adaptive / best fixed length in hindsight: mean {statistics.mean(a / b for a, b in zip(ada, best, strict=True)):.2f}x")
     if bin_dir:
         tg = run_llama_bench(bin_dir, main_path, args.threads)
         ours = statistics.median(float(r[1 + modes.index("plain")]) for r in rows) if "plain" in modes else float("nan")

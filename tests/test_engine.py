@@ -24,9 +24,12 @@ def models(tiny) -> dict[str, Model]:
     return {name: Model(getattr(tiny, name), n_gpu_layers=0) for name in ("main", "draft", "twin", "foreign")}
 
 
-def run(main: Model, draft: Model | None, prompt: list[int], **config) -> tuple[Finished, list[RoundEvent], SpeculativeEngine]:
-    engine = SpeculativeEngine(main, draft, n_ctx=512, n_threads=2)
+def run(
+    main: Model, draft: Model | None, prompt: list[int], lookup: bool = False, **config
+) -> tuple[Finished, list[RoundEvent], SpeculativeEngine]:
+    engine = SpeculativeEngine(main, draft, n_ctx=512, n_threads=2, lookup=lookup)
     config.setdefault("sampler", GREEDY)
+    config.setdefault("adaptive", False)  # fixed lengths unless a test asks for the controller
     events = list(engine.generate(prompt, GenerationConfig(**config)))
     return events[-1], events[:-1], engine
 
@@ -134,7 +137,7 @@ def test_context_full_stops_generation(models) -> None:
 
 
 def test_chat_turns_reuse_the_kv_prefix_losslessly(models) -> None:
-    config = GenerationConfig(max_tokens=12, draft_max=4, sampler=GREEDY)
+    config = GenerationConfig(max_tokens=12, draft_max=4, sampler=GREEDY, adaptive=False)
     session = ChatSession(SpeculativeEngine(models["main"], models["draft"], n_ctx=512, n_threads=2))
     first = list(session.send("hello world", config))[-1]
     second = list(session.send("the cat sat", config))[-1]
@@ -171,7 +174,9 @@ def test_speculative_sampling_matches_the_main_models_distribution(models) -> No
     plain_engine = SpeculativeEngine(main, None, n_ctx=128, n_threads=2)
     spec_first, spec_second, plain_second = Counter(), Counter(), Counter()
     for i in range(n):
-        cfg = GenerationConfig(max_tokens=2, draft_max=2, sampler=SamplerSettings(**{**SAMPLED.__dict__, "seed": i}))
+        cfg = GenerationConfig(
+            max_tokens=2, draft_max=2, adaptive=False, sampler=SamplerSettings(**{**SAMPLED.__dict__, "seed": i})
+        )
         out = list(spec_engine.generate(prompt, cfg))[-1].tokens
         spec_first[out[0]] += 1
         if out[0] == int(p.ids[p.probs.argmax()]):
@@ -193,3 +198,37 @@ def test_speculative_sampling_matches_the_main_models_distribution(models) -> No
     assert stat < 31.3, (a, b)
     # and the draft was really used: some drafts accepted, some rejected
     assert spec_engine.drafter is not None
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_adaptive_and_lookup_modes_stay_identical_to_plain(models, prompt: str) -> None:
+    tokens = models["main"].tokenize(prompt * 3)
+    plain, _, _ = run(models["main"], None, tokens, max_tokens=96)
+    variants = {
+        "adaptive model": run(models["main"], models["draft"], tokens, max_tokens=96, adaptive=True),
+        "adaptive model + lookup": run(models["main"], models["draft"], tokens, lookup=True, max_tokens=96, adaptive=True),
+        "fixed lookup": run(models["main"], None, tokens, lookup=True, max_tokens=96, draft_max=6),
+        "adaptive lookup": run(models["main"], None, tokens, lookup=True, max_tokens=96, adaptive=True),
+    }
+    for name, (out, _, _) in variants.items():
+        assert out.tokens == plain.tokens, name
+    _, rounds, _ = variants["fixed lookup"]
+    assert any(r.draft_source == "lookup" and r.n_accepted > 0 for r in rounds)
+
+
+def test_lookup_sampling_matches_plain_sampling_distribution(models) -> None:
+    """Lookup drafts are point masses q = 1: accept with p(x), else resample from p without x."""
+    main = models["main"]
+    prompt = main.tokenize(PROMPTS[2] * 3)
+    spec = SpeculativeEngine(main, None, n_ctx=256, n_threads=2, lookup=True)
+    plain = SpeculativeEngine(main, None, n_ctx=256, n_threads=2)
+    a, b = Counter(), Counter()
+    for i in range(600):
+        settings = SamplerSettings(**{**SAMPLED.__dict__, "seed": i})
+        a[list(spec.generate(prompt, GenerationConfig(max_tokens=2, draft_max=3, adaptive=False, sampler=settings)))[-1].tokens[1]] += 1
+        b[list(plain.generate(prompt, GenerationConfig(max_tokens=2, sampler=settings)))[-1].tokens[1]] += 1
+    support = sorted(set(a) | set(b))
+    x = np.array([a[t] for t in support], dtype=float)
+    y = np.array([b[t] for t in support], dtype=float)
+    pooled = (x + y) / (x.sum() + y.sum())
+    assert _chi_square(x, pooled * x.sum()) + _chi_square(y, pooled * y.sum()) < 3 * len(support) + 30

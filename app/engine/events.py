@@ -21,6 +21,7 @@ class RoundEvent:
     draft_seconds: float
     verify_seconds: float
     draft_source: str  # "model", "lookup" or "none"
+    decision: str = ""  # why this draft length (the adaptive controller's reasoning)
 
 
 @dataclass

@@ -16,8 +16,10 @@ import numpy as np
 
 from app.engine.backend import Context, Model, batch_invariant_build
 from app.engine.compat import check_compatibility
+from app.engine.controller import Decision, DraftController
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError
 from app.engine.events import Event, Finished, GenerationStats, RoundEvent
+from app.engine.lookup import LookupDrafter, point_mass
 from app.engine.sampling import (
     Confidence,
     Distribution,
@@ -47,6 +49,7 @@ class GenerationConfig:
     draft_p_min: float = 0.0
     stop: tuple[str, ...] = ()
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    adaptive: bool = True  # choose k per round from measured acceptance and costs; False: always draft_max
 
 
 @dataclass
@@ -99,7 +102,7 @@ class ModelDrafter:
 class SpeculativeEngine:
     """Main model + optional draft model, each in its own llama.cpp context."""
 
-    def __init__(self, main: Model, draft: Model | None = None, n_ctx: int = 4096, n_threads: int = 4):
+    def __init__(self, main: Model, draft: Model | None = None, n_ctx: int = 4096, n_threads: int = 4, lookup: bool = False):
         n_ctx = min(n_ctx, main.n_ctx_train) if main.n_ctx_train > 0 else n_ctx
         self.main = main
         self.draft_model = draft
@@ -112,6 +115,7 @@ class SpeculativeEngine:
                     f"draft {draft.path.name} cannot be used with {main.path.name}: {compat.reason}"
                 )
             self.drafter = ModelDrafter(Context(draft, n_ctx, n_threads))
+        self.lookup = LookupDrafter() if lookup else None
         self.n_ctx = self.main_ctx.n_ctx
         self.batch_invariant = batch_invariant_build()
 
@@ -133,7 +137,8 @@ class SpeculativeEngine:
         settings = config.sampler
         rng = np.random.default_rng(settings.seed)
         penalty = PenaltyWindow(settings)
-        stats = GenerationStats(draft_model=self.draft_model.name if self.drafter else None)
+        stats = GenerationStats(draft_model=self.draft_name)
+        controller = DraftController(config.draft_min, config.draft_max) if config.adaptive else None
         stats.prompt_tokens_count = len(prompt)
         stats.batch_invariant_build = self.batch_invariant
         stream = TextStream(self.main.piece, config.stop)
@@ -156,10 +161,10 @@ class SpeculativeEngine:
             if room <= 0:
                 stop_reason = CONTEXT_FULL
                 break
-            k = min(config.draft_max, config.max_tokens - len(reply) - 1, room - 1) if self.drafter else 0
+            limit = min(config.draft_max, config.max_tokens - len(reply) - 1, room - 1)
 
             t0 = time.perf_counter()
-            draft = self.drafter.propose(tokens, k, config, rng) if self.drafter and k > 0 else Draft()
+            decision, draft = self._make_draft(tokens, limit, config, rng, controller)
             t1 = time.perf_counter()
             self.main_ctx.decode([tokens[-1], *draft.tokens], all_logits=True)
             rows = self.main_ctx.logits()
@@ -169,6 +174,8 @@ class SpeculativeEngine:
                 n_accepted, main_token = _verify_sampled(rows, draft, tokens, settings, penalty, rng)
             self.main_ctx.truncate(len(tokens) + n_accepted)  # drop rejected drafts from the KV cache
             t2 = time.perf_counter()
+            if controller is not None:
+                controller.record(decision, len(draft.tokens), n_accepted, t1 - t0, t2 - t1)
 
             emitted: list[int] = []
             for token in (*draft.tokens[:n_accepted], main_token):
@@ -208,7 +215,8 @@ class SpeculativeEngine:
                 text=text,
                 draft_seconds=t1 - t0,
                 verify_seconds=t2 - t1,
-                draft_source=self.drafter.source if self.drafter and k > 0 else "none",
+                draft_source=decision.source if draft.tokens or draft.n_ignored else "none",
+                decision=decision.reason,
             )
 
         tail = stream.finish()
@@ -226,6 +234,44 @@ class SpeculativeEngine:
         sent = sum(n * c for n, c in stats.draft_length_histogram.items())
         stats.mean_draft_length = sent / stats.rounds if stats.rounds else 0.0
         yield Finished(text="".join(released), tail=tail, tokens=tuple(reply), stats=stats)
+
+    @property
+    def draft_name(self) -> str | None:
+        if self.drafter and self.lookup:
+            return f"{self.draft_model.name} + prompt lookup"
+        return self.draft_model.name if self.drafter else ("prompt lookup" if self.lookup else None)
+
+    def _make_draft(
+        self,
+        tokens: list[int],
+        limit: int,
+        config: GenerationConfig,
+        rng: np.random.Generator,
+        controller: DraftController | None,
+    ) -> tuple[Decision, Draft]:
+        """Pick a source and a length (the controller, or fixed draft_max), then draft."""
+        if limit <= 0 or not (self.drafter or self.lookup):
+            return Decision("none", 0, "no drafting"), Draft()
+        match = self.lookup.match(tokens, limit) if self.lookup else []
+        if controller is None:  # fixed length: the draft model when there is one (llama.cpp's rule), else lookup
+            if self.drafter:
+                decision = Decision("model", limit, f"fixed k={limit}")
+            elif len(match) >= max(1, config.draft_min):
+                decision = Decision("lookup", len(match), f"fixed, lookup match of {len(match)}")
+            else:
+                return Decision("none", 0, "no lookup match"), Draft()
+        else:
+            available = {"lookup": len(match)} if match else {}
+            if self.drafter:
+                available["model"] = limit
+            decision = controller.decide(available)
+        if decision.source == "model":
+            return decision, self.drafter.propose(tokens, decision.k, config, rng)
+        if decision.source == "lookup":
+            proposal = match[: decision.k]
+            dists = [] if config.sampler.greedy else [point_mass(t) for t in proposal]
+            return decision, Draft(tokens=proposal, dists=dists)
+        return decision, Draft()
 
 
 def _verify_greedy(rows: np.ndarray, drafted: list[int]) -> tuple[int, int]:

@@ -1,0 +1,46 @@
+"""Prompt-lookup (n-gram) drafting: when the text so far ends with an n-gram seen earlier, propose
+what followed it last time. Costs microseconds, so it pays whenever output copies its input
+(edits, renames, quoting). Reference: llama.cpp's lookup decoding, llama-cpp-python's
+LlamaPromptLookupDecoding."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class LookupDrafter:
+    source = "lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._follow: dict[tuple[int, ...], int] = {}  # n-gram -> index just after its latest earlier occurrence
+        self._indexed = 0  # n-grams ending before this index are in the table
+        self._head: tuple[int, ...] = ()
+
+    def _refresh(self, tokens: list[int]) -> None:
+        head = tuple(tokens[:8])
+        if head != self._head or len(tokens) < self._indexed + 1:  # a new conversation: start over
+            self._follow.clear()
+            self._indexed, self._head = 0, head
+        end = len(tokens) - 1  # never index the n-grams ending at the last token: they are the query
+        for i in range(self._indexed, end):
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if i + 1 >= n:
+                    self._follow[tuple(tokens[i + 1 - n : i + 1])] = i + 1
+        self._indexed = max(self._indexed, end)
+
+    def match(self, tokens: list[int], k: int) -> list[int]:
+        """The longest-context continuation available, at most k tokens."""
+        self._refresh(tokens)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if len(tokens) >= n:
+                start = self._follow.get(tuple(tokens[-n:]))
+                if start is not None:
+                    return tokens[start : start + k]
+        return []
+
+
+def point_mass(token: int):  # -> Distribution; a lookup "draft distribution" q is certain of its token
+    from app.engine.sampling import Distribution
+
+    return Distribution(np.array([token], dtype=np.int64), np.array([1.0]))

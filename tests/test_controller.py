@@ -1,0 +1,75 @@
+"""The adaptive controller on synthetic histories, and prompt lookup on hand-made sequences."""
+
+from __future__ import annotations
+
+from app.engine.controller import PROBE_EVERY, Decision, DraftController, SourceState
+from app.engine.lookup import LookupDrafter
+
+ONE = 0.010  # seconds to verify one token
+
+
+def feed(ctl: DraftController, source: str, k: int, accepted: int, draft_cost: float, rounds: int, slope: float = 0.15) -> None:
+    for _ in range(rounds):
+        ctl.sources.setdefault(source, SourceState())
+        ctl.record(Decision(source, k, "test"), k, accepted, draft_cost * k, ONE * (1 + slope * k))
+    ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)
+
+
+def test_high_acceptance_and_cheap_drafts_give_long_drafts() -> None:
+    ctl = DraftController(draft_min=0, draft_max=8)
+    feed(ctl, "model", 8, 8, draft_cost=0.001, rounds=20)
+    decision = ctl.decide({"model": 8})
+    assert decision.source == "model" and decision.k >= 6
+
+
+def test_low_acceptance_gives_short_drafts_then_none() -> None:
+    ctl = DraftController(draft_min=0, draft_max=8)
+    feed(ctl, "model", 4, 1, draft_cost=0.001, rounds=20)
+    medium = ctl.decide({"model": 8})
+    assert 0 < medium.k <= 3
+    feed(ctl, "model", 4, 0, draft_cost=0.001, rounds=20)
+    assert ctl.decide({"model": 8}).source == "none"
+
+
+def test_expensive_drafts_are_not_worth_it_even_when_accepted() -> None:
+    ctl = DraftController(draft_min=0, draft_max=8)
+    feed(ctl, "model", 4, 3, draft_cost=0.009, rounds=20, slope=0.4)  # draft ~ as slow as the main model
+    assert ctl.decide({"model": 8}).source == "none"
+
+
+def test_recovers_after_a_probe_when_acceptance_returns() -> None:
+    ctl = DraftController(draft_min=0, draft_max=8)
+    feed(ctl, "model", 4, 0, draft_cost=0.001, rounds=20)
+    decisions = []
+    for _ in range(PROBE_EVERY + 1):
+        d = ctl.decide({"model": 8})
+        decisions.append(d)
+        ctl.record(d, d.k, d.k, 0.001 * d.k, ONE * (1 + 0.15 * d.k))  # the text turned predictable
+    assert any(d.reason.startswith("probe") for d in decisions)
+    for _ in range(5):
+        d = ctl.decide({"model": 8})
+        ctl.record(d, d.k, d.k, 0.001 * d.k, ONE * (1 + 0.15 * d.k))
+    assert ctl.decide({"model": 8}).k >= 4
+
+
+def test_free_lookup_draft_beats_a_costly_model_draft_when_it_matches() -> None:
+    ctl = DraftController(draft_min=0, draft_max=8)
+    feed(ctl, "model", 4, 3, draft_cost=0.004, rounds=10)
+    feed(ctl, "lookup", 6, 6, draft_cost=0.00001, rounds=10)
+    assert ctl.decide({"model": 8, "lookup": 6}).source == "lookup"
+
+
+def test_lookup_proposes_the_continuation_of_the_latest_earlier_ngram() -> None:
+    tokens = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3]
+    assert LookupDrafter().match(tokens, 4) == [4, 5, 9, 9]
+    assert LookupDrafter().match(tokens, 2) == [4, 5]
+    assert LookupDrafter().match([7, 8, 6], 4) == []
+
+
+def test_lookup_index_follows_a_growing_sequence_and_resets_on_a_new_one() -> None:
+    lookup = LookupDrafter()
+    seq = [5, 6, 7, 8, 5, 6]
+    assert lookup.match(seq, 3) == [7, 8, 5]
+    seq += [7, 1, 5, 6]
+    assert lookup.match(seq, 2) == [7, 1]  # the latest occurrence wins
+    assert lookup.match([3, 4, 3], 2) == [4, 3]
