@@ -64,6 +64,7 @@ def test_lookup_proposes_the_continuation_of_the_latest_earlier_ngram() -> None:
     assert LookupDrafter().match(tokens, 4) == [4, 5, 9, 9]
     assert LookupDrafter().match(tokens, 2) == [4, 5]
     assert LookupDrafter().match([7, 8, 6], 4) == []
+    assert LookupDrafter().match([7, 8, 6, 8], 4) == []  # a lone repeated token is not context enough
 
 
 def test_lookup_index_follows_a_growing_sequence_and_resets_on_a_new_one() -> None:
@@ -72,4 +73,4 @@ def test_lookup_index_follows_a_growing_sequence_and_resets_on_a_new_one() -> No
     assert lookup.match(seq, 3) == [7, 8, 5]
     seq += [7, 1, 5, 6]
     assert lookup.match(seq, 2) == [7, 1]  # the latest occurrence wins
-    assert lookup.match([3, 4, 3], 2) == [4, 3]
+    assert lookup.match([3, 4, 9, 3, 4], 2) == [9, 3]

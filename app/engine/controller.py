@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 DECAY = 0.9  # per-round decay of acceptance evidence: about the last 10-20 rounds count
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.6, 2.0
 PRIOR_VERIFY_SLOPE = 0.3  # extra verify cost per extra token, as a fraction of one token, until measured
-PROBE_EVERY = 8
+PROBE_EVERY = 8  # rounds without a source before it is probed; doubles after each probe that does not win
+MAX_PROBE_INTERVAL = 256
 
 
 @dataclass
@@ -24,6 +25,8 @@ class SourceState:
     rejected: float = 0.0
     draft_cost: float | None = None  # seconds per drafted token (EMA)
     rounds_since_used: int = 0
+    # a probe is dear for a draft model that sat idle: its context first catches up on every token it missed
+    probe_interval: int = PROBE_EVERY
 
     @property
     def acceptance(self) -> float:
@@ -85,8 +88,11 @@ class DraftController:
         if best.source == "none":
             for source, limit in available.items():
                 state = self.sources[source]
-                if state.rounds_since_used >= PROBE_EVERY and limit >= max(1, self.draft_min):
+                if state.rounds_since_used >= state.probe_interval and limit >= max(1, self.draft_min):
+                    state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
                     return Decision(source, min(max(2, self.draft_min), limit), f"probe (a={state.acceptance:.2f})")
+        else:
+            self.sources[best.source].probe_interval = PROBE_EVERY  # it wins on merit: probe it promptly again
         return best
 
     def record(self, decision: Decision, n_drafted: int, n_accepted: int, draft_seconds: float, verify_seconds: float) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 class LookupDrafter:
     source = "lookup"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):  # 1-gram matches are noise in prose
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self._follow: dict[tuple[int, ...], int] = {}  # n-gram -> index just after its latest earlier occurrence
         self._indexed = 0  # n-grams ending before this index are in the table
