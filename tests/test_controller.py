@@ -9,10 +9,10 @@ ONE = 0.010  # seconds to verify one token
 
 
 def feed(ctl: DraftController, source: str, k: int, accepted: int, draft_cost: float, rounds: int, slope: float = 0.15) -> None:
+    ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)  # a plain round measures verify(1)
     for _ in range(rounds):
         ctl.sources.setdefault(source, SourceState())
         ctl.record(Decision(source, k, "test"), k, accepted, draft_cost * k, ONE * (1 + slope * k))
-    ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)
 
 
 def test_high_acceptance_and_cheap_drafts_give_long_drafts() -> None:

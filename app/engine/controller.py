@@ -13,24 +13,50 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DECAY = 0.9  # per-round decay of acceptance evidence: about the last 10-20 rounds count
-PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.6, 2.0
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 3.0
+MARGIN = 1.05  # drafting must be predicted this much faster than plain: noise in the estimates must not make us slower
+OPTIMISTIC_ACCEPTANCE = 0.98  # a probe is made only if even this acceptance would pay at the measured draft cost
 PRIOR_VERIFY_SLOPE = 0.3  # extra verify cost per extra token, as a fraction of one token, until measured
 PROBE_EVERY = 8  # rounds without a source before it is probed; doubles after each probe that does not win
 MAX_PROBE_INTERVAL = 256
 
 
+# a lookup draft is a dictionary probe: microseconds. Until measured, a model's draft token is priced
+# at half a main-model token.
+PRIOR_DRAFT_COST = {"lookup": 0.0}
+
+
 @dataclass
-class SourceState:
+class Evidence:
     accepted: float = 0.0
     rejected: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return (self.accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.accepted + self.rejected + PRIOR_WEIGHT)
+
+
+@dataclass
+class SourceState:
+    """What a draft source has shown lately. Acceptance is kept apart for rounds that follow a fully
+    accepted round of the same source: copying runs in streaks (a lookup that was right keeps being
+    right until the text departs from its source), and one blended rate would undersell the streak."""
+
+    cold: Evidence = field(default_factory=Evidence)
+    streak: Evidence = field(default_factory=Evidence)
+    in_streak: bool = False
     draft_cost: float | None = None  # seconds per drafted token (EMA)
     rounds_since_used: int = 0
     # a probe is dear for a draft model that sat idle: its context first catches up on every token it missed
     probe_interval: int = PROBE_EVERY
 
     @property
+    def evidence(self) -> Evidence:
+        return self.streak if self.in_streak else self.cold
+
+    @property
     def acceptance(self) -> float:
-        return (self.accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.accepted + self.rejected + PRIOR_WEIGHT)
+        return self.evidence.acceptance
 
 
 @dataclass(frozen=True)
@@ -62,14 +88,15 @@ class DraftController:
         slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
         return max(mean_y + max(slope, 0.0) * (n - mean_x), 1e-6)
 
-    def expected_rate(self, source: str, k: int) -> float:
+    def expected_rate(self, source: str, k: int, acceptance: float | None = None) -> float:
         one = self.verify_time(1) or 1.0
         if k == 0:
             return 1.0 / one
         state = self.sources[source]
-        a = min(state.acceptance, 0.999)
+        a = min(state.acceptance if acceptance is None else acceptance, 0.999)
         accepted = a * (1 - a**k) / (1 - a)
-        cost = (state.draft_cost if state.draft_cost is not None else 0.5 * one) * k
+        prior = PRIOR_DRAFT_COST.get(source, 0.5 * one)
+        cost = (state.draft_cost if state.draft_cost is not None else prior) * k
         return (accepted + 1.0) / (cost + (self.verify_time(k + 1) or one * (1 + PRIOR_VERIFY_SLOPE * k)))
 
     def decide(self, available: dict[str, int]) -> Decision:
@@ -82,15 +109,21 @@ class DraftController:
             lo, hi = max(1, self.draft_min), min(self.draft_max, limit)
             for k in range(lo, hi + 1):
                 rate = self.expected_rate(source, k)
-                if rate > best_rate * 1.001:
+                if rate > best_rate * (MARGIN if best.source == "none" else 1.001):
                     best_rate = rate
                     best = Decision(source, k, f"a={state.acceptance:.2f} predicts {rate:.0f} vs plain {plain:.0f} tok/s")
         if best.source == "none":
             for source, limit in available.items():
                 state = self.sources[source]
-                if state.rounds_since_used >= state.probe_interval and limit >= max(1, self.draft_min):
+                k = min(max(2, self.draft_min), limit)
+                if state.rounds_since_used < state.probe_interval or limit < max(1, self.draft_min):
+                    continue
+                # the measured draft cost includes catching up after idling: a source too dear even at
+                # near-perfect acceptance is not worth a probe
+                ceiling = max(self.expected_rate(source, j, OPTIMISTIC_ACCEPTANCE) for j in range(k, min(self.draft_max, limit) + 1))
+                if ceiling > plain * MARGIN:
                     state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
-                    return Decision(source, min(max(2, self.draft_min), limit), f"probe (a={state.acceptance:.2f})")
+                    return Decision(source, k, f"probe (a={state.acceptance:.2f}, at best {ceiling:.0f} tok/s)")
         else:
             self.sources[best.source].probe_interval = PROBE_EVERY  # it wins on merit: probe it promptly again
         return best
@@ -100,13 +133,19 @@ class DraftController:
         old = self.verify_times.get(batch)
         self.verify_times[batch] = verify_seconds if old is None else 0.7 * old + 0.3 * verify_seconds
         for source, state in self.sources.items():
-            state.accepted *= DECAY
-            state.rejected *= DECAY
-            state.rounds_since_used = 0 if source == decision.source else state.rounds_since_used + 1
+            for evidence in (state.cold, state.streak):
+                evidence.accepted *= DECAY
+                evidence.rejected *= DECAY
+            if source != decision.source:
+                state.rounds_since_used += 1
+                state.in_streak = False  # the streak is about consecutive rounds of this source
         if decision.source == "none" or decision.k == 0:
             return
         state = self.sources[decision.source]
-        state.accepted += n_accepted
-        state.rejected += 1.0 if n_accepted < n_drafted else 0.0
+        state.rounds_since_used = 0
+        evidence = state.evidence
+        evidence.accepted += n_accepted
+        evidence.rejected += 1.0 if n_accepted < n_drafted else 0.0
+        state.in_streak = n_drafted > 0 and n_accepted == n_drafted
         per_token = draft_seconds / decision.k
         state.draft_cost = per_token if state.draft_cost is None else 0.7 * state.draft_cost + 0.3 * per_token
