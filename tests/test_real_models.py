@@ -42,16 +42,20 @@ def reply(engine: SpeculativeEngine, prompt: str, **config) -> Finished:
 def test_every_bench_prompt_is_token_identical_to_plain(demo, prompt) -> None:
     main, draft = demo
     plain = reply(SpeculativeEngine(main, None, n_ctx=2048, n_threads=2), prompt["prompt"], max_tokens=256)
-    spec_engine = SpeculativeEngine(main, draft, n_ctx=2048, n_threads=2)
+    spec_engine = SpeculativeEngine(main, draft, n_ctx=2048, n_threads=2, lookup=True)
     for k in (1, 4, 8):
-        spec = reply(spec_engine, prompt["prompt"], max_tokens=256, draft_max=k)
+        spec = reply(spec_engine, prompt["prompt"], max_tokens=256, draft_max=k, adaptive=False)
         assert spec.tokens == plain.tokens, f"draft-max {k}"
         assert spec.stats.accepted_draft_tokens_count > 0
+    adaptive = reply(spec_engine, prompt["prompt"], max_tokens=256, draft_max=8, adaptive=True)
+    assert adaptive.tokens == plain.tokens, "adaptive"
+    lookup_only = reply(SpeculativeEngine(main, None, n_ctx=2048, n_threads=2, lookup=True), prompt["prompt"], max_tokens=256)
+    assert lookup_only.tokens == plain.tokens, "lookup"
 
 
 def test_demo_pair_is_compatible_and_mostly_agrees(demo) -> None:
     main, draft = demo
-    out = reply(SpeculativeEngine(main, draft, n_ctx=2048, n_threads=2), QUICKSORT, max_tokens=128, draft_max=4)
+    out = reply(SpeculativeEngine(main, draft, n_ctx=2048, n_threads=2), QUICKSORT, max_tokens=128, draft_max=4, adaptive=False)
     assert out.stats.acceptance_rate > 0.6
     assert "def" in out.text
 

@@ -1,13 +1,15 @@
 """Chat turns through the model's own template, with KV-prefix reuse across turns.
 
-The template comes from the GGUF metadata: llama.cpp's built-in renderer first (it knows the
-common families), a sandboxed Jinja2 render of the template text when llama.cpp does not, ChatML
-when the model has no template at all.
+The template comes from the GGUF metadata and is rendered as written, with sandboxed Jinja2 (as
+transformers does): llama.cpp's built-in renderer only recognises the family and drops details
+such as SmolLM2's default system prompt, which changes what the model answers. The built-in
+renderer is the fallback for a template Jinja2 cannot run; ChatML when the model has none.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,10 +30,12 @@ class Message:
 def format_chat(model: Model, messages: list[Message], add_generation_prompt: bool = True) -> str:
     template = model.chat_template()
     if template:
-        rendered = _render_builtin(template, messages, add_generation_prompt)
-        if rendered is None:
-            rendered = _render_jinja(template, model, messages, add_generation_prompt)
-        return rendered
+        try:
+            return _render_jinja(template, model, messages, add_generation_prompt)
+        except Exception:  # a template using features the sandbox lacks: llama.cpp's renderer knows the family
+            rendered = _render_builtin(template, messages, add_generation_prompt)
+            if rendered is not None:
+                return rendered
     return _render_chatml(messages, add_generation_prompt)
 
 
@@ -52,14 +56,18 @@ def _render_builtin(template: str, messages: list[Message], add_generation_promp
     return None
 
 
-def _render_jinja(template: str, model: Model, messages: list[Message], add_generation_prompt: bool) -> str:
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):  # -> jinja2.Template; compiling costs milliseconds, a chat renders every turn
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+
+def _render_jinja(template: str, model: Model, messages: list[Message], add_generation_prompt: bool) -> str:
     def raise_exception(message: str) -> None:
         raise ValueError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(
+    return _compile(template).render(
         messages=[{"role": m.role, "content": m.content} for m in messages],
         add_generation_prompt=add_generation_prompt,
         bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
