@@ -15,15 +15,18 @@ from dataclasses import dataclass, field
 DECAY = 0.9  # per-round decay of acceptance evidence: about the last 10-20 rounds count
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 3.0
 MARGIN = 1.05  # drafting must be predicted this much faster than plain: noise in the estimates must not make us slower
-OPTIMISTIC_ACCEPTANCE = 0.98  # a probe is made only if even this acceptance would pay at the measured draft cost
+OPTIMISTIC_ACCEPTANCE = 0.98  # a probe is made only if even this acceptance would pay at the measured draft cost...
+PROBE_GAIN = 1.15  # ...by this much: a probe of an idle draft model costs its catch-up, so a marginal one loses
 PRIOR_VERIFY_SLOPE = 0.3  # extra verify cost per extra token, as a fraction of one token, until measured
 PROBE_EVERY = 8  # rounds without a source before it is probed; doubles after each probe that does not win
 MAX_PROBE_INTERVAL = 256
 
 
 # a lookup draft is a dictionary probe: microseconds. Until measured, a model's draft token is priced
-# at half a main-model token.
+# at a quarter of a main-model token: optimistic enough that each source is tried once, early, and then
+# judged on what it really costs.
 PRIOR_DRAFT_COST = {"lookup": 0.0}
+PRIOR_MODEL_COST = 0.25
 
 
 @dataclass
@@ -46,7 +49,7 @@ class SourceState:
     streak: Evidence = field(default_factory=Evidence)
     in_streak: bool = False
     draft_cost: float | None = None  # seconds per drafted token (EMA)
-    rounds_since_used: int = 0
+    rounds_since_used: int = PROBE_EVERY  # an untried source is probed at once, while probing is cheap
     # a probe is dear for a draft model that sat idle: its context first catches up on every token it missed
     probe_interval: int = PROBE_EVERY
 
@@ -95,7 +98,7 @@ class DraftController:
         state = self.sources[source]
         a = min(state.acceptance if acceptance is None else acceptance, 0.999)
         accepted = a * (1 - a**k) / (1 - a)
-        prior = PRIOR_DRAFT_COST.get(source, 0.5 * one)
+        prior = PRIOR_DRAFT_COST.get(source, PRIOR_MODEL_COST * one)
         cost = (state.draft_cost if state.draft_cost is not None else prior) * k
         return (accepted + 1.0) / (cost + (self.verify_time(k + 1) or one * (1 + PRIOR_VERIFY_SLOPE * k)))
 
@@ -121,7 +124,7 @@ class DraftController:
                 # the measured draft cost includes catching up after idling: a source too dear even at
                 # near-perfect acceptance is not worth a probe
                 ceiling = max(self.expected_rate(source, j, OPTIMISTIC_ACCEPTANCE) for j in range(k, min(self.draft_max, limit) + 1))
-                if ceiling > plain * MARGIN:
+                if ceiling > plain * PROBE_GAIN:
                     state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
                     return Decision(source, k, f"probe (a={state.acceptance:.2f}, at best {ceiling:.0f} tok/s)")
         else:

@@ -152,6 +152,8 @@ class SpeculativeEngine:
 
         # the last prompt token opens the first verify batch
         stats.prompt_tokens_evaluated = self.main_ctx.sync_prefix(tokens[:-1]) + 1
+        if self.drafter:  # prompt processing for the draft too (as llama.cpp does): later catch-ups stay short
+            self.drafter.ctx.sync_prefix(tokens[:-1])
 
         while not stop_reason:
             if cancel is not None and cancel.is_set():
