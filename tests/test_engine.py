@@ -173,11 +173,15 @@ def test_speculative_sampling_matches_the_main_models_distribution(models) -> No
     spec_engine = SpeculativeEngine(main, draft, n_ctx=128, n_threads=2)
     plain_engine = SpeculativeEngine(main, None, n_ctx=128, n_threads=2)
     spec_first, spec_second, plain_second = Counter(), Counter(), Counter()
+    accepted = rejected = 0
     for i in range(n):
         cfg = GenerationConfig(
             max_tokens=2, draft_max=2, adaptive=False, sampler=SamplerSettings(**{**SAMPLED.__dict__, "seed": i})
         )
-        out = list(spec_engine.generate(prompt, cfg))[-1].tokens
+        finished = list(spec_engine.generate(prompt, cfg))[-1]
+        out = finished.tokens
+        accepted += finished.stats.accepted_draft_tokens_count
+        rejected += finished.stats.rejected_draft_tokens_count
         spec_first[out[0]] += 1
         if out[0] == int(p.ids[p.probs.argmax()]):
             spec_second[out[1]] += 1
@@ -196,8 +200,8 @@ def test_speculative_sampling_matches_the_main_models_distribution(models) -> No
     pooled = (a + b) / (a.sum() + b.sum())
     stat = _chi_square(a, pooled * a.sum()) + _chi_square(b, pooled * b.sum())
     assert stat < 31.3, (a, b)
-    # and the draft was really used: some drafts accepted, some rejected
-    assert spec_engine.drafter is not None
+    # and the draft was really used: both the accept and the residual paths ran many times
+    assert accepted > 100 and rejected > 100, (accepted, rejected)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
