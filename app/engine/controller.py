@@ -76,20 +76,30 @@ class DraftController:
     sources: dict[str, SourceState] = field(default_factory=dict)
     verify_times: dict[int, float] = field(default_factory=dict)  # batch size -> seconds (EMA)
 
+    # the fitted verify-cost line: seconds for one token and per extra token; refitted only when
+    # a measurement arrives (record), not on each of decide's ~30 rate evaluations per round
+    _verify_one: float | None = None
+    _verify_slope: float = 0.0
+
     def verify_time(self, n: int) -> float | None:
         """Fitted seconds to verify a batch of n tokens (None before any measurement)."""
-        points = sorted(self.verify_times.items())
-        if not points:
+        if self._verify_one is None:
             return None
-        if len(points) == 1:
+        return max(self._verify_one + self._verify_slope * (n - 1), 1e-6)
+
+    def _refit(self) -> None:
+        points = sorted(self.verify_times.items())
+        if len(points) == 1:  # one batch size seen: assume the prior slope through it
             (m, t), = points
-            one = t / (1 + PRIOR_VERIFY_SLOPE * (m - 1))
-            return one * (1 + PRIOR_VERIFY_SLOPE * (n - 1))
+            self._verify_one = t / (1 + PRIOR_VERIFY_SLOPE * (m - 1))
+            self._verify_slope = self._verify_one * PRIOR_VERIFY_SLOPE
+            return
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
         var = sum((x - mean_x) ** 2 for x in xs)
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
-        return max(mean_y + max(slope, 0.0) * (n - mean_x), 1e-6)
+        slope = max(sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var, 0.0)
+        self._verify_slope = slope
+        self._verify_one = mean_y - slope * (mean_x - 1)
 
     def expected_rate(self, source: str, k: int, acceptance: float | None = None) -> float:
         one = self.verify_time(1) or 1.0
@@ -135,6 +145,7 @@ class DraftController:
         batch = n_drafted + 1
         old = self.verify_times.get(batch)
         self.verify_times[batch] = verify_seconds if old is None else 0.7 * old + 0.3 * verify_seconds
+        self._refit()
         for source, state in self.sources.items():
             for evidence in (state.cold, state.streak):
                 evidence.accepted *= DECAY
