@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"tandem {__version__}")
 
+    launcher = p.add_argument_group("launcher")
+    launcher.add_argument("--config", metavar="FILE",
+                          help="load a launch configuration (TOML: models, draft, sampling, hardware); flags typed here override it")
+    launcher.add_argument("--save-config", metavar="FILE", help="write the configuration these flags describe to FILE and exit")
+    launcher.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                          help="another folder the model pickers search (repeatable)")
+    launcher.add_argument("--benchmark", action="store_true",
+                          help="measure plain vs speculative decoding on the chosen pair and print a table")
+
     model = p.add_argument_group("model")
     model.add_argument("--model", "-m", metavar="PATH", help="main model (GGUF); default: the demo pair")
     model.add_argument("--ctx-size", "--contextsize", "-c", type=_positive_int, default=4096, metavar="N",
@@ -114,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# CLI flag (argparse dest) -> setting name; these are what --config files hold
+SETTING_FLAGS = {
+    "temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "repeat_penalty": "repeat_penalty",
+    "max_tokens": "max_tokens", "seed": "seed", "draft_max": "draft_max", "draft_min": "draft_min",
+    "draft_p_min": "draft_p_min", "no_adaptive": "adaptive", "gpu_layers": "gpu_layers",
+    "draft_gpu_layers": "draft_on_gpu", "ctx_size": "ctx_size", "threads": "threads", "system": "system",
+}  # fmt: skip
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -121,6 +139,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--draft and --no-draft contradict each other")
     if args.draft_min > args.draft_max:
         parser.error(f"--draft-min ({args.draft_min}) is larger than --draft-max ({args.draft_max})")
+    # which flags were typed (not defaulted): only those override a --config file or the app's settings
+    shadow = build_parser()
+    for action in shadow._actions:
+        action.default = argparse.SUPPRESS
+    args.explicit = set(vars(shadow.parse_args(argv)))
     return args
 
 
@@ -129,6 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from app.engine.errors import TandemError
 
     try:
+        if args.save_config:
+            return save_launch_config(args)
+        if args.benchmark:
+            from app.benchmark import run_benchmark
+
+            return run_benchmark(launch_config(args), sys.stdout)
         return run_headless(args) if args.prompt is not None else run_chat(args)
     except TandemError as exc:
         sys.stderr.write(f"tandem: error: {exc}\n")
@@ -147,70 +176,97 @@ def read_prompt(args: argparse.Namespace) -> str:
     return text
 
 
-def resolve_model_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    """(main, draft model): the demo pair unless --model is given; no draft model for --draft lookup."""
-    from app.engine.demo import ensure_demo_pair
+def _flag_value(args: argparse.Namespace, dest: str) -> object:
+    value = getattr(args, dest)
+    if dest == "no_adaptive":
+        return not value
+    if dest == "draft_gpu_layers":
+        return value != 0
+    if dest == "seed":
+        return -1 if value is None else value
+    return value
 
-    lookup_only = args.draft == "lookup"
+
+def launch_config(args: argparse.Namespace):  # -> app.config.Config
+    """Defaults, then the --config file, then the flags typed on the command line."""
+    from app.config import Config, load_config
+
+    config = load_config(Path(args.config)) if args.config else Config()
+    for dest, name in SETTING_FLAGS.items():
+        if dest in args.explicit:
+            config.settings.set(name, _flag_value(args, dest))
     if args.model:
-        main = Path(args.model)
-        draft = Path(args.draft) if args.draft and not lookup_only else None
+        config.main = str(Path(args.model).expanduser().absolute())
+    if args.no_draft:
+        config.draft = "none"
+    elif args.draft:
+        config.draft = args.draft if args.draft == "lookup" else str(Path(args.draft).expanduser().absolute())
+    elif args.model:
+        config.draft = ""  # a new main model: its own default, not the config's draft for another model
+    config.dirs = [*args.models_dir, *config.dirs]
+    return config
+
+
+def save_launch_config(args: argparse.Namespace) -> int:
+    from app.config import save_config
+
+    path = Path(args.save_config)
+    save_config(launch_config(args), path)
+    sys.stderr.write(f"tandem: saved the launch configuration to {path}; run it with: tandem --config {path}\n")
+    return 0
+
+
+def engine_spec(config):  # -> EngineSpec; the demo pair unless a main model is configured
+    from app.engine.loading import LOOKUP, EngineSpec
+
+    if config.main:
+        main, draft = Path(config.main), config.draft or config.default_drafts.get(config.main) or LOOKUP
     else:
-        demo_main, demo_draft = ensure_demo_pair()
-        main = demo_main
-        draft = None if lookup_only else Path(args.draft) if args.draft else demo_draft
-    return main, (None if args.no_draft else draft)
+        from app.engine.demo import ensure_demo_pair
+
+        main, demo_draft = ensure_demo_pair()
+        draft = config.draft or str(demo_draft)
+    s = config.settings
+    return EngineSpec(main=main, draft=draft, gpu_layers=s.gpu_layers, draft_on_gpu=s.draft_on_gpu,
+                      ctx_size=s.ctx_size, threads=s.threads)  # fmt: skip
 
 
-def build_engine(args: argparse.Namespace):  # -> SpeculativeEngine (imported lazily: fast --help)
-    from app.engine.backend import Model
-    from app.engine.gguf_info import read_gguf_info
-    from app.engine.speculative import SpeculativeEngine
-
-    main_path, draft_path = resolve_model_paths(args)
-    read_gguf_info(main_path)  # both files checked before either is loaded: fail fast, fail clearly
-    if draft_path is not None:
-        read_gguf_info(draft_path)
-    main = Model(main_path, n_gpu_layers=args.gpu_layers)
-    draft = Model(draft_path, n_gpu_layers=-1 if args.draft_gpu_layers != 0 else 0) if draft_path else None
-    # prompt lookup rides along with any draft model (the controller picks per round) and stands in when there is none
-    return SpeculativeEngine(main, draft, n_ctx=args.ctx_size, n_threads=args.threads, lookup=not args.no_draft)
-
-
-def generation_config(args: argparse.Namespace):
+def generation_config(settings, stop: Sequence[str] = ()):  # -> GenerationConfig
     from app.engine.sampling import SamplerSettings
     from app.engine.speculative import GenerationConfig
 
     sampler = SamplerSettings(
-        temperature=args.temp,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty,
-        seed=args.seed,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        min_p=settings.min_p,
+        repeat_penalty=settings.repeat_penalty,
+        seed=None if settings.seed < 0 else settings.seed,
     )
     return GenerationConfig(
-        max_tokens=args.max_tokens,
-        draft_max=args.draft_max,
-        draft_min=args.draft_min,
-        draft_p_min=args.draft_p_min,
-        stop=tuple(args.stop),
+        max_tokens=settings.max_tokens,
+        draft_max=settings.draft_max,
+        draft_min=settings.draft_min,
+        draft_p_min=settings.draft_p_min,
+        stop=tuple(stop),
         sampler=sampler,
-        adaptive=not args.no_adaptive,
+        adaptive=settings.adaptive,
     )
 
 
 def run_headless(args: argparse.Namespace) -> int:
     from app.engine.chat import ChatSession, tokenize_prompt
     from app.engine.events import Finished
+    from app.engine.loading import load_engine
 
     prompt_text = read_prompt(args)
-    engine = build_engine(args)
-    config = generation_config(args)
+    launch = launch_config(args)
+    engine = load_engine(engine_spec(launch))
+    config = generation_config(launch.settings, args.stop)
     if args.raw:
         events = engine.generate(tokenize_prompt(engine.main, prompt_text), config)
     else:
-        events = ChatSession(engine, system=args.system).send(prompt_text, config)
+        events = ChatSession(engine, system=launch.settings.system or None).send(prompt_text, config)
     out = sys.stdout
     if args.json:
         finished = next(e for e in events if isinstance(e, Finished))
@@ -247,34 +303,22 @@ def stream_reply(events, out) -> object:  # -> Finished
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    """A line-by-line chat in the terminal (the Textual app replaces this as the default view)."""
-    from app.engine.chat import ChatSession
+    """The Textual chat app (imported only here: the headless path never loads Textual)."""
+    from app.config import default_config_path
     from app.engine.errors import TandemError
 
-    if not sys.stdin.isatty():
-        raise TandemError("no --prompt given and standard input is not a terminal; use --prompt TEXT or --prompt -")
-    engine = build_engine(args)
-    config = generation_config(args)
-    session = ChatSession(engine, system=args.system)
-    draft = engine.draft_name or "none"
-    print(f"tandem {__version__}: main {engine.main.name}, draft {draft}. /new starts over, /quit or Ctrl-D leaves.")
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/new":
-            session = ChatSession(engine, system=args.system)
-            continue
-        if not line:
-            continue
-        try:
-            finished = stream_reply(session.send(line, config), sys.stdout)
-            sys.stderr.write(finished.stats.summary() + "\n")
-        except KeyboardInterrupt:
-            print("\n[cancelled]")
-        except TandemError as exc:
-            sys.stderr.write(f"tandem: {exc}\n")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise TandemError("no --prompt given and this is not a terminal; use --prompt TEXT or --prompt -")
+    launch = launch_config(args)
+    overrides = {name: getattr(launch.settings, name) for dest, name in SETTING_FLAGS.items() if dest in args.explicit}
+    draft = launch.draft if (args.draft or args.no_draft) else None
+    from app.tui.app import LaunchOptions, run_tui
+
+    options = LaunchOptions(
+        config_path=Path(args.config) if args.config else default_config_path(),
+        main=launch.main if args.model else None,
+        draft=draft,
+        dirs=list(args.models_dir),
+        settings=overrides,
+    )
+    return run_tui(options)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import llama_cpp
@@ -68,13 +69,16 @@ def supports_gpu_offload() -> bool:
 class Model:
     """A loaded GGUF model (weights and vocabulary)."""
 
-    def __init__(self, path: str | os.PathLike[str], n_gpu_layers: int = 0):
+    def __init__(self, path: str | os.PathLike[str], n_gpu_layers: int = 0, progress: Callable[[float], None] | None = None):
         self.info: GGUFInfo = read_gguf_info(path)
         self.path = Path(path).expanduser().resolve()
         init_backend()
         self._check_memory(n_gpu_layers)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
+        if progress is not None:  # the callback object must outlive the load: ctypes does not keep it
+            callback = llama_cpp.llama_progress_callback(lambda fraction, _user: progress(fraction) or True)
+            params.progress_callback = callback
         _log_tail.clear()
         ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
@@ -236,3 +240,31 @@ class Context:
         self.truncate(keep)
         self.decode(tokens[keep:])
         return len(tokens) - keep
+
+
+_GPU_DEVICE_TYPES = (1, 2)  # ggml_backend_dev_type: GPU and integrated GPU (0 is CPU, 3 accelerators)
+
+
+def gpu_memory() -> tuple[int, int] | None:
+    """(used, total) bytes summed over GPU devices; None on a CPU-only build or when ggml won't say."""
+    if not supports_gpu_offload():
+        return None
+    try:
+        lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
+        names = {"win32": "ggml.dll", "darwin": "libggml.dylib"}
+        ggml = ctypes.CDLL(str(lib_dir / names.get(sys.platform, "libggml.so")))
+        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+        ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        used = total = 0
+        for i in range(ggml.ggml_backend_dev_count()):
+            device = ggml.ggml_backend_dev_get(i)
+            if ggml.ggml_backend_dev_type(device) in _GPU_DEVICE_TYPES:
+                free, size = ctypes.c_size_t(), ctypes.c_size_t()
+                ggml.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(size))
+                used, total = used + size.value - free.value, total + size.value
+        return (used, total) if total else None
+    except (OSError, AttributeError):
+        return None

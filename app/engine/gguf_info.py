@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ class GGUFInfo:
     file_size: int
     metadata: dict[str, Any] = field(default_factory=dict)
     array_lengths: dict[str, int] = field(default_factory=dict)
+    array_offsets: dict[str, int] = field(default_factory=dict)  # where a skipped array's elements start
     n_tensors: int = 0
     n_params: int = 0
 
@@ -55,6 +57,29 @@ class GGUFInfo:
     @property
     def vocab_size(self) -> int:
         return self.array_lengths.get("tokenizer.ggml.tokens", 0)
+
+    def token_texts(self, ids: Iterable[int]) -> dict[int, str]:
+        """Vocabulary entries for `ids`, read from the file without loading the model
+        (the draft picker compares vocabularies this way). Ids past the vocabulary are left out."""
+        wanted = sorted({i for i in ids if 0 <= i < self.vocab_size})
+        offset = self.array_offsets.get("tokenizer.ggml.tokens")
+        if not wanted or offset is None:
+            return {}
+        found: dict[int, str] = {}
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cur = _Cursor(buf, self.path)
+            cur.pos = offset
+            targets = iter(wanted)
+            target = next(targets)
+            for index in range(self.vocab_size):
+                if index == target:
+                    found[index] = cur.string()
+                    target = next(targets, -1)
+                    if target < 0:
+                        break
+                else:
+                    cur.skip_string()
+        return found
 
 
 class _Cursor:
@@ -89,6 +114,7 @@ class _Cursor:
         if vtype == _ARRAY:
             etype, count = self.take("<I"), self.take("<Q")
             info.array_lengths[key] = count
+            info.array_offsets[key] = self.pos
             if count <= _MAX_ARRAY_KEPT:
                 return [self.value(etype, key, info) for _ in range(count)]
             self.skip_array(etype, count)

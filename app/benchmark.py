@@ -1,0 +1,65 @@
+"""`tandem --benchmark`: plain vs speculative decoding on the chosen pair, on this machine, now.
+
+Greedy, so every mode must produce the same tokens (checked: a mismatch is reported, not hidden).
+Modes run interleaved (plain, fixed, adaptive, plain, ...) so a machine slowing down mid-run hurts
+all of them alike; the table shows medians. For the full study see bench/bench.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import TextIO
+
+from app.config import Config
+
+PROMPTS = (
+    "Write a Python function that checks whether a string is a palindrome, with a docstring and two examples.",
+    "Explain in three short paragraphs why the sky is blue.",
+)
+RUNS = 3
+MAX_TOKENS = 128
+
+
+def run_benchmark(config: Config, out: TextIO) -> int:
+    from app.cli import engine_spec, generation_config
+    from app.engine.chat import ChatSession
+    from app.engine.events import Finished
+    from app.engine.loading import describe_draft, load_engine
+
+    spec = engine_spec(config)
+    engine = load_engine(spec)
+    settings = dataclasses.replace(config.settings, temperature=0.0, max_tokens=MAX_TOKENS, seed=0)
+    k = max(1, settings.draft_max)
+    modes = {
+        "plain": dataclasses.replace(settings, draft_max=0, draft_min=0),
+        f"fixed k={k}": dataclasses.replace(settings, adaptive=False, draft_max=k),
+        "adaptive": dataclasses.replace(settings, adaptive=True, draft_max=k),
+    }
+    out.write(f"tandem benchmark: {engine.main.name} + {describe_draft(spec.draft)}, {settings.threads} threads, "
+              f"greedy, {MAX_TOKENS} tokens, median of {RUNS}\n")  # fmt: skip
+    speeds: dict[str, list[float]] = {m: [] for m in modes}
+    accepted: dict[str, list[float]] = {m: [] for m in modes}
+    mismatches = 0
+    for prompt in PROMPTS:
+        reference = None
+        for _ in range(RUNS):
+            for mode, mode_settings in modes.items():
+                session = ChatSession(engine, system=settings.system or None)
+                finished = next(e for e in session.send(prompt, generation_config(mode_settings)) if isinstance(e, Finished))
+                speeds[mode].append(finished.stats.tokens_per_second)
+                accepted[mode].append(finished.stats.acceptance_rate)
+                if reference is None:
+                    reference = finished.tokens
+                elif finished.tokens != reference:
+                    mismatches += 1
+    plain = statistics.median(speeds["plain"])
+    out.write(f"{'mode':<12} {'tok/s':>7} {'vs plain':>9} {'accepted':>9}\n")
+    for mode in modes:
+        speed = statistics.median(speeds[mode])
+        rate = "—" if mode == "plain" else f"{statistics.median(accepted[mode]):.0%}"
+        out.write(f"{mode:<12} {speed:7.1f} {speed / plain:8.2f}x {rate:>9}\n")
+    if mismatches:
+        out.write(f"warning: {mismatches} runs differed from plain output (a build that is not batch-invariant)\n")
+    engine.close()
+    return 0

@@ -1,0 +1,171 @@
+"""Settings and the TOML file they live in (the chat app's config and the launcher's --config files).
+
+One format for both, so a configuration saved from the app can be launched headless and back:
+
+    [models]    main, draft ("" = the demo pair / its default), dirs
+    [settings]  sampling, speculative and hardware settings (the CLI flags' names)
+    [default_drafts]  main-model path = draft choice (LM Studio's per-model default draft)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import platformdirs
+import tomllib
+
+from app.engine.errors import TandemError
+
+
+class ConfigError(TandemError):
+    pass
+
+
+@dataclass
+class Settings:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    max_tokens: int = 512
+    seed: int = -1  # -1: a new seed every reply
+    draft_max: int = 8
+    draft_min: int = 0
+    draft_p_min: float = 0.0
+    adaptive: bool = True
+    gpu_layers: int = -1  # -1: all layers of the main model on the GPU (when there is one)
+    draft_on_gpu: bool = True
+    ctx_size: int = 4096
+    threads: int = os.cpu_count() or 1
+    system: str = ""
+
+    # limits a value must respect: (lowest, highest); None means unbounded
+    LIMITS: ClassVar[dict[str, tuple[float | None, float | None]]] = {
+        "temperature": (0.0, None), "top_k": (0, None), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
+        "repeat_penalty": (0.0, None), "max_tokens": (1, None), "seed": (-1, None), "draft_max": (0, 64),
+        "draft_min": (0, 64), "draft_p_min": (0.0, 1.0), "gpu_layers": (-1, None), "ctx_size": (16, None),
+        "threads": (1, 512),
+    }  # fmt: skip
+
+    def set(self, name: str, value: Any) -> None:
+        """Set one setting from a config value or a form field, checking type and range."""
+        kinds = {f.name: f.type for f in fields(self)}
+        if name not in kinds:
+            raise ConfigError(f"unknown setting '{name}'")
+        kind = kinds[name]
+        try:
+            if kind == "bool":
+                if isinstance(value, str):
+                    value = {"true": True, "on": True, "yes": True, "false": False, "off": False, "no": False}[value.strip().lower()]
+                elif not isinstance(value, bool):
+                    raise ValueError
+            elif kind == "int":
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                value = int(value)
+            elif kind == "float":
+                if isinstance(value, bool):
+                    raise ValueError
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError
+            else:
+                value = str(value)
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"setting '{name}' must be a {kind}, got {value!r}") from None
+        low, high = self.LIMITS.get(name, (None, None))
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"setting '{name}' must be {bounds}, got {value}")
+        setattr(self, name, value)
+        if self.draft_min > self.draft_max:
+            raise ConfigError(f"draft_min ({self.draft_min}) is larger than draft_max ({self.draft_max})")
+
+
+@dataclass
+class Config:
+    settings: Settings = field(default_factory=Settings)
+    main: str = ""  # "" = the demo pair
+    draft: str = ""  # "" = the main model's default draft; else a path, "lookup" or "none"
+    dirs: list[str] = field(default_factory=list)  # extra folders the model pickers search
+    default_drafts: dict[str, str] = field(default_factory=dict)
+
+
+def config_dir() -> Path:
+    override = os.environ.get("TANDEM_CONFIG_DIR")
+    return Path(override) if override else Path(platformdirs.user_config_dir("tandem"))
+
+
+def default_config_path() -> Path:
+    return config_dir() / "config.toml"
+
+
+def load_config(path: Path) -> Config:
+    """Read a config file. A missing file gives the defaults; a broken one raises ConfigError."""
+    config = Config()
+    if not path.exists():
+        return config
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the config file {path} is not valid TOML: {exc}") from exc
+    models = _table(data, "models", path)
+    config.main = str(models.get("main", ""))
+    config.draft = str(models.get("draft", ""))
+    dirs = models.get("dirs", [])
+    if not isinstance(dirs, list):
+        raise ConfigError(f"{path}: [models] dirs must be a list of folders")
+    config.dirs = [str(d) for d in dirs]
+    for name, value in _table(data, "settings", path).items():
+        try:
+            config.settings.set(name, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    config.default_drafts = {str(k): str(v) for k, v in _table(data, "default_drafts", path).items()}
+    return config
+
+
+def _table(data: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table")
+    return table
+
+
+def dump_config(config: Config) -> str:
+    settings = asdict(config.settings)
+    lines = ["# Tandem configuration (written by tandem; safe to edit)", "", "[models]"]
+    lines += [f"main = {_toml(config.main)}", f"draft = {_toml(config.draft)}", f"dirs = {_toml(config.dirs)}", "", "[settings]"]
+    lines += [f"{name} = {_toml(value)}" for name, value in settings.items()]
+    lines += ["", "[default_drafts]"]
+    lines += [f"{_toml(main)} = {_toml(draft)}" for main, draft in sorted(config.default_drafts.items())]
+    return "\n".join(lines) + "\n"
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write atomically (temp + rename): a crash never leaves half a config."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(path.name + ".tmp")
+        temp.write_text(dump_config(config), encoding="utf-8")
+        temp.replace(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the config file {path}: {exc.strerror or exc}") from exc
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string

@@ -1,0 +1,65 @@
+"""Turning a choice of files into a running engine: validate both headers first, then load.
+
+Shared by the CLI and the chat app, so both fail the same way with the same sentence.
+A draft choice is a GGUF path, "lookup" (prompt lookup, no draft model) or "none" (plain decoding).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.engine.backend import Model
+from app.engine.gguf_info import read_gguf_info
+from app.engine.speculative import SpeculativeEngine
+
+NO_DRAFT, LOOKUP = "none", "lookup"
+
+LoadProgress = Callable[[str, float], None]  # (what is loading, fraction done)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    main: Path
+    draft: str = LOOKUP  # a GGUF path, LOOKUP or NO_DRAFT
+    gpu_layers: int = -1  # main-model layers offloaded; -1 all
+    draft_on_gpu: bool = True  # the draft goes fully on the GPU or fully on the CPU
+    ctx_size: int = 4096
+    threads: int = os.cpu_count() or 1
+
+    @property
+    def draft_path(self) -> Path | None:
+        return None if self.draft in (NO_DRAFT, LOOKUP) else Path(self.draft)
+
+
+def describe_draft(choice: str) -> str:
+    if choice == NO_DRAFT:
+        return "no draft (plain decoding)"
+    if choice == LOOKUP:
+        return "prompt lookup"
+    return Path(choice).name
+
+
+def load_engine(spec: EngineSpec, progress: LoadProgress | None = None) -> SpeculativeEngine:
+    """Load the pair described by `spec`. Raises a TandemError subclass with a readable reason."""
+    read_gguf_info(spec.main)  # both headers checked before either model loads: fail fast, fail clearly
+    if spec.draft_path is not None:
+        read_gguf_info(spec.draft_path)
+
+    def report(name: str) -> Callable[[float], None] | None:
+        return None if progress is None else (lambda fraction: progress(name, fraction))
+
+    main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name))
+    draft = None
+    if spec.draft_path is not None:
+        draft = Model(spec.draft_path, n_gpu_layers=-1 if spec.draft_on_gpu else 0, progress=report(spec.draft_path.name))
+    try:
+        # prompt lookup rides along with a draft model (the controller picks per round) and stands in when there is none
+        return SpeculativeEngine(main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=spec.draft != NO_DRAFT)
+    except BaseException:
+        main.close()
+        if draft is not None:
+            draft.close()
+        raise

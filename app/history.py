@@ -1,0 +1,130 @@
+"""Conversations saved as they happen: one JSON-lines file per conversation in the user data dir.
+
+Every round's text is appended and flushed by the generating thread, so killing the app loses at
+most the round in flight. A line is one record: {"user": text}, {"assistant": text-so-far delta},
+{"end": {...stats}}. Reading folds consecutive assistant deltas into one message; a torn last line
+(a kill mid-write) is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import platformdirs
+
+from app.engine.chat import Message
+
+
+def history_dir() -> Path:
+    override = os.environ.get("TANDEM_DATA_DIR")
+    base = Path(override) if override else Path(platformdirs.user_data_dir("tandem"))
+    return base / "history"
+
+
+@dataclass
+class Conversation:
+    path: Path
+    messages: list[Message] = field(default_factory=list)
+    cancelled: set[int] = field(default_factory=set)  # indexes of replies the user stopped
+
+    @property
+    def title(self) -> str:
+        first = next((m.content for m in self.messages if m.role == "user"), "(empty)")
+        first = " ".join(first.split())
+        return first if len(first) <= 60 else first[:59] + "…"
+
+
+class ConversationLog:
+    """Appends one conversation's records. Lines are written whole and flushed (no fsync:
+    a killed process keeps what it flushed; a power cut is not what we guard against)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def _write(self, record: dict[str, object]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across turns
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def user(self, text: str) -> None:
+        self._write({"user": text})
+
+    def assistant(self, delta: str) -> None:
+        if delta:
+            self._write({"assistant": delta})
+
+    def end(self, stats: dict[str, object], cancelled: bool) -> None:
+        self._write({"end": {"cancelled": cancelled, **stats}})
+
+    def failed(self) -> None:
+        """The turn raised before any reply: drop the user message on reopen (the engine did too)."""
+        self._write({"failed": True})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class HistoryStore:
+    def __init__(self, directory: Path | None = None):
+        self.directory = directory or history_dir()
+
+    def new_log(self) -> ConversationLog:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = self.directory / f"{stamp}.jsonl"
+        n = 1
+        while path.exists():
+            n += 1
+            path = self.directory / f"{stamp}-{n}.jsonl"
+        return ConversationLog(path)
+
+    def conversations(self) -> list[Conversation]:
+        """Saved conversations, newest first (empty and unreadable files left out)."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in sorted(self.directory.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True):
+            conversation = read_conversation(path)
+            if conversation.messages:
+                found.append(conversation)
+        return found
+
+
+def read_conversation(path: Path) -> Conversation:
+    conversation = Conversation(path)
+    messages = conversation.messages
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return conversation
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill mid-write
+        if not isinstance(record, dict):
+            continue
+        if "user" in record:
+            messages.append(Message("user", str(record["user"])))
+        elif "assistant" in record:
+            if messages and messages[-1].role == "assistant":
+                messages[-1] = Message("assistant", messages[-1].content + str(record["assistant"]))
+            else:
+                messages.append(Message("assistant", str(record["assistant"])))
+        elif "end" in record:
+            if messages and messages[-1].role == "user":  # a turn ended with no text at all
+                messages.append(Message("assistant", ""))
+            if isinstance(record["end"], dict) and record["end"].get("cancelled"):
+                conversation.cancelled.add(len(messages) - 1)
+        elif "failed" in record and messages and messages[-1].role == "user":
+            messages.pop()
+    return conversation

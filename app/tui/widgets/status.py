@@ -1,0 +1,64 @@
+"""The status bar: models, speed, acceptance, draft length, context, memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+from rich.text import Text
+from textual.widget import Widget
+
+
+@dataclass
+class StatusInfo:
+    main: str = "—"
+    draft: str = "—"
+    tokens_per_second: float = 0.0
+    acceptance: float | None = None
+    draft_length: int | None = None
+    ctx_used: int = 0
+    ctx_size: int = 0
+    state: str = ""
+    vram: tuple[int, int] | None = None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+class StatusBar(Widget):
+    """One line, fixed height: it repaints without asking for a layout pass (Static.update would
+    re-layout the whole screen on every refresh while a reply streams)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._process = psutil.Process()
+        self._text = Text()
+
+    def render(self) -> Text:
+        return self._text
+
+    def show(self, info: StatusInfo) -> None:
+        text = Text()
+        if info.state:
+            text.append(f" {info.state} ", "reverse")
+            text.append(" ")
+        text.append("main ", "dim")
+        text.append(info.main, "bold")
+        text.append("  draft ", "dim")
+        text.append(info.draft, "bold")
+        text.append(f"  {info.tokens_per_second:5.1f} tok/s", "green")
+        text.append("  accept ", "dim")
+        text.append("—" if info.acceptance is None else f"{info.acceptance:.0%}")
+        text.append("  k ", "dim")
+        text.append("—" if info.draft_length is None else str(info.draft_length))
+        text.append("  ctx ", "dim")
+        text.append(f"{info.ctx_used}/{info.ctx_size}")
+        text.append("  RAM ", "dim")
+        text.append(_gib(self._process.memory_info().rss))
+        if info.vram is not None:
+            text.append("  VRAM ", "dim")
+            text.append(f"{_gib(info.vram[0])}/{_gib(info.vram[1])}")
+        if text != self._text:
+            self._text = text
+            self.refresh()

@@ -1,0 +1,135 @@
+"""The chat app must not slow generation: tok/s inside the TUI (driven by Textual's Pilot) vs the
+headless path, same prompt, same pair, same process, runs interleaved, medians; and how long a key
+press takes to be handled while a reply streams at full speed.
+
+    python bench/tui_bench.py [--runs 3] [--max-tokens 256] [--prompts 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from textual import events
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.cli import generation_config  # noqa: E402
+from app.config import Settings  # noqa: E402
+from app.engine.chat import ChatSession  # noqa: E402
+from app.engine.demo import ensure_demo_pair  # noqa: E402
+from app.engine.events import Finished  # noqa: E402
+from app.engine.loading import EngineSpec, load_engine  # noqa: E402
+from app.tui.app import LaunchOptions, TandemApp  # noqa: E402
+from bench.bench import load_prompts  # noqa: E402
+
+_APP = None
+
+
+async def wait_for(predicate, timeout: float = 120.0, step: float = 0.02) -> None:
+    deadline = time.perf_counter() + timeout
+    while not predicate():
+        if time.perf_counter() > deadline:
+            state = f"focus {_APP.focused}, generation {_APP.generation}" if _APP else ""
+            raise TimeoutError(f"the app did not get there in time ({state})")
+        await asyncio.sleep(step)
+
+
+async def tui_run(app: TandemApp, pilot, prompt: str) -> float:
+    await app.action_new_chat()
+    app.last_finished = None
+    app.query_one("#prompt").value = prompt
+    for _ in range(3):  # a key press can be lost while the previous reply's toast is leaving
+        await pilot.press("enter")
+        try:
+            await wait_for(lambda: app.generation is not None or app.last_finished is not None, timeout=3)
+            break
+        except TimeoutError:
+            continue
+    await wait_for(lambda: app.last_finished is not None)
+    return app.last_finished.stats.tokens_per_second
+
+
+async def key_latency(app: TandemApp, pilot, prompt: str, presses: int = 10) -> list[float]:
+    """Type into the input box while a reply streams; time from key to the box showing it."""
+    await app.action_new_chat()
+    app.last_finished = None
+    box = app.query_one("#prompt")
+    box.value = prompt
+    await pilot.press("enter")
+    await wait_for(lambda: app.generation is not None or app.last_finished is not None)
+    await wait_for(lambda: app.live.rounds > 3 or app.last_finished is not None)
+    latencies = []
+    for _ in range(presses):
+        if app.generation is None:
+            break
+        before = box.value
+        started = time.perf_counter()
+        app.post_message(events.Key("x", "x"))  # as a terminal delivers it (Pilot.press also waits for idle)
+        await wait_for(lambda before=before: box.value != before, timeout=5, step=0.001)
+        latencies.append(time.perf_counter() - started)
+        await asyncio.sleep(0.1)
+    await wait_for(lambda: app.last_finished is not None)
+    box.value = ""
+    return latencies
+
+
+def headless_run(engine, prompt: str, settings: Settings) -> float:
+    session = ChatSession(engine)
+    finished = next(e for e in session.send(prompt, generation_config(settings)) if isinstance(e, Finished))
+    return finished.stats.tokens_per_second
+
+
+async def main() -> int:
+    from app.tui.app import prefer_engine_thread
+
+    if "--no-switch" not in sys.argv:
+        prefer_engine_thread()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--colored", action="store_true")
+    parser.add_argument("--no-switch", action="store_true")
+    args = parser.parse_args()
+    main_path, draft_path = ensure_demo_pair()
+    settings = Settings(temperature=0.0, max_tokens=args.max_tokens, threads=args.threads)
+    engine = load_engine(EngineSpec(main_path, str(draft_path), threads=args.threads))
+    prompts = load_prompts(None)[: args.prompts]
+    with tempfile.TemporaryDirectory() as tmp:
+        options = LaunchOptions(
+            config_path=Path(tmp) / "config.toml", main=str(main_path), draft=str(draft_path), history_dir=Path(tmp) / "history",
+            settings={"temperature": 0.0, "max_tokens": args.max_tokens, "threads": args.threads},
+        )  # fmt: skip
+        global _APP
+        app = _APP = TandemApp(options)
+        async with app.run_test(size=(140, 45)) as pilot:
+            await wait_for(lambda: app.engine is not None)
+            app.colored = args.colored  # the accepted-token view instead of Markdown
+            print(f"{'prompt':<12} {'headless':>9} {'tui':>9} {'tui/headless':>13}")
+            ratios = []
+            for item in prompts:
+                headless, tui = [], []
+                for _ in range(args.runs):
+                    headless.append(headless_run(engine, item["prompt"], settings))
+                    tui.append(await tui_run(app, pilot, item["prompt"]))
+                h, t = statistics.median(headless), statistics.median(tui)
+                ratios.append(t / h)
+                print(f"{item.get('id', '?'):<12} {h:9.1f} {t:9.1f} {t / h:12.2f}x", flush=True)
+            latencies = await key_latency(app, pilot, prompts[0]["prompt"])
+    print(f"mean tui/headless {statistics.mean(ratios):.2f}x")
+    if latencies:
+        print(f"key press while streaming: median {statistics.median(latencies) * 1000:.0f} ms, "
+              f"max {max(latencies) * 1000:.0f} ms over {len(latencies)} presses")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))

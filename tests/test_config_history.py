@@ -1,0 +1,112 @@
+"""Settings files, conversation history, model discovery and accepted-token attribution."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.config import Config, ConfigError, Settings, dump_config, load_config, save_config
+from app.engine.catalog import find_models, metadata_compatibility
+from app.engine.events import Finished, GenerationStats, RoundEvent
+from app.engine.gguf_info import read_gguf_info
+from app.engine.transcript import DRAFT, MAIN, ReplyTranscript
+from app.history import HistoryStore, read_conversation
+
+
+def test_config_round_trips(tmp_path: Path) -> None:
+    config = Config(main="/models/a \"quoted\" ü.gguf", draft="lookup", dirs=["/x", "~/y"])
+    config.settings.set("temperature", 0.25)
+    config.settings.set("adaptive", "off")
+    config.settings.set("seed", 7)
+    config.default_drafts["/models/a.gguf"] = "/models/b.gguf"
+    path = tmp_path / "c" / "config.toml"
+    save_config(config, path)
+    loaded = load_config(path)
+    assert loaded == config
+    assert not path.with_name("config.toml.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[settings]\ntemperature = -1\n", "temperature' must be at least 0.0"),
+        ("[settings]\ntop_p = 2\n", "between 0.0 and 1.0"),
+        ("[settings]\nmax_tokens = 1.5\n", "must be a int"),
+        ("[settings]\nadaptive = 3\n", "must be a bool"),
+        ("[settings]\nwarp = 9\n", "unknown setting 'warp'"),
+        ("[settings]\ndraft_min = 9\ndraft_max = 4\n", "larger than draft_max"),
+        ("[models\n", "not valid TOML"),
+        ("models = 3\n", "[models] must be a table"),
+    ],
+)
+def test_config_errors_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_config_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(tmp_path / "nope.toml") == Config()
+    assert "[settings]" in dump_config(Config()) and Settings().draft_max == 8
+
+
+def test_history_survives_a_torn_last_line(tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path)
+    log = store.new_log()
+    log.user("hi")
+    log.assistant("Hel")
+    log.assistant("lo")
+    log.end({"tokens_per_second": 1.0}, cancelled=True)
+    log.user("again")
+    log.failed()  # the engine refused this turn: it is not part of the chat
+    log.user("more")
+    log.assistant("partial")
+    log.close()
+    with open(log.path, "a") as f:
+        f.write('{"assistant": "cut mid-wr')  # a kill while writing
+    conversation = read_conversation(log.path)
+    assert [(m.role, m.content) for m in conversation.messages] == [
+        ("user", "hi"), ("assistant", "Hello"), ("user", "more"), ("assistant", "partial"),
+    ]  # fmt: skip
+    assert conversation.cancelled == {1}
+    assert [c.path for c in store.conversations()] == [log.path]
+    assert conversation.title == "hi"
+
+
+def test_catalog_finds_models_and_judges_drafts(tiny, tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "nested"
+    folder.mkdir(parents=True)
+    for path in (tiny.main, tiny.draft, tiny.foreign):
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "notes.txt").write_text("not a model")
+    (folder / "empty.gguf").write_bytes(b"")
+    entries = {e.path.name: e for e in find_models([tmp_path / "models"])}
+    assert set(entries) == {"main.gguf", "draft.gguf", "foreign.gguf", "empty.gguf"}
+    assert entries["empty.gguf"].info is None and "not a GGUF" in entries["empty.gguf"].error
+    assert "llama" in entries["main.gguf"].describe()
+    main = read_gguf_info(tiny.main)
+    assert metadata_compatibility(main, read_gguf_info(tiny.draft)).ok
+    verdict = metadata_compatibility(main, read_gguf_info(tiny.foreign))
+    assert not verdict.ok and "differs" in verdict.reason
+    assert read_gguf_info(tiny.main).token_texts([1, 2, 10_000]) == {1: "<s>", 2: "</s>"}
+
+
+def _round(tokens: tuple[int, ...], n_accepted: int, text: str) -> RoundEvent:
+    return RoundEvent(drafted=tokens[:n_accepted], n_accepted=n_accepted, main_token=tokens[-1], n_ignored=0,
+                      tokens=tokens, text=text, draft_seconds=0, verify_seconds=0, draft_source="model")  # fmt: skip
+
+
+def test_transcript_credits_characters_to_draft_or_main() -> None:
+    pieces = {1: b"ab", 2: b"c", 3: "é".encode()[:1], 4: "é".encode()[1:] + b"!", 5: b"zz"}
+    transcript = ReplyTranscript(pieces.__getitem__)
+    transcript.add(_round((1, 2), 1, "abc"))
+    transcript.add(_round((3, 4), 0, "é!"))
+    transcript.add(_round((5,), 0, ""))  # held back (could start a stop string)
+    assert transcript.runs() == [(DRAFT, "ab"), (MAIN, "cé!")]
+    transcript.add(Finished(text="abcé!z", tail="z", tokens=(), stats=GenerationStats()))
+    assert transcript.runs() == [(DRAFT, "ab"), (MAIN, "cé!z")]
+    assert json.dumps(transcript.runs())

@@ -1,0 +1,249 @@
+"""The chat app driven by Textual's Pilot over tiny real models: every path a user takes by keyboard."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from app.config import default_config_path, load_config
+from app.engine.chat import ChatSession
+from app.engine.speculative import CANCELLED
+from app.history import HistoryStore
+from app.tui.app import LaunchOptions, TandemApp
+from app.tui.screens.help import HelpScreen
+from app.tui.screens.picker import PickerScreen
+from app.tui.screens.settings import SettingsScreen
+from app.tui.widgets.chat import AssistantMessage, UserMessage
+from app.tui.widgets.debug import DebugPane
+
+SIZE = (140, 45)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny) -> Path:
+    """A fresh user: empty config and history, the tiny models in ./models, nothing else found."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TANDEM_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("TANDEM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TANDEM_MODELS_CACHE", str(tmp_path / "cache"))
+    for var in ("HF_HOME", "HF_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    models = tmp_path / "models"
+    models.mkdir()
+    for path in (tiny.main, tiny.draft, tiny.twin, tiny.foreign):
+        shutil.copy(path, models / path.name)
+    (models / "broken.gguf").write_bytes(tiny.main.read_bytes()[:4000])  # a truncated download
+    return tmp_path
+
+
+def make_app(home: Path, **settings) -> TandemApp:
+    models = home / "models"
+    options = LaunchOptions(
+        config_path=default_config_path(),
+        main=str(models / "main.gguf"),
+        draft=str(models / "draft.gguf"),
+        settings={"temperature": 0.0, "max_tokens": 40, "threads": 2, "ctx_size": 512, **settings},
+    )
+    return TandemApp(options)
+
+
+async def until(pilot, predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the app"
+        await pilot.pause(0.02)
+
+
+async def send(pilot, app: TandemApp, text: str) -> None:
+    await pilot.press(*text, "enter")
+    await until(pilot, lambda: app.last_finished is not None and app.generation is None)
+
+
+async def test_prompt_streams_a_reply_and_saves_it(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, "the cat sat")
+        reply = app.query(AssistantMessage).last()
+        assert reply.text == app.last_finished.text and app.last_finished.stats.predicted_tokens_count > 0
+        assert [m.role for m in app.session.messages] == ["user", "assistant"]
+        assert "tok/s" in str(reply.border_subtitle)
+        status = str(app.query_one("#status").render())
+        assert "tiny-main" in status and "draft.gguf" in status
+    saved = HistoryStore().conversations()
+    assert len(saved) == 1 and saved[0].messages[0].content == "the cat sat"
+    assert saved[0].messages[1].content == app.last_finished.text
+
+
+async def test_escape_cancels_and_keeps_the_partial_reply(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_send = ChatSession.send
+
+    def paced_send(self, *args, **kwargs):  # the tiny model is too fast to catch: 5 ms per round
+        for event in real_send(self, *args, **kwargs):
+            time.sleep(0.005)
+            yield event
+
+    monkeypatch.setattr(ChatSession, "send", paced_send)
+    app = make_app(home, max_tokens=100_000, ctx_size=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press(*"the dog", "enter")
+        await until(pilot, lambda: app.live.rounds >= 3)
+        await pilot.press("escape")
+        await until(pilot, lambda: app.last_finished is not None)
+        stats = app.last_finished.stats
+        assert stats.stop_reason == CANCELLED
+        reply = app.query(AssistantMessage).last()
+        assert reply.has_class("cancelled") and "stopped" in str(reply.border_subtitle)
+        assert app.session.messages[-1].content == app.last_finished.text  # the partial reply stays in the chat
+    saved = HistoryStore().conversations()[0]
+    assert saved.cancelled == {1}
+
+
+async def test_debug_pane_shows_drafted_and_accepted_tokens(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, "hello world")
+        await pilot.press("f4")
+        pane = app.query_one(DebugPane)
+        assert pane.display
+        lines = [strip.text for strip in pane.lines]
+        rounds = [line for line in lines if line.startswith("#")]
+        assert len(rounds) == app.last_finished.stats.rounds
+        assert any(" PASS " in line or " FAIL " in line for line in rounds)
+        assert all("k=" in line and "→" in line for line in rounds)
+        await pilot.press("f4")
+        assert not pane.display
+
+
+async def test_accepted_token_view_toggles(home: Path) -> None:
+    app = make_app(home, draft_max=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, "the cat")
+        reply = app.query(AssistantMessage).last()
+        assert reply.markdown.display and not reply.plain.display
+        await pilot.press("f5")
+        assert reply.plain.display and not reply.markdown.display
+        shown = reply.plain.content
+        assert str(shown) == app.last_finished.text
+        assert app.last_finished.stats.accepted_draft_tokens_count > 0
+        assert any("5fd787" in str(span.style) for span in shown.spans)
+
+
+async def test_model_and_draft_pickers_by_keyboard(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+        labels = [str(app.screen.query_one("OptionList").get_option_at_index(i).prompt)
+                  for i in range(app.screen.query_one("OptionList").option_count)]  # fmt: skip
+        assert any("broken.gguf" in label and "truncated" in label for label in labels)
+        await pilot.press(*"twin", "enter")
+        await until(pilot, lambda: app.spec is not None and app.spec.main.name == "twin.gguf" and not app.loading)
+        assert app.engine.main.name == "tiny-twin"
+
+        await pilot.press("f3")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+        options = app.screen.query_one("OptionList")
+        texts = {options.get_option_at_index(i).id: options.get_option_at_index(i) for i in range(options.option_count)}
+        foreign = texts[str(home / "models" / "foreign.gguf")]
+        assert foreign.disabled and "incompatible" in str(foreign.prompt)
+        assert not texts[str(home / "models" / "draft.gguf")].disabled
+        await pilot.press(*"lookup", "enter")
+        await until(pilot, lambda: app.spec.draft == "lookup" and not app.loading)
+        assert app.engine.drafter is None and app.engine.lookup is not None
+
+        await pilot.press("escape")  # nothing streaming: Esc is harmless
+        await pilot.press("f3")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+        await pilot.press("down", "down", "escape")  # leaving the picker changes nothing
+        await until(pilot, lambda: not isinstance(app.screen, PickerScreen))
+        assert app.spec.draft == "lookup"
+    config = tomllib.loads(default_config_path().read_text())
+    assert config["default_drafts"][str(home / "models" / "twin.gguf")] == "lookup"
+
+
+async def test_a_failed_load_keeps_the_previous_models(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        engine = app.engine
+        await send(pilot, app, "the cat")
+        app.load_pair(str(home / "models" / "main.gguf"), str(home / "models" / "foreign.gguf"))
+        await until(pilot, lambda: not app.loading)
+        assert app.engine is engine
+        assert any("cannot be used" in n.message for n in app._notifications)
+        app.load_pair(str(home / "models" / "broken.gguf"), "lookup")
+        await until(pilot, lambda: not app.loading)
+        assert app.engine is engine and len(app.query(UserMessage)) == 1
+        assert any("truncated" in n.message for n in app._notifications)
+
+
+async def test_settings_persist_across_restarts(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press("f6")
+        await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        field = app.screen.query_one("#set-top_k")
+        field.value = "7"
+        app.screen.query_one("#set-max_tokens").value = "-3"
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SettingsScreen)  # a bad value keeps the form open
+        app.screen.query_one("#set-max_tokens").value = "33"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+        assert app.config.settings.top_k == 7
+    again = TandemApp(LaunchOptions(config_path=default_config_path()))  # no models named: it opens on the saved ones
+    async with again.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: again.engine is not None)
+        assert again.config.settings.top_k == 7 and again.config.settings.max_tokens == 33
+        assert again.spec.main == home / "models" / "main.gguf" and again.spec.draft == str(home / "models" / "draft.gguf")
+    assert load_config(default_config_path()).settings.top_k == 7
+
+
+async def test_history_reopens_a_conversation(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, "first question")
+        first_reply = app.last_finished.text
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: not app.query(UserMessage))
+        assert app.session.messages == []
+
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press("f7")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+        await pilot.press(*"first", "enter")
+        await until(pilot, lambda: len(app.query(UserMessage)) == 1)
+        assert [m.content for m in app.session.messages] == ["first question", first_reply]
+        app.last_finished = None
+        await send(pilot, app, "second")  # the reopened chat goes on in the same file
+        assert len(app.session.messages) == 4
+    saved = HistoryStore().conversations()
+    assert [len(c.messages) for c in saved] == [4]
+
+
+async def test_help_and_quit(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press("f1")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        keys = dict(app.screen.key_rows)
+        assert keys["F2 / CTRL+O"] == "Model" and keys["CTRL+Q"] == "Quit"
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, HelpScreen))
+        await pilot.press("ctrl+q")
+    assert app.return_code in (0, None)
