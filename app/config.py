@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import platformdirs
-import tomllib
 
 from app.engine.errors import TandemError
 

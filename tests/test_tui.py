@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import shutil
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from app.config import default_config_path, load_config
 from app.engine.chat import ChatSession
@@ -83,9 +83,9 @@ async def test_prompt_streams_a_reply_and_saves_it(home: Path) -> None:
 async def test_escape_cancels_and_keeps_the_partial_reply(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_send = ChatSession.send
 
-    def paced_send(self, *args, **kwargs):  # the tiny model is too fast to catch: 5 ms per round
+    def paced_send(self, *args, **kwargs):  # the tiny model is too fast to catch: 20 ms per round
         for event in real_send(self, *args, **kwargs):
-            time.sleep(0.005)
+            time.sleep(0.02)
             yield event
 
     monkeypatch.setattr(ChatSession, "send", paced_send)
@@ -94,7 +94,13 @@ async def test_escape_cancels_and_keeps_the_partial_reply(home: Path, monkeypatc
         await until(pilot, lambda: app.engine is not None)
         await pilot.press(*"the dog", "enter")
         await until(pilot, lambda: app.live.rounds >= 3)
-        await pilot.press("escape")
+        await pilot.press("f1")  # a modal screen over a streaming reply: the stream goes on underneath
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        rounds = app.live.rounds
+        await until(pilot, lambda: app.live.rounds > rounds + 3)
+        await pilot.press("escape")  # closes the help screen
+        await until(pilot, lambda: not isinstance(app.screen, HelpScreen))
+        await pilot.press("escape")  # stops the reply
         await until(pilot, lambda: app.last_finished is not None)
         stats = app.last_finished.stats
         assert stats.stop_reason == CANCELLED

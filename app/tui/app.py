@@ -14,7 +14,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Label, ProgressBar
+from textual.widgets import Input, Label, ProgressBar
 
 from app.config import Config, ConfigError, Settings, load_config, save_config
 from app.engine.catalog import ModelEntry, default_search_dirs, find_models, metadata_compatibility
@@ -28,15 +28,16 @@ from app.engine.speculative import CANCELLED, GenerationConfig, SpeculativeEngin
 from app.engine.transcript import ReplyTranscript
 from app.history import ConversationLog, HistoryStore, read_conversation
 from app.tui.generation import Failed, Generation, LiveStats
+from app.tui.pacing import BUDGET_SHARED, RefreshPacer, ui_budget
 from app.tui.screens.help import HelpScreen
 from app.tui.screens.picker import Choice, PickerScreen
 from app.tui.screens.settings import RELOAD_FIELDS, SettingsScreen
 from app.tui.widgets.chat import AssistantMessage, ChatLog, UserMessage
 from app.tui.widgets.debug import DebugPane
-from app.tui.widgets.status import StatusBar, StatusInfo
+from app.tui.widgets.status import KeyHints, StatusBar, StatusInfo
 
 DEMO = ""  # the main-model choice meaning "the demo pair" (fetched on first use)
-PUMP_INTERVAL = 1 / 4  # UI updates while a reply streams: each costs the engine CPU time (bench/tui_bench.py)
+PUMP_INTERVAL = 0.1  # how often the worker's queue is checked; repaints are paced (pacing.py)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TandemApp(App[None]):
     TITLE = "Tandem"
     BINDINGS: ClassVar[list[Binding]] = [
         Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("ctrl+p", "command_palette", "Palette", show=True),
         Binding("escape", "cancel_reply", "Stop reply"),
         Binding("f2,ctrl+o", "pick_model", "Model", priority=True),
         Binding("f3,ctrl+l", "pick_draft", "Draft", priority=True),
@@ -90,6 +92,8 @@ class TandemApp(App[None]):
         self.log_file: ConversationLog = self.history.new_log()
         self.cancelled_replies: set[int] = set()
         self.last_stats: StatusInfo = StatusInfo()
+        self.pending: list = []  # events drained but not yet shown (repaints are paced)
+        self.pacer = RefreshPacer(BUDGET_SHARED)
         self.last_finished: Finished | None = None  # the last reply's engine stats (read by the benchmark)
 
     # ---- layout -------------------------------------------------------------------------
@@ -102,11 +106,17 @@ class TandemApp(App[None]):
             yield DebugPane(id="debug")
         yield Input(placeholder="Message (Enter sends, Esc stops a reply, F1 help)", id="prompt")
         yield StatusBar(id="status")
-        yield Footer()
+        yield KeyHints([(b.key.split(",")[0].replace("ctrl+", "^").upper(), b.description) for b in self.BINDINGS if b.show])
 
     def on_mount(self) -> None:
-        self.query_one("#debug", DebugPane).display = False
-        self.query_one("#loading").display = False
+        # kept as attributes: while a modal screen is up, a query would search the modal instead
+        self.chat_log = self.query_one("#chat", ChatLog)
+        self.debug_pane = self.query_one("#debug", DebugPane)
+        self.status_bar = self.query_one("#status", StatusBar)
+        self.prompt_box = self.query_one("#prompt", Input)
+        self.loading_row = self.query_one("#loading")
+        self.debug_pane.display = False
+        self.loading_row.display = False
         try:
             self.config = load_config(self.options.config_path)
         except ConfigError as exc:
@@ -118,7 +128,7 @@ class TandemApp(App[None]):
         draft = self.options.draft if self.options.draft is not None else self.config.draft
         self.set_interval(PUMP_INTERVAL, self.pump)
         self.set_interval(2.0, self.refresh_status)
-        self.query_one("#prompt", Input).focus()
+        self.prompt_box.focus()
         self.refresh_status()
         self.load_pair(main, draft or self.default_draft_for(main))
 
@@ -186,20 +196,20 @@ class TandemApp(App[None]):
             self.call_from_thread(self._loaded, main, engine, spec)
 
     def _show_loading(self, what: str, fraction: float) -> None:
-        self.query_one("#loading").display = True
-        self.query_one("#loading-label", Label).update(f"Loading {what} ")
-        self.query_one("#loading-bar", ProgressBar).update(progress=fraction * 100)
+        self.loading_row.display = True
+        self.loading_row.query_one(Label).update(f"Loading {what} ")
+        self.loading_row.query_one(ProgressBar).update(progress=fraction * 100)
 
     def _load_failed(self, message: str) -> None:
         self.loading = False
-        self.query_one("#loading").display = False
+        self.loading_row.display = False
         kept = f" Still using {self.engine.main.name}." if self.engine else " Pick a model with F2."
         self.notify(message + kept, title="Could not load", severity="error", timeout=12)
         self.refresh_status()
 
     def _loaded(self, main_choice: str, engine: SpeculativeEngine, spec: EngineSpec) -> None:
         self.loading = False
-        self.query_one("#loading").display = False
+        self.loading_row.display = False
         previous, messages = self.engine, (self.session.messages if self.session else [])
         self.engine, self.spec, self.main_choice = engine, spec, main_choice
         self.session = ChatSession(engine, system=self.config.settings.system or None)
@@ -246,67 +256,78 @@ class TandemApp(App[None]):
                         severity="warning")  # fmt: skip
             return
         event.input.value = ""
-        chat = self.query_one("#chat", ChatLog)
+        chat = self.chat_log
         await chat.mount(UserMessage(text))
         self.transcript = ReplyTranscript(self.engine.main.piece)
         self.reply = AssistantMessage(self.engine.main.name, transcript=self.transcript, colored=self.colored)
         await chat.mount(self.reply)
         chat.scroll_end(animate=False)
         self.live = LiveStats()
-        self.query_one("#debug", DebugPane).note(f"── reply {len(self.session.messages) // 2 + 1}: {text[:60]}")
+        self.debug_pane.note(f"── reply {len(self.session.messages) // 2 + 1}: {text[:60]}")
         self.generation = Generation(self.session, text, self.generation_config(), self.log_file)
-        self.generation.start()
         self.refresh_status()
+        self.prompt_box.cursor_blink = False  # a blink is a repaint: none while the engine needs the CPU
+        # paint the new messages first: that layout pass would otherwise compete with the first rounds
+        self.pending = []
+        self.pacer = RefreshPacer(ui_budget(self.config.settings.threads))
+        self.call_after_refresh(self.generation.start)
 
     async def pump(self) -> None:
         """Drain the worker's queue: one batch of widget updates per tick, however many rounds arrived."""
         generation = self.generation
         if generation is None or self.reply is None or self.transcript is None or self.engine is None:
             return
-        events = generation.drain()
-        if not events:
+        self.pending += generation.drain()
+        if not self.pending:
             return
+        done = any(isinstance(e, Finished | Failed) for e in self.pending)
+        if not (done or self.pacer.due()):
+            return
+        events, self.pending = self.pending, []
         rounds = [e for e in events if isinstance(e, RoundEvent)]
         for event in rounds:
             self.transcript.add(event)
             self.live.add(event)
-        self.query_one("#debug", DebugPane).add_rounds(rounds, self.engine.main.piece)
-        await self.reply.append("".join(e.text for e in rounds))
+        self.debug_pane.add_rounds(rounds, self.engine.main.piece)
+        self.reply.append("".join(e.text for e in rounds))
         for event in events:
             if isinstance(event, Finished):
                 await self._finished(event)
             elif isinstance(event, Failed):
                 await self._failed(event)
         self.refresh_status()
-        self.query_one("#chat", ChatLog).follow()
+        self.chat_log.follow()
+        self.pacer.updated()
 
     async def _finished(self, finished: Finished) -> None:
         assert self.transcript is not None and self.reply is not None
         self.transcript.add(finished)
-        self.last_finished = finished
         stats = finished.stats
         cancelled = stats.stop_reason == CANCELLED
         note = f"{'stopped · ' if cancelled else ''}{stats.predicted_tokens_count} tokens · {stats.tokens_per_second:.1f} tok/s"
         if stats.draft_model:
             note += f" · {stats.acceptance_rate:.0%} accepted"
         await self.reply.finish(finished.text, note, cancelled)
-        self.query_one("#debug", DebugPane).note(stats.summary(), "bold cyan")
+        self.debug_pane.note(stats.summary(), "bold cyan")
         self.last_stats = self._status_info()
         self.last_stats.tokens_per_second = stats.tokens_per_second
         self.generation = None
-        self.query_one("#chat", ChatLog).follow()
+        self.prompt_box.cursor_blink = True
+        self.last_finished = finished
+        self.chat_log.follow()
 
     async def _failed(self, failed: Failed) -> None:
         assert self.generation is not None and self.reply is not None
         text = self.generation.user_text
         self.generation = None
-        chat = self.query_one("#chat", ChatLog)
+        self.prompt_box.cursor_blink = True
+        chat = self.chat_log
         # the engine dropped the turn; drop its widgets and give the text back so nothing typed is lost
         await self.reply.remove()
         user_messages = chat.query(UserMessage)
         if user_messages:
             await user_messages.last().remove()
-        prompt = self.query_one("#prompt", Input)
+        prompt = self.prompt_box
         if not prompt.value:
             prompt.value = text
         self.notify(failed.message, title="Reply failed", severity="error", timeout=12)
@@ -319,12 +340,12 @@ class TandemApp(App[None]):
         if self.generation is not None:
             self.notify("A reply is streaming; Esc stops it first.", severity="warning")
             return
-        await self.query_one("#chat", ChatLog).remove_children()
+        await self.chat_log.remove_children()
         if self.engine is not None:
             self.session = ChatSession(self.engine, system=self.config.settings.system or None)
         self.log_file.close()
         self.log_file = self.history.new_log()
-        self.query_one("#debug", DebugPane).note("── new chat")
+        self.debug_pane.note("── new chat")
         self.refresh_status()
 
     # ---- status ---------------------------------------------------------------------------
@@ -355,18 +376,18 @@ class TandemApp(App[None]):
             info.tokens_per_second = self.last_stats.tokens_per_second  # the last reply's figure stays up
             info.acceptance = self.live.acceptance if self.live.sent else None
             info.draft_length = self.live.last_k if self.live.rounds else None
-        self.query_one("#status", StatusBar).show(info)
+        self.status_bar.show(info)
 
     # ---- views ----------------------------------------------------------------------------
     def action_toggle_debug(self) -> None:
-        pane = self.query_one("#debug", DebugPane)
+        pane = self.debug_pane
         pane.display = not pane.display
         if pane.display:
             pane.show()
 
     async def action_toggle_accepted(self) -> None:
         self.colored = not self.colored
-        for message in self.query(AssistantMessage):
+        for message in self.chat_log.query(AssistantMessage):
             await message.set_colored(self.colored)
         self.notify("Accepted draft tokens shown in green" if self.colored else "Markdown view", timeout=3)
 
@@ -487,7 +508,7 @@ class TandemApp(App[None]):
             self.notify("A reply is streaming; Esc stops it first.", severity="warning")
             return
         conversation = read_conversation(Path(choice))
-        chat = self.query_one("#chat", ChatLog)
+        chat = self.chat_log
         await chat.remove_children()
         title = self.engine.main.name if self.engine else "Tandem"
         for index, message in enumerate(conversation.messages):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from rich.console import RenderableType
+from rich.markdown import Markdown as RichMarkdown
+from rich.segment import Segment
 from rich.text import Text
 from textual.containers import Vertical, VerticalScroll
+from textual.geometry import Region
+from textual.strip import Strip
+from textual.widget import Widget
 from textual.widgets import Markdown, Static
-from textual.widgets._markdown import MarkdownStream
 
 from app.engine.transcript import DRAFT, ReplyTranscript
 
@@ -19,9 +24,48 @@ class UserMessage(Static):
         self.border_title = "You"
 
 
+HEIGHT_STEP = 16  # a streaming reply grows in steps of this many lines: one layout pass per step
+
+
+class LiveReply(Widget):
+    """The reply while it streams, rendered as Markdown (or accepted-token text) by Rich into cached
+    lines. Its height only grows in steps, so a new token repaints this widget alone instead of
+    re-laying-out the whole screen (Textual's Markdown widget re-lays-out on every append, which
+    took CPU from the engine: see bench/tui_bench.py)."""
+
+    DEFAULT_CSS = "LiveReply { height: 1; }"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._strips: list[Strip] = []
+        self._height = 1
+
+    def show(self, renderable: RenderableType) -> None:
+        width = self.size.width or max(20, self.app.size.width - 20)
+        options = self.app.console.options.update_width(width)
+        lines = self.app.console.render_lines(renderable, options, pad=False)
+        old = self._strips
+        self._strips = [Strip(line, Segment.get_line_length(line)) for line in lines]
+        if len(self._strips) > self._height:
+            while len(self._strips) > self._height:
+                self._height += HEIGHT_STEP
+            self.styles.height = self._height  # the only layout pass: once per HEIGHT_STEP lines
+            self.refresh()
+            return
+        # repaint only the lines that changed (usually the last one or two), not the whole reply
+        pairs = zip(old, self._strips, strict=False)
+        first = next((i for i, (a, b) in enumerate(pairs) if a.text != b.text), min(len(old), len(self._strips)))
+        last = max(len(old), len(self._strips))
+        if first < last:
+            self.refresh(Region(0, first, self.size.width, last - first))
+
+    def render_line(self, y: int) -> Strip:
+        return self._strips[y] if y < len(self._strips) else Strip.blank(self.size.width)
+
+
 class AssistantMessage(Vertical):
-    """A reply. While streaming, the Markdown view is fed through a MarkdownStream (it coalesces
-    fragments when rendering falls behind); the accepted-token view is rebuilt from the transcript."""
+    """A reply: streamed through LiveReply, then settled into a Markdown widget (or the
+    accepted-token view, rebuilt from the transcript) when it is complete."""
 
     def __init__(self, title: str, text: str = "", transcript: ReplyTranscript | None = None, colored: bool = False):
         super().__init__(classes="assistant-message")
@@ -29,64 +73,57 @@ class AssistantMessage(Vertical):
         self.text = text
         self.transcript = transcript
         self.colored = colored
-        self._stream: MarkdownStream | None = None
+        self.streaming = transcript is not None and not text
+        self.live = LiveReply()
         self.markdown = Markdown(text)
         self.plain = Static(Text(text), classes="accepted-view")
 
     def compose(self):
+        yield self.live
         yield self.markdown
         yield self.plain
 
     def on_mount(self) -> None:
         self._apply_view()
 
-    async def append(self, delta: str) -> None:
+    def append(self, delta: str) -> None:
         if not delta:
             return
         self.text += delta
-        if self.colored:
-            self.refresh_colored()
-        else:
-            if self._stream is None:
-                self._stream = Markdown.get_stream(self.markdown)
-            await self._stream.write(delta)
+        self.live.show(self.colored_text() if self.colored else RichMarkdown(self.text))
 
     async def finish(self, text: str, note: str, cancelled: bool) -> None:
-        """The reply is complete (or stopped): settle both views on the final text."""
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+        """The reply is complete (or stopped): settle into the Markdown widget (one layout pass)."""
         self.text = text
+        self.streaming = False
         await self.markdown.update(text)
-        self.refresh_colored()
+        self.plain.update(self.colored_text())
         self.border_subtitle = note
         self.set_class(cancelled, "cancelled")
+        self._apply_view()
 
-    def refresh_colored(self) -> None:
+    def colored_text(self) -> Text:
         if self.transcript is None:
-            self.plain.update(Text(self.text))
-            return
+            return Text(self.text)
         rendered = Text()
         for source, chunk in self.transcript.runs():
             rendered.append(chunk, DRAFT_STYLE if source == DRAFT else MAIN_STYLE)
-        self.plain.update(rendered)
+        return rendered
 
     async def set_colored(self, colored: bool) -> None:
         if colored == self.colored:
             return
         self.colored = colored
-        if colored:
-            self.refresh_colored()
-        else:
-            if self._stream is not None:  # restart the stream from the full text
-                await self._stream.stop()
-                self._stream = None
-            await self.markdown.update(self.text)
+        if self.streaming:
+            self.live.show(self.colored_text() if colored else RichMarkdown(self.text))
+        elif colored:
+            self.plain.update(self.colored_text())
         self._apply_view()
 
     def _apply_view(self) -> None:
-        self.markdown.display = not self.colored
-        self.plain.display = self.colored
+        self.live.display = self.streaming
+        self.markdown.display = not self.streaming and not self.colored
+        self.plain.display = not self.streaming and self.colored
 
 
 class ChatLog(VerticalScroll):

@@ -62,3 +62,20 @@ class StatusBar(Widget):
         if text != self._text:
             self._text = text
             self.refresh()
+
+
+class KeyHints(Widget):
+    """The bottom line of key hints. Textual's Footer is a dozen child widgets, and every layout
+    pass while a reply streams paid for them (about 8 ms a pass here); this is one line of text."""
+
+    DEFAULT_CSS = "KeyHints { height: 1; background: $panel; }"
+
+    def __init__(self, hints: list[tuple[str, str]], **kwargs):
+        super().__init__(**kwargs)
+        self._text = Text(no_wrap=True, overflow="ellipsis")
+        for key, description in hints:
+            self._text.append(f" {key} ", "bold reverse")
+            self._text.append(f" {description}  ")
+
+    def render(self) -> Text:
+        return self._text
