@@ -50,6 +50,10 @@ class LaunchOptions:
     history_dir: Path | None = None
 
 
+def key_label(key: str) -> str:
+    return "Esc" if key == "escape" else key.replace("ctrl+", "^").upper()
+
+
 def prefer_engine_thread() -> None:
     """The engine thread drops the GIL inside every llama.cpp call and must get it back at once
     when the call returns; Python's default 5 ms switch interval would let a busy UI thread hold it
@@ -106,7 +110,7 @@ class TandemApp(App[None]):
             yield DebugPane(id="debug")
         yield Input(placeholder="Message (Enter sends, Esc stops a reply, F1 help)", id="prompt")
         yield StatusBar(id="status")
-        yield KeyHints([(b.key.split(",")[0].replace("ctrl+", "^").upper(), b.description) for b in self.BINDINGS if b.show])
+        yield KeyHints([(key_label(b.key.split(",")[0]), b.description) for b in self.BINDINGS if b.show])
 
     def on_mount(self) -> None:
         # kept as attributes: while a modal screen is up, a query would search the modal instead
