@@ -1,4 +1,5 @@
 # Two commands for a fresh machine: `make run` (the app on the demo models) and `make test`.
+# `make binary` builds the one-file executable dist/tandem; `make smoke` builds and tries it bare.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 export CMAKE_ARGS ?= -DGGML_LLAMAFILE=OFF
 export PIP_CACHE_DIR ?= $(HOME)/.cache/tandem/pip
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench binary smoke
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -28,3 +29,9 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench.py $(ARGS)
+
+binary: setup
+	bash packaging/build.sh
+
+smoke: binary
+	bash packaging/smoke_test.sh dist/tandem

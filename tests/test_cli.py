@@ -135,3 +135,57 @@ def test_bad_flags(args: list[str], needle: str) -> None:
 
 def test_chat_without_a_terminal_says_what_to_do(tiny) -> None:
     assert_clean_failure(tandem(*tiny_args(tiny)), "--prompt")
+
+
+def test_save_config_then_launch_from_it(tiny, tmp_path: Path) -> None:
+    saved = tmp_path / "launch.toml"
+    flags = ["--draft", str(tiny.draft), "--temp", "0", "--draft-max", "3", "-n", "12"]
+    result = tandem(*tiny_args(tiny, *flags, "--save-config", str(saved)))
+    assert result.returncode == 0, result.stderr
+    assert f"tandem --config {saved}" in result.stderr
+    text = saved.read_text()
+    assert "draft_max = 3" in text and "temperature = 0.0" in text and str(tiny.draft) in text
+    from_file = tandem("--config", str(saved), "--prompt", "the cat", "--json")
+    direct = tandem(*tiny_args(tiny, *flags, "--prompt", "the cat", "--json"))
+    assert from_file.returncode == 0, from_file.stderr
+    a, b = json.loads(from_file.stdout), json.loads(direct.stdout)
+    assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 12 and a["draft_path"] == str(tiny.draft)
+    assert max(map(int, a["stats"]["draft_length_histogram"])) <= 3
+    # a typed flag beats the file
+    override = tandem("--config", str(saved), "--prompt", "the cat", "--json", "-n", "5", "--no-draft")
+    doc = json.loads(override.stdout)
+    assert len(doc["tokens"]) == 5 and doc["draft_path"] is None and doc["tokens"] == b["tokens"][:5]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("[settings]\ntemperature = -2\n", "temperature"), ("not toml [", "not valid TOML")],
+)
+def test_a_broken_config_is_one_clear_error(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    result = tandem("--config", str(path), "--prompt", "hi")
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_benchmark_prints_a_table(tiny) -> None:
+    result = tandem(*tiny_args(tiny, "--draft", str(tiny.draft), "--benchmark"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("tandem benchmark: tiny-main + draft.gguf")
+    rows = {line.split()[0]: line for line in lines[2:5]}
+    assert set(rows) == {"plain", "fixed", "adaptive"} and "1.00x" in rows["plain"]
+    assert "warning" not in result.stdout  # every mode produced plain's tokens
+
+
+def test_help_groups_flags_like_koboldcpp() -> None:
+    result = tandem("--help")
+    for group in ("launcher:", "model:", "draft (speculative decoding):", "hardware:", "sampling:", "headless:"):
+        assert group in result.stdout
+    for flag in ("--config", "--save-config", "--models-dir", "--benchmark", "--draftmodel", "--gpulayers"):
+        assert flag in result.stdout
+
+
+def test_chat_app_needs_a_terminal(tiny) -> None:
+    result = tandem(*tiny_args(tiny), stdin="")
+    assert result.returncode == 1 and "not a terminal" in result.stderr

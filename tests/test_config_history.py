@@ -110,3 +110,19 @@ def test_transcript_credits_characters_to_draft_or_main() -> None:
     transcript.add(Finished(text="abcé!z", tail="z", tokens=(), stats=GenerationStats()))
     assert transcript.runs() == [(DRAFT, "ab"), (MAIN, "cé!z")]
     assert json.dumps(transcript.runs())
+
+
+def test_draft_choices_put_compatible_first_and_say_why_not(tiny, tmp_path: Path) -> None:
+    from app.tui.choices import draft_choices, model_choices
+
+    for path in (tiny.main, tiny.draft, tiny.foreign):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    entries = find_models([tmp_path])
+    choices = draft_choices(tmp_path / "main.gguf", read_gguf_info(tiny.main), entries)
+    assert [c.value for c in choices[:3]] == ["none", "lookup", str(tmp_path / "draft.gguf")]
+    rest = {Path(c.value).name: c for c in choices[3:]}
+    assert not rest["main.gguf"].enabled and "main model" in rest["main.gguf"].detail
+    assert not rest["foreign.gguf"].enabled and rest["foreign.gguf"].detail.startswith("incompatible: token")
+    assert "not smaller" in choices[2].detail  # the tiny draft is as big as the tiny main
+    listed = model_choices(entries, demo_fetched=False)
+    assert listed[0].value == "" and len(listed) == 4

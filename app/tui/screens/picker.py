@@ -3,7 +3,6 @@ Used for the main model, the draft and reopening a saved conversation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 from rich.text import Text
@@ -14,13 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
 
-
-@dataclass(frozen=True)
-class Choice:
-    value: str
-    label: str
-    detail: str = ""
-    enabled: bool = True  # a disabled choice is listed with the reason it cannot be picked
+from app.tui.choices import Choice
 
 
 class PickerScreen(ModalScreen[str | None]):

@@ -33,12 +33,13 @@ class LiveReply(Widget):
     re-laying-out the whole screen (Textual's Markdown widget re-lays-out on every append, which
     took CPU from the engine: see bench/tui_bench.py)."""
 
-    DEFAULT_CSS = "LiveReply { height: 1; }"
+    # sized before the engine starts, so the first tokens repaint lines instead of re-laying-out the screen
+    DEFAULT_CSS = f"LiveReply {{ height: {HEIGHT_STEP}; }}"
 
     def __init__(self) -> None:
         super().__init__()
         self._strips: list[Strip] = []
-        self._height = 1
+        self._height = HEIGHT_STEP
 
     def show(self, renderable: RenderableType) -> None:
         width = self.size.width or max(20, self.app.size.width - 20)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one-file executable on its own: copied into an empty directory and run with a bare
+# environment (no venv, no project on PYTHONPATH, a temporary HOME), as a user would run it.
+#   packaging/smoke_test.sh [dist/tandem]
+set -euo pipefail
+BINARY="$(realpath "${1:-dist/tandem}")"
+WORK="$(mktemp -d)"
+trap 'tmux kill-session -t tandem-smoke 2>/dev/null || true; rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/home" "$WORK/run"
+cp "$BINARY" "$WORK/run/tandem"
+cd "$WORK/run"
+bare() { env -i HOME="$WORK/home" PATH=/usr/bin:/bin TERM=xterm-256color LANG=C.UTF-8 "$@"; }
+fail() { echo "smoke test FAILED: $*" >&2; exit 1; }
+
+echo "== size: $(du -m tandem | cut -f1) MiB"
+bare ./tandem --version | grep -q "^tandem " || fail "--version"
+
+echo "== --prompt --json on the demo pair (fetched into the empty HOME)"
+bare ./tandem --prompt "Write a quicksort algorithm in Python. Write code only." --temp 0 -n 48 -t 2 --json > reply.json 2> stderr.txt \
+    || { cat stderr.txt; fail "--prompt exited non-zero"; }
+python3 - reply.json <<'PY' || fail "the JSON reply is not what it should be"
+import json, sys
+reply = json.load(open(sys.argv[1]))
+stats = reply["stats"]
+assert reply["text"].strip() and reply["tokens"], reply
+assert reply["draft_path"] and stats["draft_model"], stats
+assert stats["total_draft_tokens_count"] == stats["accepted_draft_tokens_count"] + stats["rejected_draft_tokens_count"] + stats["ignored_draft_tokens_count"]
+print(f"   {stats['predicted_tokens_count']} tokens at {stats['tokens_per_second']:.1f} tok/s, draft {stats['draft_model']}, "
+      f"{stats['accepted_draft_tokens_count']}/{stats['total_draft_tokens_count']} drafted tokens accepted")
+PY
+
+echo "== a bad input: one line, exit 1, no traceback"
+set +e
+bare ./tandem --model missing.gguf --prompt hi > out.txt 2> err.txt
+code=$?
+set -e
+[ "$code" = 1 ] || fail "a missing model exited $code"
+grep -q "model file not found" err.txt || fail "no clear message: $(cat err.txt)"
+! grep -q Traceback err.txt || fail "a traceback"
+
+if command -v tmux > /dev/null; then
+    echo "== the chat app in a terminal (tmux)"
+    tmux new-session -d -s tandem-smoke -x 140 -y 40 "env -i HOME=$WORK/home PATH=/usr/bin:/bin TERM=xterm-256color LANG=C.UTF-8 ./tandem -t 2; echo exit=\$? > $WORK/tui-exit; sleep 30"
+    for _ in $(seq 60); do tmux capture-pane -p -t tandem-smoke | grep -qE "ctx 0/[1-9]" && break; sleep 0.5; done
+    tmux send-keys -t tandem-smoke "Say hello" Enter
+    for _ in $(seq 60); do tmux capture-pane -p -t tandem-smoke | grep -q "tokens · " && break; sleep 0.5; done
+    tmux capture-pane -p -t tandem-smoke | grep -q "tokens · " || { tmux capture-pane -p -t tandem-smoke; fail "no reply in the TUI"; }
+    tmux send-keys -t tandem-smoke C-q
+    for _ in $(seq 20); do [ -f "$WORK/tui-exit" ] && break; sleep 0.5; done
+    grep -q "exit=0" "$WORK/tui-exit" || fail "the TUI did not quit cleanly"
+    ls "$WORK"/home/.local/share/tandem/history/*.jsonl > /dev/null || fail "no conversation saved"
+else
+    echo "== tmux not installed: TUI check skipped"
+fi
+echo "smoke test passed"
