@@ -359,7 +359,7 @@ class TandemApp(App[None]):
 
         info = StatusInfo()
         if self.engine is not None and self.spec is not None:
-            info.main = self.engine.main.name
+            info.main = f"{self.engine.main.name} {self.engine.main.info.quantization}"
             info.draft = describe_draft(self.spec.draft) if self.spec.draft != NO_DRAFT else "none"
             info.ctx_size = self.engine.n_ctx
             info.ctx_used = self.engine.main_ctx.n_evaluated

@@ -38,10 +38,13 @@ def format_round(number: int, event: RoundEvent, piece: Callable[[int], bytes]) 
         else:  # after the first rejection: discarded unseen
             line.append(label, "dim red strike")
         line.append(" ")
-    bonus = event.n_accepted == n_drafted
     line.append("→ ", "dim")
-    line.append(token_label(piece(event.main_token)), "black on cyan" if bonus else "black on yellow")
-    line.append(" bonus" if bonus else " correction", "dim")
+    if not n_drafted:  # nothing drafted: the main model's token is plain decoding, neither bonus nor fix
+        line.append(token_label(piece(event.main_token)), "bold")
+    else:
+        bonus = event.n_accepted == n_drafted
+        line.append(token_label(piece(event.main_token)), "black on cyan" if bonus else "black on yellow")
+        line.append(" bonus" if bonus else " correction", "dim")
     if event.n_ignored:
         line.append(f"  {event.n_ignored} ignored", "magenta")
     if event.decision:
