@@ -5,7 +5,7 @@ With llama.cpp's own tools present (built by ../shared/tools/build-llama-anchor.
 ratios to them. This is a benchmark, not a test: numbers on a shared 2-core machine are noisy,
 which is why every figure is a median of interleaved runs and every claim is a ratio within one run.
 
-    python bench/bench.py [--runs 3] [--max-tokens 256] [--modes plain,k2,k4,k8] [--anchor-dir DIR]
+    python bench/bench.py [--runs 3] [--max-tokens 256] [--modes plain,k2,k4,k8] [--anchor-dir DIR|none]
 """
 
 from __future__ import annotations
@@ -64,7 +64,11 @@ def run_once(engine: SpeculativeEngine, prompt: list[int], config: GenerationCon
 
 
 def anchor_dir(explicit: str | None) -> Path | None:
+    if explicit == "none":  # skip llama.cpp's own tools
+        return None
     if explicit:
+        if not (Path(explicit) / "llama-speculative-simple").exists():
+            raise SystemExit(f"no llama-speculative-simple in {explicit} (build it with ../shared/tools/build-llama-anchor.sh)")
         return Path(explicit)
     import llama_cpp
 
