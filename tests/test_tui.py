@@ -59,6 +59,12 @@ async def until(pilot, predicate, timeout: float = 30.0) -> None:
         await pilot.pause(0.02)
 
 
+def picker_options(app: TandemApp) -> dict:
+    """The open picker's options by id (a model's path, "none", "lookup")."""
+    options = app.screen.query_one("OptionList")
+    return {options.get_option_at_index(i).id: options.get_option_at_index(i) for i in range(options.option_count)}
+
+
 async def send(pilot, app: TandemApp, text: str) -> None:
     await pilot.press(*text, "enter")
     await until(pilot, lambda: app.last_finished is not None and app.generation is None)
@@ -149,8 +155,7 @@ async def test_model_and_draft_pickers_by_keyboard(home: Path) -> None:
         await until(pilot, lambda: app.engine is not None)
         await pilot.press("f2")
         await until(pilot, lambda: isinstance(app.screen, PickerScreen))
-        labels = [str(app.screen.query_one("OptionList").get_option_at_index(i).prompt)
-                  for i in range(app.screen.query_one("OptionList").option_count)]  # fmt: skip
+        labels = [str(option.prompt) for option in picker_options(app).values()]
         assert any("broken.gguf" in label and "truncated" in label for label in labels)
         await pilot.press(*"twin", "enter")
         await until(pilot, lambda: app.spec is not None and app.spec.main.name == "twin.gguf" and not app.loading)
@@ -158,8 +163,7 @@ async def test_model_and_draft_pickers_by_keyboard(home: Path) -> None:
 
         await pilot.press("f3")
         await until(pilot, lambda: isinstance(app.screen, PickerScreen))
-        options = app.screen.query_one("OptionList")
-        texts = {options.get_option_at_index(i).id: options.get_option_at_index(i) for i in range(options.option_count)}
+        texts = picker_options(app)
         foreign = texts[str(home / "models" / "foreign.gguf")]
         assert foreign.disabled and "incompatible" in str(foreign.prompt)
         assert not texts[str(home / "models" / "draft.gguf")].disabled
