@@ -22,7 +22,7 @@ MAX_TOKENS = 128
 
 
 def run_benchmark(config: Config, out: TextIO) -> int:
-    from app.cli import engine_spec, generation_config
+    from app.cli import engine_spec
     from app.engine.chat import ChatSession
     from app.engine.events import Finished
     from app.engine.loading import describe_draft, load_engine
@@ -46,7 +46,7 @@ def run_benchmark(config: Config, out: TextIO) -> int:
         for _ in range(RUNS):
             for mode, mode_settings in modes.items():
                 session = ChatSession(engine, system=settings.system or None)
-                finished = next(e for e in session.send(prompt, generation_config(mode_settings)) if isinstance(e, Finished))
+                finished = next(e for e in session.send(prompt, mode_settings.generation_config()) if isinstance(e, Finished))
                 speeds[mode].append(finished.stats.tokens_per_second)
                 accepted[mode].append(finished.stats.acceptance_rate)
                 if reference is None:

@@ -231,29 +231,6 @@ def engine_spec(config):  # -> EngineSpec; the demo pair unless a main model is 
                       ctx_size=s.ctx_size, threads=s.threads)  # fmt: skip
 
 
-def generation_config(settings, stop: Sequence[str] = ()):  # -> GenerationConfig
-    from app.engine.sampling import SamplerSettings
-    from app.engine.speculative import GenerationConfig
-
-    sampler = SamplerSettings(
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        min_p=settings.min_p,
-        repeat_penalty=settings.repeat_penalty,
-        seed=None if settings.seed < 0 else settings.seed,
-    )
-    return GenerationConfig(
-        max_tokens=settings.max_tokens,
-        draft_max=settings.draft_max,
-        draft_min=settings.draft_min,
-        draft_p_min=settings.draft_p_min,
-        stop=tuple(stop),
-        sampler=sampler,
-        adaptive=settings.adaptive,
-    )
-
-
 def run_headless(args: argparse.Namespace) -> int:
     from app.engine.chat import ChatSession, tokenize_prompt
     from app.engine.events import Finished
@@ -262,7 +239,7 @@ def run_headless(args: argparse.Namespace) -> int:
     prompt_text = read_prompt(args)
     launch = launch_config(args)
     engine = load_engine(engine_spec(launch))
-    config = generation_config(launch.settings, args.stop)
+    config = launch.settings.generation_config(tuple(args.stop))
     if args.raw:
         events = engine.generate(tokenize_prompt(engine.main, prompt_text), config)
     else:

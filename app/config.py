@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import platformdirs
 
 from app.engine.errors import TandemError
+from app.engine.sampling import SamplerSettings
+from app.engine.speculative import GenerationConfig
 
 
 class ConfigError(TandemError):
@@ -86,6 +88,18 @@ class Settings:
         setattr(self, name, value)
         if self.draft_min > self.draft_max:
             raise ConfigError(f"draft_min ({self.draft_min}) is larger than draft_max ({self.draft_max})")
+
+
+    def generation_config(self, stop: tuple[str, ...] = ()) -> GenerationConfig:
+        """What the engine needs for one reply (the CLI, the chat app and --benchmark all use this)."""
+        sampler = SamplerSettings(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty, seed=None if self.seed < 0 else self.seed,
+        )  # fmt: skip
+        return GenerationConfig(
+            max_tokens=self.max_tokens, draft_max=self.draft_max, draft_min=self.draft_min,
+            draft_p_min=self.draft_p_min, stop=stop, sampler=sampler, adaptive=self.adaptive,
+        )  # fmt: skip
 
 
 @dataclass

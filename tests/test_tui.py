@@ -118,7 +118,7 @@ async def test_escape_cancels_and_keeps_the_partial_reply(home: Path, monkeypatc
 
 
 async def test_debug_pane_shows_drafted_and_accepted_tokens(home: Path) -> None:
-    app = make_app(home)
+    app = make_app(home, adaptive=False)  # a fixed draft length: the adaptive choice depends on timings
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.engine is not None)
         await send(pilot, app, "hello world")
@@ -135,7 +135,7 @@ async def test_debug_pane_shows_drafted_and_accepted_tokens(home: Path) -> None:
 
 
 async def test_accepted_token_view_toggles(home: Path) -> None:
-    app = make_app(home, draft_max=4)
+    app = make_app(home, draft_max=4, adaptive=False)  # always draft: the test needs accepted tokens
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.engine is not None)
         await send(pilot, app, "the cat")

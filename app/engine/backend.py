@@ -7,6 +7,7 @@ logits as a numpy view over llama.cpp's own buffer (no copy), and cut the KV cac
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -245,19 +246,26 @@ class Context:
 _GPU_DEVICE_TYPES = (1, 2)  # ggml_backend_dev_type: GPU and integrated GPU (0 is CPU, 3 accelerators)
 
 
+@functools.cache
+def _ggml_library() -> ctypes.CDLL:
+    """libggml, already loaded by libllama: its device API is not wrapped by llama-cpp-python."""
+    lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
+    names = {"win32": "ggml.dll", "darwin": "libggml.dylib"}
+    ggml = ctypes.CDLL(str(lib_dir / names.get(sys.platform, "libggml.so")))
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    return ggml
+
+
 def gpu_memory() -> tuple[int, int] | None:
     """(used, total) bytes summed over GPU devices; None on a CPU-only build or when ggml won't say."""
     if not supports_gpu_offload():
         return None
     try:
-        lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
-        names = {"win32": "ggml.dll", "darwin": "libggml.dylib"}
-        ggml = ctypes.CDLL(str(lib_dir / names.get(sys.platform, "libggml.so")))
-        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-        ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-        ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-        ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        ggml = _ggml_library()
         used = total = 0
         for i in range(ggml.ggml_backend_dev_count()):
             device = ggml.ggml_backend_dev_get(i)

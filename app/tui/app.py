@@ -3,6 +3,7 @@ never learns a UI exists (tests/test_architecture.py holds both sides to that)."
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -23,8 +24,7 @@ from app.engine.errors import TandemError
 from app.engine.events import Finished, RoundEvent
 from app.engine.gguf_info import read_gguf_info
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
-from app.engine.sampling import SamplerSettings
-from app.engine.speculative import CANCELLED, GenerationConfig, SpeculativeEngine
+from app.engine.speculative import CANCELLED, SpeculativeEngine
 from app.engine.transcript import ReplyTranscript
 from app.history import ConversationLog, HistoryStore, read_conversation
 from app.tui.choices import DEMO, Choice, draft_choices, model_choices
@@ -55,9 +55,9 @@ def key_label(key: str) -> str:
 
 
 def prefer_engine_thread() -> None:
-    """The engine thread drops the GIL inside every llama.cpp call and must get it back at once
-    when the call returns; Python's default 5 ms switch interval would let a busy UI thread hold it
-    that long on every draft token. 0.5 ms keeps the engine's waits short (measured in bench/tui_bench.py)."""
+    """The engine thread drops the GIL inside every llama.cpp call and needs it back when the call
+    returns; with Python's default 5 ms switch interval a busy UI thread could hold it that long on
+    every draft token. 0.5 ms bounds that wait (in bench/tui_bench.py the difference was within noise)."""
     sys.setswitchinterval(0.0005)
 
 
@@ -94,8 +94,6 @@ class TandemApp(App[None]):
         self.loading = False
         self.history = HistoryStore(options.history_dir)
         self.log_file: ConversationLog = self.history.new_log()
-        self.cancelled_replies: set[int] = set()
-        self.last_stats: StatusInfo = StatusInfo()
         self.pending: list = []  # events drained but not yet shown (repaints are paced)
         self.pacer = RefreshPacer(BUDGET_SHARED)
         self.last_finished: Finished | None = None  # the last reply's engine stats (read by the benchmark)
@@ -173,7 +171,7 @@ class TandemApp(App[None]):
         def progress(what: str, fraction: float) -> None:
             if fraction - last[0] >= 0.02 or fraction >= 1.0:  # a few dozen UI updates per load, not thousands
                 last[0] = fraction
-                self.call_from_thread(self._show_loading, what, fraction)
+                self._from_thread(self._show_loading, what, fraction)
 
         try:
             main_path = main
@@ -194,11 +192,16 @@ class TandemApp(App[None]):
             )
             engine = load_engine(spec, progress)
         except TandemError as exc:
-            self.call_from_thread(self._load_failed, str(exc))
+            self._from_thread(self._load_failed, str(exc))
         except Exception as exc:  # never a traceback: the previous models stay loaded
-            self.call_from_thread(self._load_failed, f"{type(exc).__name__}: {exc}")
+            self._from_thread(self._load_failed, f"{type(exc).__name__}: {exc}")
         else:
-            self.call_from_thread(self._loaded, main, engine, spec)
+            self._from_thread(self._loaded, main, engine, spec)
+
+    def _from_thread(self, callback, *args, **kwargs) -> None:
+        """Hand a worker thread's result to the UI; dropped quietly if the app has already quit."""
+        with contextlib.suppress(RuntimeError):  # the app stopped while the worker ran (quit mid-load)
+            self.call_from_thread(callback, *args, **kwargs)
 
     def _show_loading(self, what: str, fraction: float) -> None:
         self.loading_row.display = True
@@ -236,17 +239,6 @@ class TandemApp(App[None]):
             self.notify(str(exc), severity="warning")
 
     # ---- chatting -------------------------------------------------------------------------
-    def generation_config(self) -> GenerationConfig:
-        s = self.config.settings
-        sampler = SamplerSettings(
-            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-            repeat_penalty=s.repeat_penalty, seed=None if s.seed < 0 else s.seed,
-        )  # fmt: skip
-        return GenerationConfig(
-            max_tokens=s.max_tokens, draft_max=s.draft_max, draft_min=s.draft_min,
-            draft_p_min=s.draft_p_min, sampler=sampler, adaptive=s.adaptive,
-        )  # fmt: skip
-
     async def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id != "prompt":
             return
@@ -269,12 +261,13 @@ class TandemApp(App[None]):
         chat.scroll_end(animate=False)
         self.live = LiveStats()
         self.debug_pane.note(f"── reply {len(self.session.messages) // 2 + 1}: {text[:60]}")
-        self.generation = Generation(self.session, text, self.generation_config(), self.log_file)
+        self.generation = Generation(self.session, text, self.config.settings.generation_config(), self.log_file)
         self.refresh_status()
         self.prompt_box.cursor_blink = False  # a blink is a repaint: none while the engine needs the CPU
         # paint the new messages first: that layout pass would otherwise compete with the first rounds
         self.pending = []
-        self.pacer = RefreshPacer(ui_budget(self.config.settings.threads))
+        self.pacer.budget = ui_budget(self.config.settings.threads)
+        self.pacer.restart()
         self.call_after_refresh(self.generation.start)
 
     async def pump(self) -> None:
@@ -314,8 +307,6 @@ class TandemApp(App[None]):
             note += f" · {stats.acceptance_rate:.0%} accepted"
         await self.reply.finish(finished.text, note, cancelled)
         self.debug_pane.note(stats.summary(), "bold cyan")
-        self.last_stats = self._status_info()
-        self.last_stats.tokens_per_second = stats.tokens_per_second
         self.generation = None
         self.prompt_box.cursor_blink = True
         self.last_finished = finished
@@ -373,15 +364,16 @@ class TandemApp(App[None]):
             info.draft_length = self.live.last_k if self.live.rounds else None
         elif self.engine is None:
             info.state = "no model"
+        elif self.last_finished is not None:  # between replies the last reply's figures stay up
+            stats = self.last_finished.stats
+            info.tokens_per_second = stats.tokens_per_second
+            sent = stats.accepted_draft_tokens_count + stats.rejected_draft_tokens_count
+            info.acceptance = stats.acceptance_rate if sent else None
+            info.draft_length = self.live.last_k if self.live.rounds else None
         return info
 
     def refresh_status(self) -> None:
-        info = self._status_info()
-        if self.generation is None and self.engine is not None and not self.loading and self.last_stats.tokens_per_second:
-            info.tokens_per_second = self.last_stats.tokens_per_second  # the last reply's figure stays up
-            info.acceptance = self.live.acceptance if self.live.sent else None
-            info.draft_length = self.live.last_k if self.live.rounds else None
-        self.status_bar.show(info)
+        self.status_bar.show(self._status_info())
 
     # ---- views ----------------------------------------------------------------------------
     def action_toggle_debug(self) -> None:
@@ -425,11 +417,11 @@ class TandemApp(App[None]):
         try:
             choices = model_choices(self._scan(), demo_fetched=demo_paths()[0].exists())
         except Exception as exc:  # a scan must never kill the app: say what failed
-            self.call_from_thread(self.notify, f"could not list models: {exc}", severity="error")
+            self._from_thread(self.notify, f"could not list models: {exc}", severity="error")
             return
         current = str(self.spec.main) if self.spec else None
         hint = "no GGUF files found: put models in ./models or add a folder with --models-dir"
-        self.call_from_thread(self.push_screen, PickerScreen("Main model", choices, current, hint), self._model_chosen)
+        self._from_thread(self.push_screen, PickerScreen("Main model", choices, current, hint), self._model_chosen)
 
     def _model_chosen(self, choice: str | None) -> None:
         if choice is None:
@@ -447,10 +439,10 @@ class TandemApp(App[None]):
             main_info = read_gguf_info(spec.main)
             choices = draft_choices(spec.main, main_info, self._scan())
         except Exception as exc:  # TandemError for a vanished file, OSError for a folder gone mid-scan
-            self.call_from_thread(self.notify, f"could not list drafts: {exc}", severity="error")
+            self._from_thread(self.notify, f"could not list drafts: {exc}", severity="error")
             return
         screen = PickerScreen(f"Draft for {main_info.name}", choices, spec.draft)
-        self.call_from_thread(self.push_screen, screen, self._draft_chosen)
+        self._from_thread(self.push_screen, screen, self._draft_chosen)
 
     def _draft_chosen(self, choice: str | None) -> None:
         if choice is None or self.spec is None:
