@@ -195,6 +195,7 @@ def launch_config(args: argparse.Namespace):  # -> app.config.Config
     for dest, name in SETTING_FLAGS.items():
         if dest in args.explicit:
             config.settings.set(name, _flag_value(args, dest))
+    config.settings.check()  # a typed --draft-min may contradict the file's draft_max
     if args.model:
         config.main = str(Path(args.model).expanduser().absolute())
     if args.no_draft:

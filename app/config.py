@@ -86,6 +86,9 @@ class Settings:
             bounds = f"at least {low}" if high is None else f"between {low} and {high}"
             raise ConfigError(f"setting '{name}' must be {bounds}, got {value}")
         setattr(self, name, value)
+
+    def check(self) -> None:
+        """Rules between settings, checked once all are set (a file or form may set them in any order)."""
         if self.draft_min > self.draft_max:
             raise ConfigError(f"draft_min ({self.draft_min}) is larger than draft_max ({self.draft_max})")
 
@@ -138,11 +141,12 @@ def load_config(path: Path) -> Config:
     if not isinstance(dirs, list):
         raise ConfigError(f"{path}: [models] dirs must be a list of folders")
     config.dirs = [str(d) for d in dirs]
-    for name, value in _table(data, "settings", path).items():
-        try:
+    try:
+        for name, value in _table(data, "settings", path).items():
             config.settings.set(name, value)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+        config.settings.check()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     config.default_drafts = {str(k): str(v) for k, v in _table(data, "default_drafts", path).items()}
     return config
 

@@ -159,12 +159,16 @@ def test_save_config_then_launch_from_it(tiny, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("[settings]\ntemperature = -2\n", "temperature"), ("not toml [", "not valid TOML")],
+    [
+        ("[settings]\ntemperature = -2\n", "temperature"),
+        ("not toml [", "not valid TOML"),
+        ("[settings]\ndraft_max = 4\n", "draft_min (6) is larger than draft_max (4)"),  # with the typed --draft-min 6
+    ],
 )
 def test_a_broken_config_is_one_clear_error(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(content)
-    result = tandem("--config", str(path), "--prompt", "hi")
+    result = tandem("--config", str(path), "--prompt", "hi", "--draft-min", "6")
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 

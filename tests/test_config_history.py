@@ -49,6 +49,13 @@ def test_config_errors_name_the_problem(tmp_path: Path, text: str, message: str)
     assert message in str(info.value) and str(path) in str(info.value)
 
 
+def test_settings_may_come_in_any_order(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[settings]\ndraft_min = 9\ndraft_max = 12\n")  # draft_min above the default draft_max, until the next line
+    settings = load_config(path).settings
+    assert (settings.draft_min, settings.draft_max) == (9, 12)
+
+
 def test_missing_config_gives_defaults(tmp_path: Path) -> None:
     assert load_config(tmp_path / "nope.toml") == Config()
     assert "[settings]" in dump_config(Config()) and Settings().draft_max == 8

@@ -21,7 +21,7 @@ from app.config import Config, ConfigError, Settings, load_config, save_config
 from app.engine.catalog import ModelEntry, default_search_dirs, find_models
 from app.engine.chat import ChatSession, Message
 from app.engine.errors import TandemError
-from app.engine.events import Finished, RoundEvent
+from app.engine.events import Event, Finished, RoundEvent
 from app.engine.gguf_info import read_gguf_info
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
 from app.engine.speculative import CANCELLED, SpeculativeEngine
@@ -94,7 +94,7 @@ class TandemApp(App[None]):
         self.loading = False
         self.history = HistoryStore(options.history_dir)
         self.log_file: ConversationLog = self.history.new_log()
-        self.pending: list = []  # events drained but not yet shown (repaints are paced)
+        self.pending: list[Event | Failed] = []  # drained but not yet shown (repaints are paced)
         self.pacer = RefreshPacer(BUDGET_SHARED)
         self.last_finished: Finished | None = None  # the last reply's engine stats (read by the benchmark)
 
@@ -123,8 +123,14 @@ class TandemApp(App[None]):
             self.config = load_config(self.options.config_path)
         except ConfigError as exc:
             self.notify(f"{exc}. Using the defaults; saving settings will replace the file.", severity="warning", timeout=10)
-        for name, value in self.options.settings.items():
-            self.config.settings.set(name, value)
+        try:
+            for name, value in self.options.settings.items():  # the flags typed on the command line
+                self.config.settings.set(name, value)
+            self.config.settings.check()
+        except ConfigError as exc:  # e.g. a typed --draft-min above the saved draft_max
+            self.config = Config(main=self.config.main, draft=self.config.draft, dirs=self.config.dirs,
+                                 default_drafts=self.config.default_drafts)  # fmt: skip
+            self.notify(f"{exc}; using the default settings", severity="warning", timeout=10)
         self.config.dirs = [*self.options.dirs, *[d for d in self.config.dirs if d not in self.options.dirs]]
         main = self.options.main if self.options.main is not None else self.config.main
         draft = self.options.draft if self.options.draft is not None else self.config.draft
@@ -264,10 +270,10 @@ class TandemApp(App[None]):
         self.generation = Generation(self.session, text, self.config.settings.generation_config(), self.log_file)
         self.refresh_status()
         self.prompt_box.cursor_blink = False  # a blink is a repaint: none while the engine needs the CPU
-        # paint the new messages first: that layout pass would otherwise compete with the first rounds
         self.pending = []
         self.pacer.budget = ui_budget(self.config.settings.threads)
         self.pacer.restart()
+        # paint the new messages first: that layout pass would otherwise compete with the first rounds
         self.call_after_refresh(self.generation.start)
 
     async def pump(self) -> None:
@@ -310,7 +316,6 @@ class TandemApp(App[None]):
         self.generation = None
         self.prompt_box.cursor_blink = True
         self.last_finished = finished
-        self.chat_log.follow()
 
     async def _failed(self, failed: Failed) -> None:
         assert self.generation is not None and self.reply is not None

@@ -64,6 +64,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
         for name, _ in FIELDS:
             widget = self.query_one(f"#set-{name}")
             updated.set(name, widget.value)
+        updated.check()
         return updated
 
     def action_save(self) -> None:
