@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -86,6 +89,43 @@ def test_kv_rollback_gives_the_same_logits_as_a_fresh_context(models) -> None:
     fresh = Context(main, 256, 2)
     fresh.decode([*prefix, 270, 271])
     np.testing.assert_allclose(rolled.logits()[-1], fresh.logits()[-1], rtol=1e-4, atol=1e-4)
+
+
+# Run in a child process: the llama.cpp bug this guards against is a segfault, which would end the test run.
+QUANTIZED_BATCH_CHECK = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import gguf, numpy as np
+    from app.engine.backend import Context, Model, batch_invariant_build
+    from tests import tiny_models
+    weights = tiny_models.random_weights(seed=5, n_vocab=tiny_models.n_vocab(), n_embd=128, n_ff=256)
+    path = tiny_models.write_model(Path(sys.argv[1]), weights, quant=gguf.GGMLQuantizationType.Q4_1)
+    model = Model(path)
+    tokens = list(range(260, 280))
+    batched = Context(model, 256, 2)
+    batched.decode(tokens, all_logits=True)
+    rows = batched.logits().copy()
+    single = Context(model, 256, 2)
+    for i, token in enumerate(tokens):
+        single.decode([token])
+        if batch_invariant_build():
+            assert np.array_equal(single.logits()[-1], rows[i]), i
+        else:
+            np.testing.assert_allclose(single.logits()[-1], rows[i], rtol=1e-2, atol=1e-2)
+    print("ok")
+    """
+)
+
+
+def test_quantized_model_batches_agree_with_single_tokens(tmp_path: Path) -> None:
+    """A Q4_1 model (the demo draft's type) decoded as one batch and token by token. On AMX CPUs
+    llama.cpp's AMX kernels crash on such batches unless Tandem keeps weights out of them."""
+    child = subprocess.run(
+        [sys.executable, "-c", QUANTIZED_BATCH_CHECK, str(tmp_path / "q4_1.gguf")],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr[-2000:]
 
 
 def test_max_tokens_inside_an_accepted_draft_is_exact(models) -> None:

@@ -69,7 +69,9 @@ def write_model(
     n_ctx: int = 1024,
     name: str = "tiny",
     eos_id: int = 2,
+    quant: gguf.GGMLQuantizationType | None = None,
 ) -> Path:
+    """Write a llama-architecture GGUF; `quant` stores the matrices quantized (norms stay F32)."""
     tokens, scores, types = vocabulary(words)
     n_vocab, n_embd = weights["token_embd.weight"].shape
     assert n_vocab == len(tokens), (n_vocab, len(tokens))
@@ -97,7 +99,10 @@ def write_model(
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHATML)
     for key, value in weights.items():
-        writer.add_tensor(key, value)
+        if quant is not None and value.ndim == 2:
+            writer.add_tensor(key, gguf.quants.quantize(value, quant), raw_dtype=quant)
+        else:
+            writer.add_tensor(key, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -62,6 +62,22 @@ def batch_invariant_build() -> bool:
     return b"LLAMAFILE = 1" not in llama_cpp.llama_print_system_info()
 
 
+@functools.cache
+def cpu_extra_buffers_allowed() -> bool:
+    """Whether llama.cpp may put weights in the CPU's "extra" buffer types (AMX, repacked layouts).
+
+    On CPUs with AMX (Xeon Sapphire Rapids and later) llama.cpp's AMX kernels crash or compute garbage
+    on Q4_0/Q4_1 weights in batches of 2+ tokens (ggml-org/llama.cpp#20824, #16315): the demo draft is
+    Q4_1. There we keep weights in plain buffers, which costs the repacked Q4_0 kernels but nothing else.
+    TANDEM_CPU_EXTRA_BUFFERS=1 or 0 overrides the choice.
+    """
+    forced = os.environ.get("TANDEM_CPU_EXTRA_BUFFERS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    init_backend()
+    return b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
+
+
 def supports_gpu_offload() -> bool:
     init_backend()
     return bool(llama_cpp.llama_supports_gpu_offload())
@@ -77,6 +93,7 @@ class Model:
         self._check_memory(n_gpu_layers)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
+        params.use_extra_bufts = cpu_extra_buffers_allowed()
         if progress is not None:  # the callback object must outlive the load: ctypes does not keep it
             callback = llama_cpp.llama_progress_callback(lambda fraction, _user: progress(fraction) or True)
             params.progress_callback = callback
