@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.engine.backend import Model  # noqa: E402
+from app.engine.backend import Model, amx_cpu  # noqa: E402
 from app.engine.chat import Message, format_chat, tokenize_prompt  # noqa: E402
 from app.engine.demo import ensure_demo_pair  # noqa: E402
 from app.engine.events import Finished  # noqa: E402
@@ -82,6 +82,8 @@ def run_speculative_simple(bin_dir: Path, main: Path, draft: Path, prompt_text: 
         "-p", prompt_text, "-n", str(args.max_tokens), "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0",
         "--spec-draft-p-min", "0", "-t", str(args.threads), "-td", str(args.threads), "--temp", "0", "-c", "4096",
     ]
+    if amx_cpu():  # llama.cpp's AMX kernels crash on a Q4_1 draft's batches (see backend.cpu_extra_buffers_allowed)
+        cmd.append("--no-repack")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     m = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", out.stdout + out.stderr)
     if not m:

@@ -52,6 +52,28 @@ def test_recovers_after_a_probe_when_acceptance_returns() -> None:
     assert ctl.decide({"model": 8}).k >= 4
 
 
+def test_draft_cost_is_per_evaluation_so_short_drafts_do_not_make_long_ones_look_dear() -> None:
+    # measured on k = 1 rounds only: each costs two draft evaluations (the accepted draft, then the
+    # main model's token). Priced per drafted token that reads as 0.7 x a main token, and no length
+    # pays; priced per evaluation (0.35 x), k + a^k of them, longer drafts clearly do.
+    ctl = DraftController(draft_min=0, draft_max=8)
+    ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)
+    ctl.sources["model"] = SourceState()
+    for _ in range(10):
+        ctl.record(Decision("model", 1, "test"), 1, 1, 2 * 0.35 * ONE, ONE * 1.3, draft_work=2)
+    decision = ctl.decide({"model": 8})
+    assert decision.source == "model" and decision.k >= 3
+    assert ctl.expected_rate("model", 6) > 1.2 * ctl.expected_rate("none", 0)
+
+
+def test_one_rejection_does_not_drop_a_draft_model_that_is_usually_right() -> None:
+    ctl = DraftController(draft_min=0, draft_max=8)
+    feed(ctl, "model", 4, 4, draft_cost=0.002, rounds=20, slope=0.3)
+    ctl.record(Decision("model", 4, "test"), 4, 0, 0.008, ONE * 2.2)  # rejected at its first token
+    assert ctl.sources["model"].acceptance > 0.85
+    assert ctl.decide({"model": 8}).source == "model"
+
+
 def test_free_lookup_draft_beats_a_costly_model_draft_when_it_matches() -> None:
     ctl = DraftController(draft_min=0, draft_max=8)
     feed(ctl, "model", 4, 3, draft_cost=0.004, rounds=10)

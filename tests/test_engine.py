@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.engine.backend import Context, Model
+from app.engine.backend import Context, Model, SingleTokenContext
 from app.engine.chat import ChatSession, Message
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError
 from app.engine.events import Finished, RoundEvent
@@ -89,6 +89,24 @@ def test_kv_rollback_gives_the_same_logits_as_a_fresh_context(models) -> None:
     fresh = Context(main, 256, 2)
     fresh.decode([*prefix, 270, 271])
     np.testing.assert_allclose(rolled.logits()[-1], fresh.logits()[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_single_token_context_evaluates_a_batch_like_plain_decoding(models) -> None:
+    """The draft's context on AMX CPUs: a batch goes through one token at a time, same cache, same logits."""
+    main = models["main"]
+    tokens = main.tokenize("the cat sat on the mat and ran")
+    single = SingleTokenContext(main, 256, 2)
+    single.decode(tokens)
+    stepwise = Context(main, 256, 2)
+    for token in tokens:
+        stepwise.decode([token])
+    assert single.tokens == tokens and single.n_evaluated == len(tokens)
+    assert np.array_equal(single.logits()[-1], stepwise.logits()[-1])
+    single.truncate(3)
+    assert single.sync(tokens) == len(tokens) - 3
+    np.testing.assert_allclose(single.logits()[-1], stepwise.logits()[-1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        single.decode(tokens[:2], all_logits=True)
 
 
 # Run in a child process: the llama.cpp bug this guards against is a segfault, which would end the test run.

@@ -2,10 +2,12 @@
 
 Model (per draft source): each drafted token is accepted with probability a, given the ones
 before it were, so k drafts yield a(1 - a^k)/(1 - a) accepted tokens plus the main model's own.
-A round costs k * draft_cost + verify(k + 1). Verifying is not free on a CPU (on this machine 9
-tokens cost 2.3x to 4.2x one token, depending on the build), so verify time is measured per batch
-size and fitted with a line. Plain decoding (k = 0) is always a candidate: when nothing beats it the
-controller drafts nothing, and probes again every few rounds so it notices when acceptance returns.
+A round costs draft(k) + verify(k + 1). Verifying is not free on a CPU (on this machine 9 tokens
+cost 2.3x to 4.2x one token, depending on the build), so verify time is measured per batch size and
+fitted with a line. A draft model evaluates k + a^k tokens per round: the main model's last token,
+k - 1 drafts, and, when all k were accepted, the last draft too (proposed, never evaluated).
+Plain decoding (k = 0) is always a candidate: when nothing beats it the controller drafts nothing,
+and probes again every few rounds so it notices when acceptance returns.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DECAY = 0.9  # per-round decay of acceptance evidence: about the last 10-20 rounds count
-PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 3.0
+# light: one fully accepted probe of 4 already reads as a = 0.9 (a picked draft is usually a good one)
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 1.5
 MARGIN = 1.05  # drafting must be predicted this much faster than plain: noise in the estimates must not make us slower
 OPTIMISTIC_ACCEPTANCE = 0.98  # a probe is made only if even this acceptance would pay at the measured draft cost...
 PROBE_GAIN = 1.15  # ...by this much: a probe of an idle draft model costs its catch-up, so a marginal one loses
 PRIOR_VERIFY_SLOPE = 0.3  # extra verify cost per extra token, as a fraction of one token, until measured
+FIRST_PROBE = 4  # tokens drafted by the first probe of a source
 PROBE_EVERY = 8  # rounds without a source before it is probed; doubles after each probe that does not win
 MAX_PROBE_INTERVAL = 256
 
@@ -26,7 +30,40 @@ MAX_PROBE_INTERVAL = 256
 # at a quarter of a main-model token: optimistic enough that each source is tried once, early, and then
 # judged on what it really costs.
 PRIOR_DRAFT_COST = {"lookup": 0.0}
+CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up after idling is paid back
+CATCHES_UP = {"model"}  # sources whose fully accepted draft leaves its last token to evaluate next round
 PRIOR_MODEL_COST = 0.25
+
+
+@dataclass
+class CostLine:
+    """Seconds as a line a + b * x, fitted to smoothed measurements per x, refitted only when one
+    arrives (not on each of decide's ~30 evaluations per round). With a single x seen, the line's
+    shape comes from `prior_ratio` = b / a, or runs through the origin when it is None."""
+
+    prior_ratio: float | None = None
+    samples: dict[int, float] = field(default_factory=dict)  # x -> seconds (EMA)
+    a: float | None = None
+    b: float = 0.0
+
+    def add(self, x: int, seconds: float) -> None:
+        old = self.samples.get(x)
+        self.samples[x] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        if len(self.samples) == 1:
+            if self.prior_ratio is None:
+                self.a, self.b = 0.0, seconds / max(x, 1)
+            else:
+                self.a = seconds / (1 + self.prior_ratio * x)
+                self.b = self.a * self.prior_ratio
+            return
+        xs, ys = list(self.samples), list(self.samples.values())
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mean_x) ** 2 for x in xs)
+        self.b = max(sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var, 0.0)
+        self.a = max(mean_y - self.b * mean_x, 0.0)
+
+    def at(self, x: int) -> float | None:
+        return None if self.a is None else max(self.a + self.b * x, 1e-6)
 
 
 @dataclass
@@ -34,9 +71,8 @@ class Evidence:
     accepted: float = 0.0
     rejected: float = 0.0
 
-    @property
-    def acceptance(self) -> float:
-        return (self.accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.accepted + self.rejected + PRIOR_WEIGHT)
+    def acceptance(self, prior: float = PRIOR_ACCEPTANCE) -> float:
+        return (self.accepted + prior * PRIOR_WEIGHT) / (self.accepted + self.rejected + PRIOR_WEIGHT)
 
 
 @dataclass
@@ -45,10 +81,12 @@ class SourceState:
     accepted round of the same source: copying runs in streaks (a lookup that was right keeps being
     right until the text departs from its source), and one blended rate would undersell the streak."""
 
+    overall: Evidence = field(default_factory=Evidence)
     cold: Evidence = field(default_factory=Evidence)
     streak: Evidence = field(default_factory=Evidence)
     in_streak: bool = False
-    draft_cost: float | None = None  # seconds per drafted token (EMA)
+    # seconds per draft-model evaluation (or per proposed lookup token), EMA
+    unit_cost: float | None = None
     rounds_since_used: int = PROBE_EVERY  # an untried source is probed at once, while probing is cheap
     # a probe is dear for a draft model that sat idle: its context first catches up on every token it missed
     probe_interval: int = PROBE_EVERY
@@ -59,7 +97,9 @@ class SourceState:
 
     @property
     def acceptance(self) -> float:
-        return self.evidence.acceptance
+        # both estimates start from the source's overall rate, not from the blind prior: a draft model
+        # right 95% of the time must not look like a coin toss on the first round after a rejection
+        return self.evidence.acceptance(prior=self.overall.acceptance())
 
 
 @dataclass(frozen=True)
@@ -74,80 +114,76 @@ class DraftController:
     draft_min: int
     draft_max: int
     sources: dict[str, SourceState] = field(default_factory=dict)
-    verify_times: dict[int, float] = field(default_factory=dict)  # batch size -> seconds (EMA)
-
-    # the fitted verify-cost line: seconds for one token and per extra token; refitted only when
-    # a measurement arrives (record), not on each of decide's ~30 rate evaluations per round
-    _verify_one: float | None = None
-    _verify_slope: float = 0.0
+    # seconds to verify 1 + x tokens; until two batch sizes are seen, extra tokens cost PRIOR_VERIFY_SLOPE each
+    verify_cost: CostLine = field(default_factory=lambda: CostLine(prior_ratio=PRIOR_VERIFY_SLOPE))
 
     def verify_time(self, n: int) -> float | None:
         """Fitted seconds to verify a batch of n tokens (None before any measurement)."""
-        if self._verify_one is None:
-            return None
-        return max(self._verify_one + self._verify_slope * (n - 1), 1e-6)
+        return self.verify_cost.at(n - 1)
 
-    def _refit(self) -> None:
-        points = sorted(self.verify_times.items())
-        if len(points) == 1:  # one batch size seen: assume the prior slope through it
-            (m, t), = points
-            self._verify_one = t / (1 + PRIOR_VERIFY_SLOPE * (m - 1))
-            self._verify_slope = self._verify_one * PRIOR_VERIFY_SLOPE
-            return
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-        var = sum((x - mean_x) ** 2 for x in xs)
-        slope = max(sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var, 0.0)
-        self._verify_slope = slope
-        self._verify_one = mean_y - slope * (mean_x - 1)
-
-    def expected_rate(self, source: str, k: int, acceptance: float | None = None) -> float:
+    def expected_rate(self, source: str, k: int, acceptance: float | None = None, behind: int = 0) -> float:
+        """Predicted tokens per second of a round; `behind`: tokens a draft model must evaluate before it
+        can draft, beyond a round's usual one or two (it sat idle while other sources drafted)."""
         one = self.verify_time(1) or 1.0
         if k == 0:
             return 1.0 / one
         state = self.sources[source]
         a = min(state.acceptance if acceptance is None else acceptance, 0.999)
         accepted = a * (1 - a**k) / (1 - a)
-        prior = PRIOR_DRAFT_COST.get(source, PRIOR_MODEL_COST * one)
-        cost = (state.draft_cost if state.draft_cost is not None else prior) * k
+        unit = state.unit_cost if state.unit_cost is not None else PRIOR_DRAFT_COST.get(source, PRIOR_MODEL_COST * one)
+        cost = unit * (k + a**k if source in CATCHES_UP else k)
+        # the catch-up is paid once, then the model drafts for a while: charge each round its share
+        cost += unit * behind * (accepted + 1.0) / CATCH_UP_HORIZON
         return (accepted + 1.0) / (cost + (self.verify_time(k + 1) or one * (1 + PRIOR_VERIFY_SLOPE * k)))
 
-    def decide(self, available: dict[str, int]) -> Decision:
-        """`available`: source -> most tokens it can propose now (a lookup match may be short)."""
+    def decide(self, available: dict[str, int], behind: dict[str, int] | None = None) -> Decision:
+        """`available`: source -> most tokens it can propose now (a lookup match may be short);
+        `behind`: source -> tokens it must catch up on first (see expected_rate)."""
+        behind = behind or {}
         plain = self.expected_rate("none", 0)
-        best = Decision("none", 0, f"plain {plain:.0f} tok/s")
+        measured = self.verify_time(1) is not None
+        best = Decision("none", 0, f"plain {plain:.0f} tok/s" if measured else "plain (nothing measured yet)")
         best_rate = plain
         for source, limit in available.items():
             state = self.sources.setdefault(source, SourceState())
             lo, hi = max(1, self.draft_min), min(self.draft_max, limit)
             for k in range(lo, hi + 1):
-                rate = self.expected_rate(source, k)
+                rate = self.expected_rate(source, k, behind=behind.get(source, 0))
                 if rate > best_rate * (MARGIN if best.source == "none" else 1.001):
                     best_rate = rate
                     best = Decision(source, k, f"a={state.acceptance:.2f} predicts {rate:.0f} vs plain {plain:.0f} tok/s")
-        if best.source == "none":
-            for source, limit in available.items():
-                state = self.sources[source]
-                k = min(max(2, self.draft_min), limit)
-                if state.rounds_since_used < state.probe_interval or limit < max(1, self.draft_min):
-                    continue
-                # the measured draft cost includes catching up after idling: a source too dear even at
-                # near-perfect acceptance is not worth a probe
-                ceiling = max(self.expected_rate(source, j, OPTIMISTIC_ACCEPTANCE) for j in range(k, min(self.draft_max, limit) + 1))
-                if ceiling > plain * PROBE_GAIN:
-                    state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
-                    return Decision(source, k, f"probe (a={state.acceptance:.2f}, at best {ceiling:.0f} tok/s)")
-        else:
+        # a source left unused for a while gets a probe round when even near-perfect acceptance would make
+        # it clearly better than this round's choice: prose can turn into code, text into copying
+        for source, limit in available.items():
+            state = self.sources[source]
+            if source == best.source or state.rounds_since_used < state.probe_interval or limit < max(1, self.draft_min):
+                continue
+            if source in CATCHES_UP:  # a first probe is longer: it decides whether drafting starts early in a reply
+                k = min(max(FIRST_PROBE if state.unit_cost is None else 2, self.draft_min), limit, self.draft_max)
+            else:  # free drafts: the whole proposal, one verify batch says the most
+                k = min(limit, self.draft_max)
+            # a source too dear even at near-perfect acceptance (its catch-up included) is not worth a probe
+            lag = behind.get(source, 0)
+            ceiling = max(self.expected_rate(source, j, OPTIMISTIC_ACCEPTANCE, lag) for j in range(k, min(self.draft_max, limit) + 1))
+            if ceiling > best_rate * PROBE_GAIN:
+                state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
+                return Decision(source, k, f"probe (a={state.acceptance:.2f}, at best {ceiling:.0f} tok/s)")
+        if best.source != "none":
             self.sources[best.source].probe_interval = PROBE_EVERY  # it wins on merit: probe it promptly again
         return best
 
-    def record(self, decision: Decision, n_drafted: int, n_accepted: int, draft_seconds: float, verify_seconds: float) -> None:
-        batch = n_drafted + 1
-        old = self.verify_times.get(batch)
-        self.verify_times[batch] = verify_seconds if old is None else 0.7 * old + 0.3 * verify_seconds
-        self._refit()
+    def record(
+        self,
+        decision: Decision,
+        n_drafted: int,
+        n_accepted: int,
+        draft_seconds: float,
+        verify_seconds: float,
+        draft_work: int | None = None,  # draft-model evaluations this round (catch-up included); default k
+    ) -> None:
+        self.verify_cost.add(n_drafted, verify_seconds)
         for source, state in self.sources.items():
-            for evidence in (state.cold, state.streak):
+            for evidence in (state.overall, state.cold, state.streak):
                 evidence.accepted *= DECAY
                 evidence.rejected *= DECAY
             if source != decision.source:
@@ -157,9 +193,9 @@ class DraftController:
             return
         state = self.sources[decision.source]
         state.rounds_since_used = 0
-        evidence = state.evidence
-        evidence.accepted += n_accepted
-        evidence.rejected += 1.0 if n_accepted < n_drafted else 0.0
+        for evidence in (state.evidence, state.overall):
+            evidence.accepted += n_accepted
+            evidence.rejected += 1.0 if n_accepted < n_drafted else 0.0
         state.in_streak = n_drafted > 0 and n_accepted == n_drafted
-        per_token = draft_seconds / decision.k
-        state.draft_cost = per_token if state.draft_cost is None else 0.7 * state.draft_cost + 0.3 * per_token
+        per_unit = draft_seconds / max(draft_work if draft_work is not None else decision.k, 1)
+        state.unit_cost = per_unit if state.unit_cost is None else 0.7 * state.unit_cost + 0.3 * per_unit

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.engine.backend import Model
+from app.engine.backend import Model, amx_draft_applies, supports_gpu_offload
 from app.engine.gguf_info import read_gguf_info
 from app.engine.speculative import SpeculativeEngine
 
@@ -45,16 +45,22 @@ def describe_draft(choice: str) -> str:
 def load_engine(spec: EngineSpec, progress: LoadProgress | None = None) -> SpeculativeEngine:
     """Load the pair described by `spec`. Raises a TandemError subclass with a readable reason."""
     read_gguf_info(spec.main)  # both headers checked before either model loads: fail fast, fail clearly
-    if spec.draft_path is not None:
-        read_gguf_info(spec.draft_path)
+    draft_info = read_gguf_info(spec.draft_path) if spec.draft_path is not None else None
 
     def report(name: str) -> Callable[[float], None] | None:
         return None if progress is None else (lambda fraction: progress(name, fraction))
 
     main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name))
     draft = None
-    if spec.draft_path is not None:
-        draft = Model(spec.draft_path, n_gpu_layers=-1 if spec.draft_on_gpu else 0, progress=report(spec.draft_path.name))
+    if spec.draft_path is not None and draft_info is not None:
+        on_cpu = not spec.draft_on_gpu or not supports_gpu_offload()
+        draft = Model(
+            spec.draft_path,
+            n_gpu_layers=0 if on_cpu else -1,
+            progress=report(spec.draft_path.name),
+            # where the draft will run token by token on AMX, load it that way once (see draft_context)
+            extra_buffers=True if amx_draft_applies(on_cpu, draft_info.quantization) else None,
+        )
     try:
         # prompt lookup rides along with a draft model (the controller picks per round) and stands in when there is none
         return SpeculativeEngine(main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=spec.draft != NO_DRAFT)

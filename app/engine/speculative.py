@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engine.backend import Context, Model, batch_invariant_build
+from app.engine.backend import Context, Model, batch_invariant_build, draft_context
 from app.engine.compat import check_compatibility
 from app.engine.controller import Decision, DraftController
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError
@@ -57,6 +57,7 @@ class Draft:
     tokens: list[int] = field(default_factory=list)
     dists: list[Distribution] = field(default_factory=list)  # q per token, for speculative sampling
     n_ignored: int = 0
+    evaluated: int = 0  # tokens the draft model evaluated: its catch-up, then one per draft but the last
 
 
 class ModelDrafter:
@@ -73,7 +74,7 @@ class ModelDrafter:
         draft = Draft()
         settings = config.sampler
         penalty = PenaltyWindow(settings)
-        self.ctx.sync(tokens)
+        draft.evaluated = self.ctx.sync(tokens)
         for i in range(k):
             row = self.ctx.logits()[-1]
             history = tokens + draft.tokens if penalty.active else ()
@@ -93,6 +94,7 @@ class ModelDrafter:
             draft.tokens.append(token)
             if i + 1 < k:  # the last drafted token is evaluated next round, only if accepted
                 self.ctx.decode([token])
+                draft.evaluated += 1
         if len(draft.tokens) < config.draft_min:
             draft.n_ignored += len(draft.tokens)
             draft.tokens, draft.dists = [], []
@@ -114,7 +116,7 @@ class SpeculativeEngine:
                 raise IncompatibleDraftError(
                     f"draft {draft.path.name} cannot be used with {main.path.name}: {compat.reason}"
                 )
-            self.drafter = ModelDrafter(Context(draft, n_ctx, n_threads))
+            self.drafter = ModelDrafter(draft_context(draft, n_ctx, n_threads))
         self.lookup = LookupDrafter() if lookup else None
         self.n_ctx = self.main_ctx.n_ctx
         self.batch_invariant = batch_invariant_build()
@@ -177,7 +179,8 @@ class SpeculativeEngine:
             self.main_ctx.truncate(len(tokens) + n_accepted)  # drop rejected drafts from the KV cache
             t2 = time.perf_counter()
             if controller is not None:
-                controller.record(decision, len(draft.tokens), n_accepted, t1 - t0, t2 - t1)
+                work = draft.evaluated if decision.source == "model" else None
+                controller.record(decision, len(draft.tokens), n_accepted, t1 - t0, t2 - t1, work)
 
             emitted: list[int] = []
             for token in (*draft.tokens[:n_accepted], main_token):
@@ -266,7 +269,10 @@ class SpeculativeEngine:
             available = {"lookup": len(match)} if match else {}
             if self.drafter:
                 available["model"] = limit
-            decision = controller.decide(available)
+            # beyond the main model's last token and an accepted draft's last token, the draft model
+            # evaluates what it missed while lookup or plain rounds ran
+            behind = {"model": max(len(tokens) - len(self.drafter.ctx.tokens) - 2, 0)} if self.drafter else {}
+            decision = controller.decide(available, behind)
         if decision.source == "model":
             return decision, self.drafter.propose(tokens, decision.k, config, rng)
         if decision.source == "lookup":
