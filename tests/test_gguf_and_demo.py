@@ -5,11 +5,13 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+import gguf
 import pytest
 
 from app.engine import demo
 from app.engine.errors import ModelFileError, TandemError
 from app.engine.gguf_info import read_gguf_info
+from tests import tiny_models
 
 
 def test_header_read_reports_metadata_without_loading(tiny) -> None:
@@ -20,6 +22,16 @@ def test_header_read_reports_metadata_without_loading(tiny) -> None:
     assert info.vocab_size == 291
     assert info.n_params > 50_000
     assert "tokenizer.chat_template" in info.metadata
+    assert info.tensor_types == {"F32"} and info.float_weights
+
+
+def test_quantized_tensors_are_read_from_the_tensors_not_the_label(tmp_path: Path) -> None:
+    # tiny_models labels every file ALL_F32: whether llama.cpp's AMX kernels are safe must not trust that
+    weights = tiny_models.random_weights(seed=4, n_vocab=tiny_models.n_vocab())
+    path = tiny_models.write_model(tmp_path / "q.gguf", weights, quant=gguf.GGMLQuantizationType.Q4_1)
+    info = read_gguf_info(path)
+    assert info.quantization == "ALL_F32"
+    assert info.tensor_types == {"F32", "Q4_1"} and not info.float_weights
 
 
 @pytest.mark.parametrize("keep", [3, 30, 300, 3000])

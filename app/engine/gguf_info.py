@@ -37,6 +37,7 @@ class GGUFInfo:
     array_offsets: dict[str, int] = field(default_factory=dict)  # where a skipped array's elements start
     n_tensors: int = 0
     n_params: int = 0
+    tensor_types: set[str] = field(default_factory=set)  # every tensor's type, e.g. {"F32", "Q4_1"}
 
     @property
     def architecture(self) -> str:
@@ -53,6 +54,11 @@ class GGUFInfo:
             return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
         except (TypeError, ValueError):
             return "unknown"
+
+    @property
+    def float_weights(self) -> bool:
+        """No quantized tensor at all (read from the tensors, not the file-type label, which may lie)."""
+        return self.tensor_types <= {"F32", "F16", "BF16"}
 
     @property
     def vocab_size(self) -> int:
@@ -175,7 +181,9 @@ def _parse(cur: _Cursor, size: int) -> GGUFInfo:
             n_elements *= d
         info.n_params += n_elements
         try:
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+            tensor_type = GGMLQuantizationType(ggml_type)
+            block, type_size = GGML_QUANT_SIZES[tensor_type]
+            info.tensor_types.add(tensor_type.name)
         except (ValueError, KeyError) as exc:
             raise ModelFileError(f"{cur.path}: tensor '{name}' has a tensor type ({ggml_type}) this build does not know") from exc
         data_end = max(data_end, offset + n_elements // block * type_size)

@@ -59,7 +59,7 @@ def load_engine(spec: EngineSpec, progress: LoadProgress | None = None) -> Specu
             n_gpu_layers=0 if on_cpu else -1,
             progress=report(spec.draft_path.name),
             # where the draft will run token by token on AMX, load it that way once (see draft_context)
-            extra_buffers=True if amx_draft_applies(on_cpu, draft_info.quantization) else None,
+            extra_buffers=True if amx_draft_applies(on_cpu, draft_info.float_weights) else None,
         )
     try:
         # prompt lookup rides along with a draft model (the controller picks per round) and stands in when there is none
