@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from app.engine.controller import PROBE_EVERY, Decision, DraftController, SourceState
+import pytest
+
+from app.engine.controller import PRIOR_VERIFY_SLOPE, PROBE_EVERY, Decision, DraftController, VerifyCost
 from app.engine.lookup import LookupDrafter
 
 ONE = 0.010  # seconds to verify one token
@@ -11,7 +13,7 @@ ONE = 0.010  # seconds to verify one token
 def feed(ctl: DraftController, source: str, k: int, accepted: int, draft_cost: float, rounds: int, slope: float = 0.15) -> None:
     ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)  # a plain round measures verify(1)
     for _ in range(rounds):
-        ctl.sources.setdefault(source, SourceState())
+        ctl.state(source)
         ctl.record(Decision(source, k, "test"), k, accepted, draft_cost * k, ONE * (1 + slope * k))
 
 
@@ -58,12 +60,12 @@ def test_draft_cost_is_per_evaluation_so_short_drafts_do_not_make_long_ones_look
     # pays; priced per evaluation (0.35 x), k + a^k of them, longer drafts clearly do.
     ctl = DraftController(draft_min=0, draft_max=8)
     ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)
-    ctl.sources["model"] = SourceState()
+    ctl.state("model")
     for _ in range(10):
         ctl.record(Decision("model", 1, "test"), 1, 1, 2 * 0.35 * ONE, ONE * 1.3, draft_work=2)
     decision = ctl.decide({"model": 8})
     assert decision.source == "model" and decision.k >= 3
-    assert ctl.expected_rate("model", 6) > 1.2 * ctl.expected_rate("none", 0)
+    assert ctl.expected_rate("model", 6) > 1.1 * ctl.expected_rate("none", 0)  # per drafted token: 0.8x
 
 
 def test_one_rejection_does_not_drop_a_draft_model_that_is_usually_right() -> None:
@@ -72,6 +74,20 @@ def test_one_rejection_does_not_drop_a_draft_model_that_is_usually_right() -> No
     ctl.record(Decision("model", 4, "test"), 4, 0, 0.008, ONE * 2.2)  # rejected at its first token
     assert ctl.sources["model"].acceptance > 0.85
     assert ctl.decide({"model": 8}).source == "model"
+
+
+def test_verify_cost_answers_measured_sizes_and_interpolates_the_rest() -> None:
+    cost = VerifyCost()
+    assert cost.at(0) is None
+    cost.add(4, 0.035)
+    cost.add(5, 0.042)
+    # one token was never verified alone: scaled from the smallest batch with the prior shape, not by
+    # continuing the 4 -> 5 slope down to an implausible 7 ms
+    assert cost.at(0) == pytest.approx(0.035 / (1 + 4 * PRIOR_VERIFY_SLOPE))
+    cost.add(0, 0.018)
+    assert cost.at(0) == 0.018 and cost.at(4) == 0.035
+    assert cost.at(2) == pytest.approx(0.018 + (0.035 - 0.018) / 2)
+    assert cost.at(8) > cost.at(5)
 
 
 def test_free_lookup_draft_beats_a_costly_model_draft_when_it_matches() -> None:

@@ -3,9 +3,10 @@
 Model (per draft source): each drafted token is accepted with probability a, given the ones
 before it were, so k drafts yield a(1 - a^k)/(1 - a) accepted tokens plus the main model's own.
 A round costs draft(k) + verify(k + 1). Verifying is not free on a CPU (on this machine 9 tokens
-cost 2.3x to 4.2x one token, depending on the build), so verify time is measured per batch size and
-fitted with a line. A draft model evaluates k + a^k tokens per round: the main model's last token,
-k - 1 drafts, and, when all k were accepted, the last draft too (proposed, never evaluated).
+cost 2.9x to 4.2x one token, depending on the build), so verify time is measured per batch size
+(interpolated between sizes not yet seen). A draft model evaluates k + a^k tokens per round: the
+main model's last token, k - 1 drafts, and, when all k were accepted, the last draft too (proposed,
+never evaluated).
 Plain decoding (k = 0) is always a candidate: when nothing beats it the controller drafts nothing,
 and probes again every few rounds so it notices when acceptance returns.
 """
@@ -32,38 +33,45 @@ MAX_PROBE_INTERVAL = 256
 PRIOR_DRAFT_COST = {"lookup": 0.0}
 CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up after idling is paid back
 CATCHES_UP = {"model"}  # sources whose fully accepted draft leaves its last token to evaluate next round
+STREAKY = {"lookup"}  # sources whose acceptance runs in streaks (see SourceState)
 PRIOR_MODEL_COST = 0.25
 
 
 @dataclass
-class CostLine:
-    """Seconds as a line a + b * x, fitted to smoothed measurements per x, refitted only when one
-    arrives (not on each of decide's ~30 evaluations per round). With a single x seen, the line's
-    shape comes from `prior_ratio` = b / a, or runs through the origin when it is None."""
+class VerifyCost:
+    """Seconds to verify 1 + x tokens, from smoothed measurements per x. A measured x answers for
+    itself and x between two measured ones is interpolated: on a CPU the cost is far from a line
+    (9 tokens cost 2.9x one, 3 tokens 1.3x). Below the smallest measured x, the prior shape
+    1 + PRIOR_VERIFY_SLOPE * x is scaled through it; above the largest, the fitted slope continues."""
 
-    prior_ratio: float | None = None
     samples: dict[int, float] = field(default_factory=dict)  # x -> seconds (EMA)
-    a: float | None = None
-    b: float = 0.0
+    slope: float = 0.0  # least-squares slope over the measured x, for extrapolating upwards
 
     def add(self, x: int, seconds: float) -> None:
         old = self.samples.get(x)
         self.samples[x] = seconds if old is None else 0.7 * old + 0.3 * seconds
-        if len(self.samples) == 1:
-            if self.prior_ratio is None:
-                self.a, self.b = 0.0, seconds / max(x, 1)
-            else:
-                self.a = seconds / (1 + self.prior_ratio * x)
-                self.b = self.a * self.prior_ratio
-            return
-        xs, ys = list(self.samples), list(self.samples.values())
-        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-        var = sum((x - mean_x) ** 2 for x in xs)
-        self.b = max(sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var, 0.0)
-        self.a = max(mean_y - self.b * mean_x, 0.0)
+        if len(self.samples) > 1:
+            xs, ys = list(self.samples), list(self.samples.values())
+            mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+            var = sum((x - mean_x) ** 2 for x in xs)
+            self.slope = max(sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var, 0.0)
 
     def at(self, x: int) -> float | None:
-        return None if self.a is None else max(self.a + self.b * x, 1e-6)
+        if not self.samples:
+            return None
+        if x in self.samples:
+            return self.samples[x]
+        below = [m for m in self.samples if m < x]
+        above = [m for m in self.samples if m > x]
+        if below and above:
+            lo, hi = max(below), min(above)
+            return self.samples[lo] + (self.samples[hi] - self.samples[lo]) * (x - lo) / (hi - lo)
+        if above:
+            hi = min(above)
+            return self.samples[hi] * (1 + PRIOR_VERIFY_SLOPE * x) / (1 + PRIOR_VERIFY_SLOPE * hi)
+        lo = max(below)
+        slope = self.slope if len(self.samples) > 1 else self.samples[lo] / (1 + PRIOR_VERIFY_SLOPE * lo) * PRIOR_VERIFY_SLOPE
+        return self.samples[lo] + slope * (x - lo)
 
 
 @dataclass
@@ -77,10 +85,12 @@ class Evidence:
 
 @dataclass
 class SourceState:
-    """What a draft source has shown lately. Acceptance is kept apart for rounds that follow a fully
-    accepted round of the same source: copying runs in streaks (a lookup that was right keeps being
-    right until the text departs from its source), and one blended rate would undersell the streak."""
+    """What a draft source has shown lately. For a streaky source, acceptance is kept apart for rounds
+    that follow a fully accepted round of it: copying runs in streaks (a lookup that was right keeps
+    being right until the text departs from its source), and one blended rate would undersell the
+    streak. A draft model's acceptance hardly depends on its last round: one rate, all the evidence."""
 
+    streaky: bool = False
     overall: Evidence = field(default_factory=Evidence)
     cold: Evidence = field(default_factory=Evidence)
     streak: Evidence = field(default_factory=Evidence)
@@ -97,8 +107,10 @@ class SourceState:
 
     @property
     def acceptance(self) -> float:
-        # both estimates start from the source's overall rate, not from the blind prior: a draft model
-        # right 95% of the time must not look like a coin toss on the first round after a rejection
+        if not self.streaky:
+            return self.overall.acceptance()
+        # both estimates start from the source's overall rate, not from the blind prior: a lookup right
+        # 95% of the time must not look like a coin toss on the first round after a rejection
         return self.evidence.acceptance(prior=self.overall.acceptance())
 
 
@@ -114,8 +126,7 @@ class DraftController:
     draft_min: int
     draft_max: int
     sources: dict[str, SourceState] = field(default_factory=dict)
-    # seconds to verify 1 + x tokens; until two batch sizes are seen, extra tokens cost PRIOR_VERIFY_SLOPE each
-    verify_cost: CostLine = field(default_factory=lambda: CostLine(prior_ratio=PRIOR_VERIFY_SLOPE))
+    verify_cost: VerifyCost = field(default_factory=VerifyCost)
 
     def verify_time(self, n: int) -> float | None:
         """Fitted seconds to verify a batch of n tokens (None before any measurement)."""
@@ -136,6 +147,11 @@ class DraftController:
         cost += unit * behind * (accepted + 1.0) / CATCH_UP_HORIZON
         return (accepted + 1.0) / (cost + (self.verify_time(k + 1) or one * (1 + PRIOR_VERIFY_SLOPE * k)))
 
+    def state(self, source: str) -> SourceState:
+        if source not in self.sources:
+            self.sources[source] = SourceState(streaky=source in STREAKY)
+        return self.sources[source]
+
     def decide(self, available: dict[str, int], behind: dict[str, int] | None = None) -> Decision:
         """`available`: source -> most tokens it can propose now (a lookup match may be short);
         `behind`: source -> tokens it must catch up on first (see expected_rate)."""
@@ -145,7 +161,7 @@ class DraftController:
         best = Decision("none", 0, f"plain {plain:.0f} tok/s" if measured else "plain (nothing measured yet)")
         best_rate = plain
         for source, limit in available.items():
-            state = self.sources.setdefault(source, SourceState())
+            state = self.state(source)
             lo, hi = max(1, self.draft_min), min(self.draft_max, limit)
             for k in range(lo, hi + 1):
                 rate = self.expected_rate(source, k, behind=behind.get(source, 0))
@@ -160,8 +176,8 @@ class DraftController:
                 continue
             if source in CATCHES_UP:  # a first probe is longer: it decides whether drafting starts early in a reply
                 k = min(max(FIRST_PROBE if state.unit_cost is None else 2, self.draft_min), limit, self.draft_max)
-            else:  # free drafts: the whole proposal, one verify batch says the most
-                k = min(limit, self.draft_max)
+            else:  # free drafts: a fully accepted probe of 4 is evidence enough to switch, a failed one costs little
+                k = min(limit, self.draft_max, max(FIRST_PROBE, self.draft_min))
             # a source too dear even at near-perfect acceptance (its catch-up included) is not worth a probe
             lag = behind.get(source, 0)
             ceiling = max(self.expected_rate(source, j, OPTIMISTIC_ACCEPTANCE, lag) for j in range(k, min(self.draft_max, limit) + 1))
