@@ -142,6 +142,10 @@ class Model:
     def name(self) -> str:
         return self.info.name
 
+    @property
+    def on_cpu(self) -> bool:
+        return self.n_gpu_layers == 0 or not supports_gpu_offload()
+
     def close(self) -> None:
         if getattr(self, "ptr", None):
             llama_cpp.llama_model_free(self.ptr)
@@ -192,7 +196,7 @@ class Context:
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
-        if model.n_gpu_layers == 0 or not supports_gpu_offload():
+        if model.on_cpu:
             # llama.cpp's CPU flash attention is slower for one token at a time (21.7 vs 18.4 ms for the demo
             # main model at depth 300, 2 threads); "auto" turns it on. llama-bench's default is off too.
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -302,8 +306,7 @@ def amx_draft_applies(on_cpu: bool, float_weights: bool) -> bool:
 
 def draft_context(model: Model, n_ctx: int, n_threads: int) -> Context:
     """The context a draft model decodes in: through AMX, token by token, where that applies."""
-    on_cpu = model.n_gpu_layers == 0 or not supports_gpu_offload()
-    if not amx_draft_applies(on_cpu, model.info.float_weights):
+    if not amx_draft_applies(model.on_cpu, model.info.float_weights):
         return Context(model, n_ctx, n_threads)
     if not model.extra_buffers:  # loaded for batches: load it again with the AMX buffers
         model = Model(model.path, n_gpu_layers=0, extra_buffers=True)

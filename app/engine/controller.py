@@ -129,7 +129,7 @@ class DraftController:
     verify_cost: VerifyCost = field(default_factory=VerifyCost)
 
     def verify_time(self, n: int) -> float | None:
-        """Fitted seconds to verify a batch of n tokens (None before any measurement)."""
+        """Seconds to verify a batch of n tokens, measured or interpolated (None before any measurement)."""
         return self.verify_cost.at(n - 1)
 
     def expected_rate(self, source: str, k: int, acceptance: float | None = None, behind: int = 0) -> float:

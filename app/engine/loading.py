@@ -52,12 +52,12 @@ def load_engine(spec: EngineSpec, progress: LoadProgress | None = None) -> Specu
 
     main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name))
     draft = None
-    if spec.draft_path is not None and draft_info is not None:
+    if draft_info is not None:
         on_cpu = not spec.draft_on_gpu or not supports_gpu_offload()
         draft = Model(
-            spec.draft_path,
+            draft_info.path,
             n_gpu_layers=0 if on_cpu else -1,
-            progress=report(spec.draft_path.name),
+            progress=report(draft_info.path.name),
             # where the draft will run token by token on AMX, load it that way once (see draft_context)
             extra_buffers=True if amx_draft_applies(on_cpu, draft_info.float_weights) else None,
         )
