@@ -278,6 +278,18 @@ def test_adaptive_and_lookup_modes_stay_identical_to_plain(models, prompt: str) 
     assert any(r.draft_source == "lookup" and r.n_accepted > 0 for r in rounds)
 
 
+def test_the_controller_keeps_what_it_learned_for_the_next_reply(models) -> None:
+    engine = SpeculativeEngine(models["main"], models["draft"], n_ctx=512, n_threads=2)
+    config = GenerationConfig(max_tokens=24, sampler=GREEDY, adaptive=True)
+    list(engine.generate(models["main"].tokenize(PROMPTS[0]), config))
+    (controller,) = engine._controllers.values()
+    assert controller.verify_cost.samples and controller.sources["model"].unit_cost is not None
+    second = list(engine.generate(models["main"].tokenize(PROMPTS[1]), config))
+    assert engine._controllers == {(0, 8): controller}
+    assert "nothing measured" not in second[0].decision  # it starts from measured costs, not priors
+    assert second[-1].tokens == run(models["main"], None, models["main"].tokenize(PROMPTS[1]), max_tokens=24)[0].tokens
+
+
 def test_lookup_sampling_matches_plain_sampling_distribution(models) -> None:
     """Lookup drafts are point masses q = 1: accept with p(x), else resample from p without x."""
     main = models["main"]

@@ -120,6 +120,9 @@ class SpeculativeEngine:
         self.lookup = LookupDrafter() if lookup else None
         self.n_ctx = self.main_ctx.n_ctx
         self.batch_invariant = batch_invariant_build()
+        # what the controller learned (costs, acceptance) carries over to the next reply of this pair:
+        # later chat turns start from measured figures instead of priors
+        self._controllers: dict[tuple[int, int], DraftController] = {}
 
     def close(self) -> None:
         self.main_ctx.close()
@@ -140,7 +143,10 @@ class SpeculativeEngine:
         rng = np.random.default_rng(settings.seed)
         penalty = PenaltyWindow(settings)
         stats = GenerationStats(draft_model=self.draft_name)
-        controller = DraftController(config.draft_min, config.draft_max) if config.adaptive else None
+        controller = None
+        if config.adaptive:
+            bounds = (config.draft_min, config.draft_max)
+            controller = self._controllers.setdefault(bounds, DraftController(*bounds))
         stats.prompt_tokens_count = len(prompt)
         stats.batch_invariant_build = self.batch_invariant
         stream = TextStream(self.main.piece, config.stop)
