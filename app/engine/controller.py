@@ -25,15 +25,15 @@ PRIOR_VERIFY_SLOPE = 0.3  # extra verify cost per extra token, as a fraction of 
 FIRST_PROBE = 4  # tokens drafted by the first probe of a source
 PROBE_EVERY = 8  # rounds without a source before it is probed; doubles after each probe that does not win
 MAX_PROBE_INTERVAL = 256
+CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up after idling is paid back
+CATCHES_UP = {"model"}  # sources whose fully accepted draft leaves its last token to evaluate next round
+STREAKY = {"lookup"}  # sources whose acceptance runs in streaks (see SourceState)
 
 
 # a lookup draft is a dictionary probe: microseconds. Until measured, a model's draft token is priced
 # at a quarter of a main-model token: optimistic enough that each source is tried once, early, and then
 # judged on what it really costs.
 PRIOR_DRAFT_COST = {"lookup": 0.0}
-CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up after idling is paid back
-CATCHES_UP = {"model"}  # sources whose fully accepted draft leaves its last token to evaluate next round
-STREAKY = {"lookup"}  # sources whose acceptance runs in streaks (see SourceState)
 PRIOR_MODEL_COST = 0.25
 
 
