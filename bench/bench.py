@@ -97,7 +97,7 @@ def engine_tg128(main_path: Path, threads: int, reps: int = 5) -> float:
     rounds up to 256: a 4096-token KV cache alone costs ~3% per token here), a warm-up run, median of reps."""
     model = Model(main_path)
     engine = SpeculativeEngine(model, None, n_ctx=256, n_threads=threads)
-    config = GenerationConfig(max_tokens=128, draft_max=0, adaptive=False, sampler=SamplerSettings(temperature=0.0))
+    _, config = mode_config("plain", GenerationConfig(max_tokens=128, sampler=SamplerSettings(temperature=0.0)))
     run_once(engine, [model.bos], config)
     return statistics.median(run_once(engine, [model.bos], config).tok_s for _ in range(reps))
 

@@ -92,7 +92,7 @@ class SourceState:
 
     streaky: bool = False
     overall: Evidence = field(default_factory=Evidence)
-    cold: Evidence = field(default_factory=Evidence)
+    cold: Evidence = field(default_factory=Evidence)  # cold and streak: streaky sources only
     streak: Evidence = field(default_factory=Evidence)
     in_streak: bool = False
     # seconds per draft-model evaluation (or per proposed lookup token), EMA
@@ -209,9 +209,9 @@ class DraftController:
             return
         state = self.sources[decision.source]
         state.rounds_since_used = 0
-        for evidence in (state.evidence, state.overall):
+        for evidence in (state.overall, state.evidence) if state.streaky else (state.overall,):
             evidence.accepted += n_accepted
             evidence.rejected += 1.0 if n_accepted < n_drafted else 0.0
-        state.in_streak = n_drafted > 0 and n_accepted == n_drafted
+        state.in_streak = state.streaky and n_drafted > 0 and n_accepted == n_drafted
         per_unit = draft_seconds / max(draft_work if draft_work is not None else decision.k, 1)
         state.unit_cost = per_unit if state.unit_cost is None else 0.7 * state.unit_cost + 0.3 * per_unit
