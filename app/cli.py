@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draft model (GGUF) sharing the main model's vocabulary, or 'lookup' for prompt-lookup drafting "
                        "(the default when no draft model is given)")
     draft.add_argument("--no-draft", action="store_true", help="plain decoding, no speculation (the baseline)")
+    draft.add_argument("--exact", action="store_true",
+                       help="batch-invariant kernels for the main model: output token-identical to plain decoding "
+                       "(default: the fastest kernels, identical up to floating-point near-ties; see stats.exact)")
     draft.add_argument("--no-adaptive", action="store_true", help="always draft --draft-max tokens instead of adapting per round")
     draft.add_argument("--draft-max", "--draftamount", "--draft-n", type=_non_negative_int, default=8, metavar="K",
                        help="most tokens drafted per round (default 8)")
@@ -128,7 +131,7 @@ SETTING_FLAGS = {
     "temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "repeat_penalty": "repeat_penalty",
     "max_tokens": "max_tokens", "seed": "seed", "draft_max": "draft_max", "draft_min": "draft_min",
     "draft_p_min": "draft_p_min", "no_adaptive": "adaptive", "gpu_layers": "gpu_layers",
-    "draft_gpu_layers": "draft_on_gpu", "ctx_size": "ctx_size", "threads": "threads", "system": "system",
+    "draft_gpu_layers": "draft_on_gpu", "ctx_size": "ctx_size", "threads": "threads", "system": "system", "exact": "exact",
 }  # fmt: skip
 
 
@@ -229,7 +232,7 @@ def engine_spec(config):  # -> EngineSpec; the demo pair unless a main model is 
         draft = config.draft or str(demo_draft)
     s = config.settings
     return EngineSpec(main=main, draft=draft, gpu_layers=s.gpu_layers, draft_on_gpu=s.draft_on_gpu,
-                      ctx_size=s.ctx_size, threads=s.threads)  # fmt: skip
+                      ctx_size=s.ctx_size, threads=s.threads, exact=s.exact)  # fmt: skip
 
 
 def run_headless(args: argparse.Namespace) -> int:

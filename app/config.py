@@ -41,6 +41,7 @@ class Settings:
     draft_min: int = 0
     draft_p_min: float = 0.0
     adaptive: bool = True
+    exact: bool = False  # kernels chosen for output identical to plain decoding, at some speed (see README)
     gpu_layers: int = -1  # -1: all layers of the main model on the GPU (when there is one)
     draft_on_gpu: bool = True
     ctx_size: int = 4096

@@ -42,3 +42,11 @@ def bench_prompts() -> list[dict[str, str]]:
     """The shared benchmark prompts (beside the checkout), or the copy kept in bench/."""
     path = SHARED_PROMPTS if SHARED_PROMPTS.exists() else LOCAL_PROMPTS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _probe_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Kernel probes (probe.py) measured afresh into a scratch cache, for this process and the CLIs it runs."""
+    import os
+
+    os.environ["TANDEM_CACHE_DIR"] = str(tmp_path_factory.mktemp("tandem-cache"))

@@ -11,6 +11,7 @@ import functools
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,17 +50,6 @@ def init_backend() -> None:
 def _last_llama_error() -> str:
     errors = [line.strip() for line in _log_tail if "error" in line.lower() or "failed" in line.lower()]
     return errors[-1] if errors else "no reason given"
-
-
-def batch_invariant_build() -> bool:
-    """True when a token's logits do not depend on how many tokens share its batch.
-
-    llama.cpp's CPU backend sends batches of 2+ tokens through llamafile's sgemm, which sums in
-    another order than the one-token kernel: then a verify batch can break a near-tie differently
-    from plain decoding. Built with -DGGML_LLAMAFILE=OFF, every batch size uses the same kernel.
-    """
-    init_backend()
-    return b"LLAMAFILE = 1" not in llama_cpp.llama_print_system_info()
 
 
 @functools.cache
@@ -213,6 +203,7 @@ class Context:
             self._batch.seq_id[i][0] = 0
         self.tokens: list[int] = []  # the tokens whose K/V sit in the cache, position = index
         self.n_evaluated = 0  # tokens run through the model since creation (tests check draft sync with it)
+        self.decode_seconds = 0.0  # time inside llama_decode: the rest of a generation is our own overhead
         self._n_outputs = 0
 
     def close(self) -> None:
@@ -244,7 +235,9 @@ class Context:
             if last_chunk:
                 batch.logits[len(chunk) - 1] = True
             batch.n_tokens = len(chunk)
+            started = time.perf_counter()
             rc = llama_cpp.llama_decode(self.ptr, batch)
+            self.decode_seconds += time.perf_counter() - started
             if rc != 0:
                 raise TandemError(f"llama.cpp failed to evaluate {len(chunk)} tokens (code {rc}): {_last_llama_error()}")
             self.tokens.extend(chunk)

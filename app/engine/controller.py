@@ -25,7 +25,9 @@ PRIOR_VERIFY_SLOPE = 0.3  # extra verify cost per extra token, as a fraction of 
 FIRST_PROBE = 4  # tokens drafted by the first probe of a source
 PROBE_EVERY = 8  # rounds without a source before it is probed; doubles after each probe that does not win
 MAX_PROBE_INTERVAL = 256
-CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up after idling is paid back
+CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up after idling is paid back (or what is left of the reply)
+CATCH_UP_BATCH = 3  # a draft context evaluating more tokens than this in one sync is catching up (a new prompt, idling)
+REVIEW_EVERY = 16  # rounds between re-checks of which sources could pay at all
 CATCHES_UP = {"model"}  # sources whose fully accepted draft leaves its last token to evaluate next round
 STREAKY = {"lookup"}  # sources whose acceptance runs in streaks (see SourceState)
 
@@ -39,39 +41,53 @@ PRIOR_MODEL_COST = 0.25
 
 @dataclass
 class VerifyCost:
-    """Seconds to verify 1 + x tokens, from smoothed measurements per x. A measured x answers for
-    itself and x between two measured ones is interpolated: on a CPU the cost is far from a line
-    (9 tokens cost 2.9x one, 3 tokens 1.3x). Below the smallest measured x, the prior shape
+    """Seconds to verify 1 + x tokens. Live measurements (smoothed per x) answer for themselves; sizes
+    not yet seen in this session come from the probe's curve (measured once per machine, see probe.py),
+    scaled by how live figures compare with it (a deep KV cache makes every batch a little dearer), and
+    sizes between two known ones are interpolated: on a CPU the cost is far from a line (repacked
+    kernels take rows in groups of 4). Without a probe, below the smallest measured x the prior shape
     1 + PRIOR_VERIFY_SLOPE * x is scaled through it; above the largest, the fitted slope continues."""
 
-    samples: dict[int, float] = field(default_factory=dict)  # x -> seconds (EMA)
-    slope: float = 0.0  # least-squares slope over the measured x, for extrapolating upwards
+    samples: dict[int, float] = field(default_factory=dict)  # x -> seconds (EMA), this session
+    prior: dict[int, float] = field(default_factory=dict)  # x -> seconds, from the probe
+    slope: float = 0.0  # least-squares slope over the known x, for extrapolating upwards
+    _known: dict[int, float] = field(default_factory=dict)  # prior (scaled) and samples merged
+
+    def __post_init__(self) -> None:
+        self._merge()
 
     def add(self, x: int, seconds: float) -> None:
         old = self.samples.get(x)
         self.samples[x] = seconds if old is None else 0.7 * old + 0.3 * seconds
-        if len(self.samples) > 1:
-            xs, ys = list(self.samples), list(self.samples.values())
+        self._merge()
+
+    def _merge(self) -> None:
+        both = [x for x in self.samples if x in self.prior]
+        scale = sum(self.samples[x] / self.prior[x] for x in both) / len(both) if both else 1.0
+        self._known = {x: s * scale for x, s in self.prior.items()} | self.samples
+        if len(self._known) > 1:
+            xs, ys = list(self._known), list(self._known.values())
             mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
             var = sum((x - mean_x) ** 2 for x in xs)
             self.slope = max(sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var, 0.0)
 
     def at(self, x: int) -> float | None:
-        if not self.samples:
+        known = self._known
+        if not known:
             return None
-        if x in self.samples:
-            return self.samples[x]
-        below = [m for m in self.samples if m < x]
-        above = [m for m in self.samples if m > x]
+        if x in known:
+            return known[x]
+        below = [m for m in known if m < x]
+        above = [m for m in known if m > x]
         if below and above:
             lo, hi = max(below), min(above)
-            return self.samples[lo] + (self.samples[hi] - self.samples[lo]) * (x - lo) / (hi - lo)
+            return known[lo] + (known[hi] - known[lo]) * (x - lo) / (hi - lo)
         if above:
             hi = min(above)
-            return self.samples[hi] * (1 + PRIOR_VERIFY_SLOPE * x) / (1 + PRIOR_VERIFY_SLOPE * hi)
+            return known[hi] * (1 + PRIOR_VERIFY_SLOPE * x) / (1 + PRIOR_VERIFY_SLOPE * hi)
         lo = max(below)
-        slope = self.slope if len(self.samples) > 1 else self.samples[lo] / (1 + PRIOR_VERIFY_SLOPE * lo) * PRIOR_VERIFY_SLOPE
-        return self.samples[lo] + slope * (x - lo)
+        slope = self.slope if len(known) > 1 else known[lo] / (1 + PRIOR_VERIFY_SLOPE * lo) * PRIOR_VERIFY_SLOPE
+        return known[lo] + slope * (x - lo)
 
 
 @dataclass
@@ -97,6 +113,8 @@ class SourceState:
     in_streak: bool = False
     # seconds per draft-model evaluation (or per proposed lookup token), EMA
     unit_cost: float | None = None
+    # seconds per token when a draft model catches up on many tokens in one batch (a new prompt), EMA
+    catch_up_cost: float | None = None
     rounds_since_used: int = PROBE_EVERY  # an untried source is probed at once, while probing is cheap
     # a probe is dear for a draft model that sat idle: its context first catches up on every token it missed
     probe_interval: int = PROBE_EVERY
@@ -127,14 +145,21 @@ class DraftController:
     draft_max: int
     sources: dict[str, SourceState] = field(default_factory=dict)
     verify_cost: VerifyCost = field(default_factory=VerifyCost)
+    # sources that cannot beat plain decoding on this machine even if every drafted token were accepted:
+    # never drafted, never probed (a draft model is then never even fed the prompt). Source -> why.
+    closed: dict[str, str] = field(default_factory=dict)
+    _rounds: int = 0
 
     def verify_time(self, n: int) -> float | None:
         """Seconds to verify a batch of n tokens, measured or interpolated (None before any measurement)."""
         return self.verify_cost.at(n - 1)
 
-    def expected_rate(self, source: str, k: int, acceptance: float | None = None, behind: int = 0) -> float:
+    def expected_rate(
+        self, source: str, k: int, acceptance: float | None = None, behind: int = 0, horizon: int = CATCH_UP_HORIZON
+    ) -> float:
         """Predicted tokens per second of a round; `behind`: tokens a draft model must evaluate before it
-        can draft, beyond a round's usual one or two (it sat idle while other sources drafted)."""
+        can draft, beyond a round's usual one or two (a new prompt, or it sat idle while other sources
+        drafted), paid back over the next `horizon` tokens."""
         one = self.verify_time(1) or 1.0
         if k == 0:
             return 1.0 / one
@@ -143,8 +168,9 @@ class DraftController:
         accepted = a * (1 - a**k) / (1 - a)
         unit = state.unit_cost if state.unit_cost is not None else PRIOR_DRAFT_COST.get(source, PRIOR_MODEL_COST * one)
         cost = unit * (k + a**k if source in CATCHES_UP else k)
-        # the catch-up is paid once, then the model drafts for a while: charge each round its share
-        cost += unit * behind * (accepted + 1.0) / CATCH_UP_HORIZON
+        if behind:  # the catch-up is paid once, then the model drafts for a while: charge each round its share
+            per_token = state.catch_up_cost if state.catch_up_cost is not None else unit
+            cost += per_token * behind * (accepted + 1.0) / max(horizon, 1)
         return (accepted + 1.0) / (cost + (self.verify_time(k + 1) or one * (1 + PRIOR_VERIFY_SLOPE * k)))
 
     def state(self, source: str) -> SourceState:
@@ -152,22 +178,64 @@ class DraftController:
             self.sources[source] = SourceState(streaky=source in STREAKY)
         return self.sources[source]
 
-    def decide(self, available: dict[str, int], behind: dict[str, int] | None = None) -> Decision:
+    def seed(
+        self, verify_seconds: dict[int, float], draft_token_seconds: float | None = None, catch_up_seconds: float | None = None
+    ) -> None:
+        """Start from the probe's figures for this machine (probe.py) instead of blind priors."""
+        self.verify_cost.prior = {n - 1: s for n, s in verify_seconds.items()}
+        self.verify_cost._merge()
+        if draft_token_seconds is not None:
+            model = self.state("model")
+            model.unit_cost = model.unit_cost if model.unit_cost is not None else draft_token_seconds
+            model.catch_up_cost = model.catch_up_cost if model.catch_up_cost is not None else catch_up_seconds
+
+    def best_case(self, source: str) -> tuple[float, int]:
+        """The best speedup over plain decoding `source` could give if every drafted token were accepted,
+        and the draft length that gives it: an upper bound on what drafting can ever gain here."""
+        self.state(source)
+        plain = self.expected_rate("none", 0)
+        lo = max(1, self.draft_min)
+        rates = {k: self.expected_rate(source, k, acceptance=1.0) for k in range(lo, max(lo, self.draft_max) + 1)}
+        k = max(rates, key=rates.__getitem__)
+        return rates[k] / plain, k
+
+    def review(self, sources: list[str]) -> None:
+        """Close the sources that cannot pay on this machine, with the figures that say so; reopen those that can
+        (the figures are live: a machine that got less busy, a measured verify curve that turned out cheaper)."""
+        for source in sources:
+            gain, k = self.best_case(source)
+            if gain >= MARGIN:
+                self.closed.pop(source, None)
+                continue
+            one = self.verify_time(1) or 1.0
+            verify = (self.verify_time(k + 1) or one) / one
+            state = self.sources[source]
+            unit = (state.unit_cost if state.unit_cost is not None else PRIOR_DRAFT_COST.get(source, PRIOR_MODEL_COST * one)) / one
+            self.closed[source] = (
+                f"{'draft model' if source == 'model' else 'prompt lookup'} off: verifying {k + 1} tokens costs {verify:.1f}x one"
+                + (f", a draft token {unit:.2f}x" if source == "model" else "")
+                + f"; even if every drafted token were accepted it would run at best {gain:.2f}x plain decoding"
+            )
+
+    def decide(self, available: dict[str, int], behind: dict[str, int] | None = None, horizon: int = CATCH_UP_HORIZON) -> Decision:
         """`available`: source -> most tokens it can propose now (a lookup match may be short);
-        `behind`: source -> tokens it must catch up on first (see expected_rate)."""
+        `behind`: source -> tokens it must catch up on first (see expected_rate); `horizon`: tokens left
+        to pay a catch-up back (never more than what is left of the reply)."""
         behind = behind or {}
+        horizon = min(horizon, CATCH_UP_HORIZON)
         plain = self.expected_rate("none", 0)
         measured = self.verify_time(1) is not None
         best = Decision("none", 0, f"plain {plain:.0f} tok/s" if measured else "plain (nothing measured yet)")
         best_rate = plain
+        available = {s: n for s, n in available.items() if s not in self.closed}
         for source, limit in available.items():
             state = self.state(source)
             lo, hi = max(1, self.draft_min), min(self.draft_max, limit)
             for k in range(lo, hi + 1):
-                rate = self.expected_rate(source, k, behind=behind.get(source, 0))
+                rate = self.expected_rate(source, k, behind=behind.get(source, 0), horizon=horizon)
                 if rate > best_rate * (MARGIN if best.source == "none" else 1.001):
                     best_rate = rate
-                    best = Decision(source, k, f"a={state.acceptance:.2f} predicts {rate:.0f} vs plain {plain:.0f} tok/s")
+                    best = Decision(source, k, f"expects {state.acceptance:.0%} accepted: {rate / plain:.2f}x plain")
         # a source left unused for a while gets a probe round when even near-perfect acceptance would make
         # it clearly better than this round's choice: prose can turn into code, text into copying
         for source, limit in available.items():
@@ -180,10 +248,12 @@ class DraftController:
                 k = min(limit, self.draft_max, max(FIRST_PROBE, self.draft_min))
             # a source too dear even at near-perfect acceptance (its catch-up included) is not worth a probe
             lag = behind.get(source, 0)
-            ceiling = max(self.expected_rate(source, j, OPTIMISTIC_ACCEPTANCE, lag) for j in range(k, min(self.draft_max, limit) + 1))
+            ceiling = max(
+                self.expected_rate(source, j, OPTIMISTIC_ACCEPTANCE, lag, horizon) for j in range(k, min(self.draft_max, limit) + 1)
+            )
             if ceiling > best_rate * PROBE_GAIN:
                 state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
-                return Decision(source, k, f"probe (a={state.acceptance:.2f}, at best {ceiling:.0f} tok/s)")
+                return Decision(source, k, f"probe: {state.acceptance:.0%} accepted lately, at best {ceiling / plain:.2f}x plain")
         if best.source != "none":
             self.sources[best.source].probe_interval = PROBE_EVERY  # it wins on merit: probe it promptly again
         return best
@@ -196,6 +266,7 @@ class DraftController:
         draft_seconds: float,
         verify_seconds: float,
         draft_work: int | None = None,  # draft-model evaluations this round (catch-up included); default k
+        catch_up: tuple[int, float] | None = None,  # (tokens, seconds) of a batched catch-up inside draft_seconds
     ) -> None:
         self.verify_cost.add(n_drafted, verify_seconds)
         for source, state in self.sources.items():
@@ -205,6 +276,9 @@ class DraftController:
             if source != decision.source:
                 state.rounds_since_used += 1
                 state.in_streak = False  # the streak is about consecutive rounds of this source
+        self._rounds += 1
+        if self.closed and self._rounds % REVIEW_EVERY == 0:
+            self.review(list(self.closed))
         if decision.source == "none" or decision.k == 0:
             return
         state = self.sources[decision.source]
@@ -213,5 +287,13 @@ class DraftController:
             evidence.accepted += n_accepted
             evidence.rejected += 1.0 if n_accepted < n_drafted else 0.0
         state.in_streak = state.streaky and n_drafted > 0 and n_accepted == n_drafted
-        per_unit = draft_seconds / max(draft_work if draft_work is not None else decision.k, 1)
+        work = draft_work if draft_work is not None else decision.k
+        if catch_up is not None and catch_up[0] > CATCH_UP_BATCH:  # priced apart: a batch costs far less per token
+            tokens, seconds = catch_up
+            per_token = seconds / tokens
+            state.catch_up_cost = per_token if state.catch_up_cost is None else 0.7 * state.catch_up_cost + 0.3 * per_token
+            draft_seconds, work = draft_seconds - seconds, work - tokens
+            if work <= 0:
+                return
+        per_unit = draft_seconds / max(work, 1)
         state.unit_cost = per_unit if state.unit_cost is None else 0.7 * state.unit_cost + 0.3 * per_unit

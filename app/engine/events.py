@@ -43,7 +43,12 @@ class GenerationStats:
     draft_time: float = 0.0
     verify_time: float = 0.0
     draft_length_histogram: dict[int, int] = field(default_factory=dict)
-    batch_invariant_build: bool = True  # False: greedy output may differ from plain at near-ties
+    overhead_time: float = 0.0  # generation_time spent outside llama_decode (Python: drafting logic, sampling, events)
+    # True: these tokens are exactly plain decoding's (the main model's kernels passed the batch-invariance
+    # self-check, or no batch was verified). False: they may differ at near-ties (see exact_check)
+    exact: bool = True
+    exact_check: str = ""  # the self-check's finding, in words
+    speculation: str = ""  # what drafting did or could not do here, and why (e.g. a draft model that cannot pay)
 
     @property
     def acceptance_rate(self) -> float:
@@ -54,7 +59,11 @@ class GenerationStats:
         out = asdict(self)
         out["acceptance_rate"] = round(self.acceptance_rate, 4)
         out["draft_length_histogram"] = {str(k): v for k, v in sorted(self.draft_length_histogram.items())}
-        for key in ("tokens_per_second", "time_to_first_token", "generation_time", "mean_draft_length", "draft_time", "verify_time"):
+        timings = (
+            "tokens_per_second", "time_to_first_token", "generation_time", "mean_draft_length", "draft_time", "verify_time",
+            "overhead_time",
+        )  # fmt: skip
+        for key in timings:
             out[key] = round(out[key], 4)
         return out
 
@@ -70,6 +79,10 @@ class GenerationStats:
                 f"({self.acceptance_rate:.0%}), {self.ignored_draft_tokens_count} ignored, "
                 f"mean draft {self.mean_draft_length:.2f}"
             )
+            if self.speculation:
+                line += f" | {self.speculation}"
+        if not self.exact:
+            line += " | not exact: may differ from plain decoding at near-ties (--exact avoids it)"
         return line
 
 

@@ -28,6 +28,7 @@ class EngineSpec:
     draft_on_gpu: bool = True  # the draft goes fully on the GPU or fully on the CPU
     ctx_size: int = 4096
     threads: int = os.cpu_count() or 1
+    exact: bool = False  # batch-invariant kernels for the main model (no repacking): output identical to plain decoding
 
     @property
     def draft_path(self) -> Path | None:
@@ -50,7 +51,9 @@ def load_engine(spec: EngineSpec, progress: LoadProgress | None = None) -> Specu
     def report(name: str) -> Callable[[float], None] | None:
         return None if progress is None else (lambda fraction: progress(name, fraction))
 
-    main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name))
+    # --exact: plain CPU buffers, whose kernels compute a row the same way at any batch size (the repacked
+    # ones do not); the engine's self-check confirms it or turns drafting off
+    main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name), extra_buffers=False if spec.exact else None)
     draft = None
     if draft_info is not None:
         on_cpu = not spec.draft_on_gpu or not supports_gpu_offload()
@@ -63,7 +66,9 @@ def load_engine(spec: EngineSpec, progress: LoadProgress | None = None) -> Specu
         )
     try:
         # prompt lookup rides along with a draft model (the controller picks per round) and stands in when there is none
-        return SpeculativeEngine(main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=spec.draft != NO_DRAFT)
+        return SpeculativeEngine(
+            main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=spec.draft != NO_DRAFT, exact=spec.exact
+        )
     except BaseException:
         main.close()
         if draft is not None:

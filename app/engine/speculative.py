@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engine.backend import Context, Model, batch_invariant_build, draft_context
+from app.engine.backend import Context, Model, draft_context
 from app.engine.compat import check_compatibility
 from app.engine.controller import Decision, DraftController
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError
 from app.engine.events import Event, Finished, GenerationStats, RoundEvent
 from app.engine.lookup import LookupDrafter, point_mass
+from app.engine.probe import DraftProfile, MainProfile, profile_draft, profile_main
 from app.engine.sampling import (
     Confidence,
     Distribution,
@@ -58,6 +59,7 @@ class Draft:
     dists: list[Distribution] = field(default_factory=list)  # q per token, for speculative sampling
     n_ignored: int = 0
     evaluated: int = 0  # tokens the draft model evaluated: its catch-up, then one per draft but the last
+    caught_up: tuple[int, float] = (0, 0.0)  # (tokens, seconds) of the catch-up before drafting
 
 
 class ModelDrafter:
@@ -74,7 +76,9 @@ class ModelDrafter:
         draft = Draft()
         settings = config.sampler
         penalty = PenaltyWindow(settings)
+        started = time.perf_counter()
         draft.evaluated = self.ctx.sync(tokens)
+        draft.caught_up = (draft.evaluated, time.perf_counter() - started)
         for i in range(k):
             row = self.ctx.logits()[-1]
             history = tokens + draft.tokens if penalty.active else ()
@@ -102,13 +106,29 @@ class ModelDrafter:
 
 
 class SpeculativeEngine:
-    """Main model + optional draft model, each in its own llama.cpp context."""
+    """Main model + optional draft model, each in its own llama.cpp context.
 
-    def __init__(self, main: Model, draft: Model | None = None, n_ctx: int = 4096, n_threads: int = 4, lookup: bool = False):
+    At creation the main model's kernels are probed on this machine (probe.py, cached): whether a verify
+    batch is bit-identical to one-token decoding, and what batches cost; likewise the draft model's cost
+    per token. The adaptive controller starts from those figures and never feeds or probes a source that
+    could not beat plain decoding here even at full acceptance. `exact=True` promises output identical to
+    plain decoding: when the kernels cannot keep that promise, nothing is drafted at all.
+    """
+
+    def __init__(
+        self,
+        main: Model,
+        draft: Model | None = None,
+        n_ctx: int = 4096,
+        n_threads: int = 4,
+        lookup: bool = False,
+        exact: bool = False,
+        main_profile: MainProfile | None = None,  # measured (or cached) when not given
+        draft_profile: DraftProfile | None = None,
+    ):
         n_ctx = min(n_ctx, main.n_ctx_train) if main.n_ctx_train > 0 else n_ctx
         self.main = main
         self.draft_model = draft
-        self.main_ctx = Context(main, n_ctx, n_threads)
         self.drafter: ModelDrafter | None = None
         if draft is not None:
             compat = check_compatibility(main, draft)
@@ -116,10 +136,22 @@ class SpeculativeEngine:
                 raise IncompatibleDraftError(
                     f"draft {draft.path.name} cannot be used with {main.path.name}: {compat.reason}"
                 )
+        self.main_profile = main_profile or profile_main(main, n_threads)
+        self.main_ctx = Context(main, n_ctx, n_threads)
+        if draft is not None:
+            self.draft_profile = draft_profile or profile_draft(draft, n_threads)
             self.drafter = ModelDrafter(draft_context(draft, n_ctx, n_threads))
         self.lookup = LookupDrafter() if lookup else None
         self.n_ctx = self.main_ctx.n_ctx
-        self.batch_invariant = batch_invariant_build()
+        self.exact_requested = exact
+        kernels = self.main_profile.kernels
+        # with kernels that are not batch-invariant, --exact can only be kept by never verifying a batch
+        self.blocked = (
+            "--exact: drafting off, this build's verify batches are not bit-identical to one-token decoding "
+            f"for {main.path.name} (logits differ by up to {kernels.max_difference:.2g})"
+            if exact and not kernels.exact and (self.drafter or self.lookup)
+            else ""
+        )
         # what the controller learned (costs, acceptance) carries over to the next reply of this pair:
         # later chat turns start from measured figures instead of priors
         self._controllers: dict[tuple[int, int], DraftController] = {}
@@ -128,6 +160,35 @@ class SpeculativeEngine:
         self.main_ctx.close()
         if self.drafter:
             self.drafter.ctx.close()
+
+    @property
+    def exact_kernels(self) -> bool:
+        return self.main_profile.kernels.exact
+
+    def controller(self, draft_min: int, draft_max: int) -> DraftController:
+        """The adaptive controller for these bounds, started from this machine's measured costs."""
+        bounds = (draft_min, draft_max)
+        if bounds not in self._controllers:
+            ctl = DraftController(*bounds)
+            draft = getattr(self, "draft_profile", None)
+            ctl.seed(self.main_profile.verify_seconds, draft.token_seconds if draft else None, draft.catch_up_seconds if draft else None)
+            self._controllers[bounds] = ctl
+        return self._controllers[bounds]
+
+    def speculation_state(self, config: GenerationConfig) -> str:
+        """In words: what drafting a reply with `config` will do on this machine, and why (empty: nothing to say)."""
+        if not (self.drafter or self.lookup) or config.draft_max == 0:
+            return "plain decoding"
+        if self.blocked:
+            return self.blocked
+        if not config.adaptive:
+            return f"fixed draft length {config.draft_max}"
+        ctl = self.controller(config.draft_min, config.draft_max)
+        ctl.review(self._sources())
+        return "; ".join(ctl.closed[s] for s in self._sources() if s in ctl.closed)
+
+    def _sources(self) -> list[str]:
+        return [s for s, on in (("model", self.drafter), ("lookup", self.lookup)) if on]
 
     def generate(
         self, prompt: Sequence[int], config: GenerationConfig, cancel: threading.Event | None = None
@@ -143,25 +204,24 @@ class SpeculativeEngine:
         rng = np.random.default_rng(settings.seed)
         penalty = PenaltyWindow(settings)
         stats = GenerationStats(draft_model=self.draft_name)
-        controller = None
-        if config.adaptive:
-            bounds = (config.draft_min, config.draft_max)
-            controller = self._controllers.setdefault(bounds, DraftController(*bounds))
+        stats.speculation = self.speculation_state(config)
+        controller = self.controller(config.draft_min, config.draft_max) if config.adaptive else None
         stats.prompt_tokens_count = len(prompt)
-        stats.batch_invariant_build = self.batch_invariant
         stream = TextStream(self.main.piece, config.stop)
         tokens = list(prompt)
         reply: list[int] = []
         released: list[str] = []
+        contexts = [self.main_ctx, *([self.drafter.ctx] if self.drafter else [])]
+        decode_before = sum(c.decode_seconds for c in contexts)
         started = time.perf_counter()
         first_token_at = 0.0
         first_round_tokens = 0
         stop_reason = ""
+        verified_batches = False
 
-        # the last prompt token opens the first verify batch
+        # the last prompt token opens the first verify batch. The draft model is not fed the prompt here:
+        # it catches up only when the controller first chooses it (a reply that never drafts never pays)
         stats.prompt_tokens_evaluated = self.main_ctx.sync_prefix(tokens[:-1]) + 1
-        if self.drafter:  # prompt processing for the draft too (as llama.cpp does): later catch-ups stay short
-            self.drafter.ctx.sync_prefix(tokens[:-1])
 
         while not stop_reason:
             if cancel is not None and cancel.is_set():
@@ -171,10 +231,13 @@ class SpeculativeEngine:
             if room <= 0:
                 stop_reason = CONTEXT_FULL
                 break
-            limit = min(config.draft_max, config.max_tokens - len(reply) - 1, room - 1)
+            limit = 0 if self.blocked else min(config.draft_max, config.max_tokens - len(reply) - 1, room - 1)
 
             t0 = time.perf_counter()
-            decision, draft = self._make_draft(tokens, limit, config, rng, controller)
+            if stats.rounds:
+                decision, draft = self._make_draft(tokens, limit, config, rng, controller, config.max_tokens - len(reply))
+            else:  # the first round is plain: time to first token is plain decoding's, whatever drafting costs
+                decision, draft = Decision("none", 0, "first token: plain decoding"), Draft()
             t1 = time.perf_counter()
             self.main_ctx.decode([tokens[-1], *draft.tokens], all_logits=True)
             rows = self.main_ctx.logits()
@@ -184,9 +247,11 @@ class SpeculativeEngine:
                 n_accepted, main_token = _verify_sampled(rows, draft, tokens, settings, penalty, rng)
             self.main_ctx.truncate(len(tokens) + n_accepted)  # drop rejected drafts from the KV cache
             t2 = time.perf_counter()
+            verified_batches = verified_batches or bool(draft.tokens)
             if controller is not None:
                 work = draft.evaluated if decision.source == "model" else None
-                controller.record(decision, len(draft.tokens), n_accepted, t1 - t0, t2 - t1, work)
+                catch_up = draft.caught_up if decision.source == "model" else None
+                controller.record(decision, len(draft.tokens), n_accepted, t1 - t0, t2 - t1, work, catch_up)
 
             emitted: list[int] = []
             for token in (*draft.tokens[:n_accepted], main_token):
@@ -237,6 +302,10 @@ class SpeculativeEngine:
         stats.predicted_tokens_count = len(reply)
         stats.generation_time = finished_at - started
         stats.time_to_first_token = (first_token_at or finished_at) - started
+        stats.overhead_time = stats.generation_time - (sum(c.decode_seconds for c in contexts) - decode_before)
+        # plain rounds verify one token each, which is plain decoding: exact whatever the kernels do
+        stats.exact = self.exact_kernels or not verified_batches
+        stats.exact_check = self.main_profile.kernels.describe()
         after_first = len(reply) - first_round_tokens
         if after_first > 0 and finished_at > first_token_at:
             stats.tokens_per_second = after_first / (finished_at - first_token_at)
@@ -259,10 +328,11 @@ class SpeculativeEngine:
         config: GenerationConfig,
         rng: np.random.Generator,
         controller: DraftController | None,
+        remaining: int,
     ) -> tuple[Decision, Draft]:
         """Pick a source and a length (the controller, or fixed draft_max), then draft."""
         if limit <= 0 or not (self.drafter or self.lookup):
-            return Decision("none", 0, "no drafting"), Draft()
+            return Decision("none", 0, self.blocked or "no drafting"), Draft()
         match = self.lookup.match(tokens, limit) if self.lookup else []
         if controller is None:  # fixed length: the draft model when there is one (llama.cpp's rule), else lookup
             if self.drafter:
@@ -276,9 +346,9 @@ class SpeculativeEngine:
             if self.drafter:
                 available["model"] = limit
             # beyond the main model's last token and an accepted draft's last token, the draft model
-            # evaluates what it missed while lookup or plain rounds ran
+            # evaluates what it missed: a new prompt, or what lookup and plain rounds produced meanwhile
             behind = {"model": max(len(tokens) - len(self.drafter.ctx.tokens) - 2, 0)} if self.drafter else {}
-            decision = controller.decide(available, behind)
+            decision = controller.decide(available, behind, horizon=remaining)
         if decision.source == "model":
             return decision, self.drafter.propose(tokens, decision.k, config, rng)
         if decision.source == "lookup":

@@ -195,6 +195,7 @@ class TandemApp(App[None]):
                 draft_on_gpu=settings.draft_on_gpu,
                 ctx_size=settings.ctx_size,
                 threads=settings.threads,
+                exact=settings.exact,
             )
             engine = load_engine(spec, progress)
         except TandemError as exc:
@@ -358,8 +359,9 @@ class TandemApp(App[None]):
             info.main = f"{self.engine.main.name} {self.engine.main.info.quantization}"
             info.draft = describe_draft(self.spec.draft) if self.spec.draft != NO_DRAFT else "none"
             info.ctx_size = self.engine.n_ctx
-            info.ctx_used = self.engine.main_ctx.n_evaluated
+            info.ctx_used = len(self.engine.main_ctx.tokens)
             info.vram = gpu_memory()
+            info.exact = self.engine.exact_kernels or self.spec.draft == NO_DRAFT or bool(self.engine.blocked)
         if self.loading:
             info.state = "loading"
         elif self.generation is not None:
@@ -375,6 +377,7 @@ class TandemApp(App[None]):
             sent = stats.accepted_draft_tokens_count + stats.rejected_draft_tokens_count
             info.acceptance = stats.acceptance_rate if sent else None
             info.draft_length = self.live.last_k if self.live.rounds else None
+            info.draft_off = "draft model off" in stats.speculation or bool(self.engine and self.engine.blocked)
         return info
 
     def refresh_status(self) -> None:

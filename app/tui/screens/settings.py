@@ -27,13 +27,14 @@ FIELDS = [
     ("draft_min", "Draft min"),
     ("draft_p_min", "Draft p-min (confidence stop)"),
     ("adaptive", "Adaptive draft length"),
+    ("exact", "Exact (output identical to plain)"),
     ("gpu_layers", "Main model GPU layers (-1 = all)"),
     ("draft_on_gpu", "Draft model on GPU (off = CPU)"),
     ("ctx_size", "Context size"),
     ("threads", "Threads"),
     ("system", "System message"),
 ]
-RELOAD_FIELDS = {"gpu_layers", "draft_on_gpu", "ctx_size", "threads"}  # need the models reloaded
+RELOAD_FIELDS = {"gpu_layers", "draft_on_gpu", "ctx_size", "threads", "exact"}  # need the models reloaded
 
 
 class SettingsScreen(ModalScreen[Settings | None]):

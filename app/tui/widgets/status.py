@@ -20,6 +20,8 @@ class StatusInfo:
     ctx_size: int = 0
     state: str = ""
     vram: tuple[int, int] | None = None
+    exact: bool | None = None  # output identical to plain decoding (the kernels' self-check)
+    draft_off: bool = False  # the draft model cannot pay on this machine (why: the debug pane, F4)
 
 
 def _gib(n: int) -> str:
@@ -47,11 +49,15 @@ class StatusBar(Widget):
         text.append(info.main, "bold")
         text.append("  draft ", "dim")
         text.append(info.draft, "bold")
+        if info.draft_off:
+            text.append(" (off: cannot pay here, F4)", "yellow")
         text.append(f"  {info.tokens_per_second:5.1f} tok/s", "green")
         text.append("  accept ", "dim")
         text.append("—" if info.acceptance is None else f"{info.acceptance:.0%}")
         text.append("  k ", "dim")
         text.append("—" if info.draft_length is None else str(info.draft_length))
+        if info.exact is not None:
+            text.append("  exact" if info.exact else "  ≈plain", "green" if info.exact else "yellow")
         text.append("  ctx ", "dim")
         text.append(f"{info.ctx_used}/{info.ctx_size}")
         text.append("  RAM ", "dim")

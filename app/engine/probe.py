@@ -1,0 +1,215 @@
+"""What this machine's kernels do with a model, measured once and cached.
+
+Two questions decide whether speculative decoding keeps its promises here, and neither can be read
+from a spec sheet: llama.cpp picks its CPU kernels per quantization, CPU and build (repacked K-quants on
+AVX2/AVX-512, AMX on Xeons, llamafile's sgemm, GPU kernels), and they differ in both respects.
+
+- Exactness: does a verify batch give bit-identical logits to one-token decoding? If not, speculative
+  output can differ from plain output where the main model's two best tokens are within rounding of
+  each other (a near-tie). Checked by decoding a fixed sequence token by token, then again as batches
+  of every verify size, and comparing the logits bitwise (and the next token's, which reads the K/V the
+  batch wrote).
+- Cost: what does a batch of n tokens cost against one? On a small CPU a verify batch is compute-bound
+  (9 tokens can cost 5x one) and a draft model may never pay; on a GPU or AMX it is nearly free.
+
+Both cost a few seconds once per model file, llama.cpp build, CPU and settings; the results live in the
+user cache (`$TANDEM_CACHE_DIR`, else the platform's cache folder), so later launches start instantly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import platformdirs
+
+from app.engine.backend import Context, Model, draft_context
+
+PROBE_TEXT = (
+    "def merge(left, right):\n    out = []\n    while left and right:\n        out.append(left.pop(0))\n"
+    "The quick brown fox jumps over the lazy dog, and the dog sat on the mat."
+)
+PREFIX = 8  # tokens cached before the checked positions: a verify batch never starts at an empty cache
+VERIFY_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 16, 17)  # up to 16 drafted tokens + the last one
+DRAFT_TOKENS = 6  # single-token draft evaluations timed
+CATCH_UP = 32  # tokens of a batched draft catch-up timed
+PROBE_VERSION = 1  # bump when what is measured changes: old cache entries are then ignored
+
+
+@dataclass
+class KernelCheck:
+    exact: bool  # every batched row bit-identical to one-token decoding
+    max_difference: float  # largest |logit| difference seen between the two (0.0 when exact)
+    differing_sizes: list[int] = field(default_factory=list)  # batch sizes whose rows differed
+
+    def describe(self) -> str:
+        if self.exact:
+            return "batch-invariant: verify batches give the same logits as one-token decoding (self-check)"
+        return (
+            f"not batch-invariant: verify batches of {', '.join(map(str, self.differing_sizes))} tokens differ from "
+            f"one-token decoding by up to {self.max_difference:.2g} in the logits, so output may differ from plain "
+            "decoding where two tokens are within that of each other; --exact avoids it"
+        )
+
+
+@dataclass
+class MainProfile:
+    kernels: KernelCheck
+    verify_seconds: dict[int, float]  # batch size -> seconds (the fastest of the timed runs)
+
+    def ratio(self, n: int) -> float:
+        return self.verify_seconds[n] / self.verify_seconds[1]
+
+
+@dataclass
+class DraftProfile:
+    token_seconds: float  # one draft-model evaluation (a drafted token)
+    catch_up_seconds: float  # per token, when the draft catches up on many tokens in one batch
+
+
+def cache_path() -> Path:
+    root = os.environ.get("TANDEM_CACHE_DIR") or platformdirs.user_cache_dir("tandem")
+    return Path(root) / "probes.json"
+
+
+def _file_identity(path: Path) -> dict[str, object]:
+    st = path.stat()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _key(kind: str, model: Model, n_threads: int, extra: dict[str, object]) -> str:
+    identity = {
+        "kind": kind,
+        "version": PROBE_VERSION,
+        "file": _file_identity(model.path),
+        "llama_cpp": llama_cpp.__version__,
+        "system": llama_cpp.llama_print_system_info().decode(errors="replace"),
+        "extra_buffers": model.extra_buffers,
+        "gpu_layers": model.n_gpu_layers,
+        "threads": n_threads,
+        **extra,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _load_cache() -> dict[str, dict]:
+    try:
+        data = json.loads(cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(key: str, value: dict) -> None:
+    """Best effort: a cache that cannot be written costs a re-measurement next launch, never an error."""
+    path = cache_path()
+    data = _load_cache()
+    data[key] = value
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _probe_tokens(model: Model, n: int) -> list[int]:
+    tokens = model.tokenize(PROBE_TEXT, add_special=False, parse_special=False)
+    tokens = [t for t in tokens if not model.is_eog(t)] or [max(model.bos, 0)]
+    while len(tokens) < n:
+        tokens += tokens
+    return tokens[:n]
+
+
+def profile_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_SIZES) -> MainProfile:
+    """Exactness and verify cost of `model` on this machine (cached)."""
+    key = _key("main", model, n_threads, {"sizes": list(sizes)})
+    cached = _load_cache().get(key)
+    if cached:
+        try:
+            return MainProfile(KernelCheck(**cached["kernels"]), {int(n): s for n, s in cached["verify_seconds"].items()})
+        except (KeyError, TypeError, ValueError):
+            pass
+    profile = measure_main(model, n_threads, sizes)
+    _store(key, {"kernels": asdict(profile.kernels), "verify_seconds": profile.verify_seconds, "measured": time.time()})
+    return profile
+
+
+def measure_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_SIZES) -> MainProfile:
+    longest = max(sizes)
+    tokens = _probe_tokens(model, PREFIX + longest + 1)
+    ctx = Context(model, n_ctx=PREFIX + longest + 8, n_threads=n_threads, n_batch=max(longest, PREFIX))
+    try:
+        ctx.decode(tokens[:PREFIX])
+        reference = []  # the logits of one-token decoding at positions PREFIX .. PREFIX + longest
+        singles = []
+        for token in tokens[PREFIX:]:
+            started = time.perf_counter()
+            ctx.decode([token], all_logits=True)
+            singles.append(time.perf_counter() - started)
+            reference.append(ctx.logits()[0].copy())
+        reference_rows = np.stack(reference)
+        seconds = {1: statistics.median(singles[1:])}  # the first one warms caches up
+        max_difference, differing = 0.0, []
+        for n in sizes:
+            if n == 1:
+                continue
+            timings = []
+            for attempt in range(2):  # the first run also checks, both are timed: the faster one counts
+                ctx.truncate(PREFIX)
+                started = time.perf_counter()
+                ctx.decode(tokens[PREFIX : PREFIX + n], all_logits=True)
+                timings.append(time.perf_counter() - started)
+                if attempt == 0:
+                    rows = ctx.logits()
+                    difference = float(np.max(np.abs(rows - reference_rows[:n])))
+                    # the next token reads the K/V this batch wrote: it must not differ either
+                    ctx.decode([tokens[PREFIX + n]], all_logits=True)
+                    difference = max(difference, float(np.max(np.abs(ctx.logits()[0] - reference_rows[n]))))
+                    if difference > 0.0 or not np.isfinite(difference):
+                        differing.append(n)
+                        max_difference = max(max_difference, difference)
+            seconds[n] = min(timings)
+        return MainProfile(KernelCheck(not differing, max_difference, differing), seconds)
+    finally:
+        ctx.close()
+
+
+def profile_draft(model: Model, n_threads: int) -> DraftProfile:
+    """What a draft-model evaluation costs on this machine (cached)."""
+    key = _key("draft", model, n_threads, {})
+    cached = _load_cache().get(key)
+    if cached:
+        try:
+            return DraftProfile(float(cached["token_seconds"]), float(cached["catch_up_seconds"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+    profile = measure_draft(model, n_threads)
+    _store(key, {**asdict(profile), "measured": time.time()})
+    return profile
+
+
+def measure_draft(model: Model, n_threads: int) -> DraftProfile:
+    tokens = _probe_tokens(model, CATCH_UP + DRAFT_TOKENS + 1)
+    ctx = draft_context(model, n_ctx=CATCH_UP + DRAFT_TOKENS + 16, n_threads=n_threads)
+    try:
+        ctx.decode(tokens[:1])  # warm-up
+        started = time.perf_counter()
+        ctx.decode(tokens[1 : CATCH_UP + 1])
+        catch_up = (time.perf_counter() - started) / CATCH_UP
+        singles = []
+        for token in tokens[CATCH_UP + 1 :]:
+            started = time.perf_counter()
+            ctx.decode([token])
+            singles.append(time.perf_counter() - started)
+        return DraftProfile(statistics.median(singles), catch_up)
+    finally:
+        ctx.close()
