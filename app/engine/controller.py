@@ -30,6 +30,9 @@ CATCH_UP_BATCH = 3  # a draft context evaluating more tokens than this in one sy
 REVIEW_EVERY = 16  # rounds between re-checks of which sources could pay at all
 CATCHES_UP = {"model"}  # sources whose fully accepted draft leaves its last token to evaluate next round
 STREAKY = {"lookup"}  # sources whose acceptance runs in streaks (see SourceState)
+# sources that cost nothing to ask: what they would have proposed is checked against the tokens that came
+# (observe), so their acceptance is known without ever spending a verify batch on a probe
+OBSERVED = {"lookup"}
 
 
 # a lookup draft is a dictionary probe: microseconds. Until measured, a model's draft token is priced
@@ -240,7 +243,9 @@ class DraftController:
         # it clearly better than this round's choice: prose can turn into code, text into copying
         for source, limit in available.items():
             state = self.sources[source]
-            if source == best.source or state.rounds_since_used < state.probe_interval or limit < max(1, self.draft_min):
+            if source == best.source or source in OBSERVED or limit < max(1, self.draft_min):
+                continue
+            if state.rounds_since_used < state.probe_interval:
                 continue
             if source in CATCHES_UP:  # a first probe is longer: it decides whether drafting starts early in a reply
                 k = min(max(FIRST_PROBE if state.unit_cost is None else 2, self.draft_min), limit, self.draft_max)
@@ -257,6 +262,15 @@ class DraftController:
         if best.source != "none":
             self.sources[best.source].probe_interval = PROBE_EVERY  # it wins on merit: probe it promptly again
         return best
+
+    def observe(self, source: str, n_matched: int, n_checked: int) -> None:
+        """Free evidence for an OBSERVED source: of the n_checked tokens that came after it was asked (and not
+        used), its proposal had the first n_matched right."""
+        state = self.state(source)
+        for evidence in (state.overall, state.evidence) if state.streaky else (state.overall,):
+            evidence.accepted += n_matched
+            evidence.rejected += 1.0 if n_matched < n_checked else 0.0
+        state.in_streak = state.streaky and n_matched == n_checked
 
     def record(
         self,

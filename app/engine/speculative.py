@@ -145,16 +145,18 @@ class SpeculativeEngine:
         self.n_ctx = self.main_ctx.n_ctx
         self.exact_requested = exact
         kernels = self.main_profile.kernels
-        # with kernels that are not batch-invariant, --exact can only be kept by never verifying a batch
+        # --exact: verify no batch wider than the self-check found bit-identical to one-token decoding
+        self.exact_cap = None if kernels.exact or not exact else kernels.exact_up_to - 1
         self.blocked = (
-            "--exact: drafting off, this build's verify batches are not bit-identical to one-token decoding "
-            f"for {main.path.name} (logits differ by up to {kernels.max_difference:.2g})"
-            if exact and not kernels.exact and (self.drafter or self.lookup)
+            "--exact: drafting off, no verify batch is bit-identical to one-token decoding for "
+            f"{main.path.name} with this build and CPU (logits differ by up to {kernels.max_difference:.2g})"
+            if self.exact_cap == 0 and (self.drafter or self.lookup)
             else ""
         )
         # what the controller learned (costs, acceptance) carries over to the next reply of this pair:
         # later chat turns start from measured figures instead of priors
         self._controllers: dict[tuple[int, int], DraftController] = {}
+        self._shadow: tuple[int, list[int]] | None = None
 
     def close(self) -> None:
         self.main_ctx.close()
@@ -181,11 +183,17 @@ class SpeculativeEngine:
             return "plain decoding"
         if self.blocked:
             return self.blocked
+        prefix = ""
+        if self.exact_cap is not None and self.exact_cap < config.draft_max:
+            prefix = f"--exact: drafts of at most {self.exact_cap} tokens (wider verify batches are not bit-identical here); "
         if not config.adaptive:
-            return f"fixed draft length {config.draft_max}"
-        ctl = self.controller(config.draft_min, config.draft_max)
+            return prefix + f"fixed draft length {self._bounds(config)[1]}"
+        ctl = self.controller(*self._bounds(config))
         ctl.review(self._sources())
-        return "; ".join(ctl.closed[s] for s in self._sources() if s in ctl.closed)
+        return prefix + "; ".join(ctl.closed[s] for s in self._sources() if s in ctl.closed)
+
+    def _bounds(self, config: GenerationConfig) -> tuple[int, int]:
+        return config.draft_min, min(config.draft_max, self.exact_cap if self.exact_cap is not None else config.draft_max)
 
     def _sources(self) -> list[str]:
         return [s for s, on in (("model", self.drafter), ("lookup", self.lookup)) if on]
@@ -205,7 +213,7 @@ class SpeculativeEngine:
         penalty = PenaltyWindow(settings)
         stats = GenerationStats(draft_model=self.draft_name)
         stats.speculation = self.speculation_state(config)
-        controller = self.controller(config.draft_min, config.draft_max) if config.adaptive else None
+        controller = self.controller(*self._bounds(config)) if config.adaptive else None
         stats.prompt_tokens_count = len(prompt)
         stream = TextStream(self.main.piece, config.stop)
         tokens = list(prompt)
@@ -217,7 +225,8 @@ class SpeculativeEngine:
         first_token_at = 0.0
         first_round_tokens = 0
         stop_reason = ""
-        verified_batches = False
+        widest = 1  # the widest verify batch of this reply
+        self._shadow = None  # (position, tokens): lookup's unused proposal, checked next round (controller.observe)
 
         # the last prompt token opens the first verify batch. The draft model is not fed the prompt here:
         # it catches up only when the controller first chooses it (a reply that never drafts never pays)
@@ -232,6 +241,8 @@ class SpeculativeEngine:
                 stop_reason = CONTEXT_FULL
                 break
             limit = 0 if self.blocked else min(config.draft_max, config.max_tokens - len(reply) - 1, room - 1)
+            if self.exact_cap is not None:
+                limit = min(limit, self.exact_cap)
 
             t0 = time.perf_counter()
             if stats.rounds:
@@ -247,7 +258,7 @@ class SpeculativeEngine:
                 n_accepted, main_token = _verify_sampled(rows, draft, tokens, settings, penalty, rng)
             self.main_ctx.truncate(len(tokens) + n_accepted)  # drop rejected drafts from the KV cache
             t2 = time.perf_counter()
-            verified_batches = verified_batches or bool(draft.tokens)
+            widest = max(widest, len(draft.tokens) + 1)
             if controller is not None:
                 work = draft.evaluated if decision.source == "model" else None
                 catch_up = draft.caught_up if decision.source == "model" else None
@@ -303,8 +314,8 @@ class SpeculativeEngine:
         stats.generation_time = finished_at - started
         stats.time_to_first_token = (first_token_at or finished_at) - started
         stats.overhead_time = stats.generation_time - (sum(c.decode_seconds for c in contexts) - decode_before)
-        # plain rounds verify one token each, which is plain decoding: exact whatever the kernels do
-        stats.exact = self.exact_kernels or not verified_batches
+        # a batch no wider than the self-check's exact ones is plain decoding, bit for bit
+        stats.exact = self.exact_kernels or widest <= self.main_profile.kernels.exact_up_to
         stats.exact_check = self.main_profile.kernels.describe()
         after_first = len(reply) - first_round_tokens
         if after_first > 0 and finished_at > first_token_at:
@@ -334,6 +345,14 @@ class SpeculativeEngine:
         if limit <= 0 or not (self.drafter or self.lookup):
             return Decision("none", 0, self.blocked or "no drafting"), Draft()
         match = self.lookup.match(tokens, limit) if self.lookup else []
+        if controller is not None and self._shadow is not None:  # what lookup proposed last round, against what came
+            start, proposal = self._shadow
+            came = tokens[start : start + len(proposal)]
+            n = 0
+            while n < len(came) and came[n] == proposal[n]:
+                n += 1
+            controller.observe("lookup", n, len(came))
+            self._shadow = None
         if controller is None:  # fixed length: the draft model when there is one (llama.cpp's rule), else lookup
             if self.drafter:
                 decision = Decision("model", limit, f"fixed k={limit}")
@@ -349,6 +368,8 @@ class SpeculativeEngine:
             # evaluates what it missed: a new prompt, or what lookup and plain rounds produced meanwhile
             behind = {"model": max(len(tokens) - len(self.drafter.ctx.tokens) - 2, 0)} if self.drafter else {}
             decision = controller.decide(available, behind, horizon=remaining)
+            if match and decision.source != "lookup":
+                self._shadow = (len(tokens), match)
         if decision.source == "model":
             return decision, self.drafter.propose(tokens, decision.k, config, rng)
         if decision.source == "lookup":
