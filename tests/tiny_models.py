@@ -112,3 +112,27 @@ def write_model(
 
 def n_vocab(words: list[str] = WORDS) -> int:
     return 3 + 256 + len(words)
+
+
+def quantize(source: Path, target: Path, ftype: int) -> Path:
+    """Re-quantize a GGUF with llama.cpp's own quantizer (K-quants need rows of 256: n_embd=256 and up)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    assert rc == 0, f"llama_model_quantize failed ({rc})"
+    return target
+
+
+def k_quant_model(root: Path, seed: int = 7, noise: float = 0.0, name: str = "tiny-q4km") -> Path:
+    """A tiny Q4_K_M model (the most common GGUF quantization): wide enough for K-quant blocks, so
+    llama.cpp's repacked and tiled K-quant kernels see it as they see a real model."""
+    import llama_cpp
+
+    weights = random_weights(seed=seed, n_vocab=n_vocab(), n_embd=256, n_ff=512)
+    if noise:
+        weights = perturbed(weights, seed=seed + 1, noise=noise)
+    f32 = write_model(root / f"{name}.f32.gguf", weights, name=name)
+    return quantize(f32, root / f"{name}.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)

@@ -52,6 +52,13 @@ class KernelCheck:
     # (repacked K-quants at 4 rows, llama.cpp's tiled K-quant matmul at 8), so small batches can be exact
     exact_up_to: int = 1
 
+    @property
+    def rounding_bound(self) -> float:
+        """How far apart two logits can be and still swap order between batched and one-token decoding:
+        each may move by max_difference. Where plain decoding's two best tokens are closer than this, a
+        speculative reply may take the other one: the main model's own choice up to rounding."""
+        return 2.0 * self.max_difference
+
     def describe(self) -> str:
         if self.exact:
             return "batch-invariant: verify batches give the same logits as one-token decoding (self-check)"
