@@ -112,3 +112,50 @@ def test_lookup_index_follows_a_growing_sequence_and_resets_on_a_new_one() -> No
     seq += [7, 1, 5, 6]
     assert lookup.match(seq, 2) == [7, 1]  # the latest occurrence wins
     assert lookup.match([3, 4, 9, 3, 4], 2) == [9, 3]
+
+
+def probed_controller(verify_ratio: float, draft_ratio: float) -> DraftController:
+    ctl = DraftController(draft_min=0, draft_max=16)
+    ctl.seed({n: ONE * (1 + verify_ratio * (n - 1)) for n in range(1, 18)}, ONE * draft_ratio, ONE * draft_ratio / 4)
+    return ctl
+
+
+def test_review_closes_a_draft_model_that_cannot_pay_even_at_full_acceptance_and_says_why() -> None:
+    ctl = probed_controller(verify_ratio=1.0, draft_ratio=0.57)  # the real pair on a 2-core CPU
+    ctl.review(["model"])
+    assert "model" in ctl.closed and "at best 0." in ctl.closed["model"] and "a draft token 0.57x" in ctl.closed["model"]
+    assert ctl.decide({"model": 8}).source == "none"  # neither drafted nor probed
+    cheap = probed_controller(verify_ratio=0.1, draft_ratio=0.1)  # a GPU
+    cheap.review(["model"])
+    assert cheap.closed == {} and cheap.best_case("model")[0] > 2
+
+
+def test_a_closed_source_reopens_when_live_figures_change() -> None:
+    ctl = probed_controller(verify_ratio=1.0, draft_ratio=0.57)
+    ctl.review(["model"])
+    for x in range(17):  # the machine turned out to verify batches cheaply after all
+        ctl.record(Decision("none", 0, "test"), x, 0, 0.0, ONE * (1 + 0.05 * x))
+    ctl.review(["model"])
+    assert "model" not in ctl.closed
+
+
+def test_probed_costs_scale_with_live_measurements() -> None:
+    ctl = probed_controller(verify_ratio=0.5, draft_ratio=0.5)
+    assert ctl.verify_time(5) == pytest.approx(ONE * 3)
+    ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, 2 * ONE)  # live one-token cost: twice the probe's
+    assert ctl.verify_time(5) == pytest.approx(ONE * 6)  # unmeasured sizes follow the probe's shape
+    assert ctl.unit_cost("model") == pytest.approx(ONE)  # and so does the draft's unmeasured cost
+
+
+def test_lookup_is_judged_by_observation_and_never_probed() -> None:
+    ctl = DraftController(draft_min=0, draft_max=8)
+    ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)
+    for _ in range(30):
+        ctl.observe("lookup", 0, 1)  # its proposals keep being wrong
+        decision = ctl.decide({"lookup": 4})
+        assert decision.source == "none"
+        ctl.record(decision, 0, 0, 0.0, ONE)
+    for _ in range(6):
+        ctl.observe("lookup", 1, 1)  # the reply started copying
+        ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)
+    assert ctl.decide({"lookup": 4}).source == "lookup"

@@ -287,14 +287,17 @@ def test_adaptive_and_lookup_modes_stay_identical_to_plain(models, prompt: str) 
 
 
 def test_the_controller_keeps_what_it_learned_for_the_next_reply(models) -> None:
-    engine = SpeculativeEngine(models["main"], models["draft"], n_ctx=512, n_threads=2)
+    main_profile, draft_profile = synthetic_profiles(verify_ratio=0.1, draft_ratio=0.1)  # a machine where drafting pays
+    engine = SpeculativeEngine(
+        models["main"], models["draft"], n_ctx=512, n_threads=2, main_profile=main_profile, draft_profile=draft_profile
+    )
     config = GenerationConfig(max_tokens=24, sampler=GREEDY, adaptive=True)
     list(engine.generate(models["main"].tokenize(PROMPTS[0]), config))
     (controller,) = engine._controllers.values()
     assert controller.verify_cost.samples and controller.sources["model"].unit_cost is not None
     second = list(engine.generate(models["main"].tokenize(PROMPTS[1]), config))
     assert engine._controllers == {(0, 8): controller}
-    assert "nothing measured" not in second[0].decision  # it starts from measured costs, not priors
+    assert "nothing measured" not in second[1].decision  # it starts from measured costs, not priors
     assert second[-1].tokens == run(models["main"], None, models["main"].tokenize(PROMPTS[1]), max_tokens=24)[0].tokens
 
 
@@ -314,3 +317,56 @@ def test_lookup_sampling_matches_plain_sampling_distribution(models) -> None:
     y = np.array([b[t] for t in support], dtype=float)
     pooled = (x + y) / (x.sum() + y.sum())
     assert _chi_square(x, pooled * x.sum()) + _chi_square(y, pooled * y.sum()) < 3 * len(support) + 30
+
+
+def synthetic_profiles(verify_ratio: float, draft_ratio: float, one: float = 0.01):
+    """Probe figures as if measured on a machine where a verify batch of n costs 1 + verify_ratio * (n - 1)
+    token times and a draft token draft_ratio of one."""
+    from app.engine.probe import VERIFY_SIZES, DraftProfile, KernelCheck, MainProfile
+
+    main = MainProfile(KernelCheck(True, 0.0, [], max(VERIFY_SIZES)), {n: one * (1 + verify_ratio * (n - 1)) for n in VERIFY_SIZES})
+    return main, DraftProfile(one * draft_ratio, one * draft_ratio / 4)
+
+
+def test_a_draft_model_that_cannot_pay_here_is_never_fed_nor_probed(models) -> None:
+    """Verifying costs ~1x per extra token and a draft token 0.6x: even full acceptance loses (the real
+    pair on a 2-core CPU). The draft context must evaluate nothing, not even the prompt."""
+    main_profile, draft_profile = synthetic_profiles(verify_ratio=0.95, draft_ratio=0.6)
+    engine = SpeculativeEngine(
+        models["main"], models["twin"], n_ctx=512, n_threads=2, main_profile=main_profile, draft_profile=draft_profile
+    )
+    tokens = models["main"].tokenize(PROMPTS[0])
+    plain, _, _ = run(models["main"], None, tokens, max_tokens=64)
+    out = list(engine.generate(tokens, GenerationConfig(max_tokens=64, sampler=GREEDY)))[-1]
+    assert out.tokens == plain.tokens
+    assert engine.drafter.ctx.n_evaluated == 0
+    assert out.stats.total_draft_tokens_count == 0
+    assert "draft model off" in out.stats.speculation and "at best" in out.stats.speculation
+
+
+def test_a_draft_model_that_can_pay_is_fed_lazily_after_a_plain_first_round(models) -> None:
+    main_profile, draft_profile = synthetic_profiles(verify_ratio=0.1, draft_ratio=0.1)
+    engine = SpeculativeEngine(
+        models["main"], models["twin"], n_ctx=512, n_threads=2, main_profile=main_profile, draft_profile=draft_profile
+    )
+    tokens = models["main"].tokenize(PROMPTS[0])
+    events = engine.generate(tokens, GenerationConfig(max_tokens=64, sampler=GREEDY))
+    first = next(events)
+    assert first.drafted == () and first.decision == "first token: plain decoding"
+    assert engine.drafter.ctx.n_evaluated == 0  # the first token never waits for the draft's prompt
+    rest = list(events)
+    assert rest[-1].stats.accepted_draft_tokens_count > 0 and rest[-1].stats.speculation == ""
+    assert engine.drafter.ctx.n_evaluated > 0
+
+
+def test_lookup_is_judged_from_what_it_would_have_proposed(models) -> None:
+    """Lookup is never probed: its unused proposals are checked against the tokens that came. Text that
+    never repeats itself sees no lookup draft at all; a repeating one does."""
+    main_profile, _ = synthetic_profiles(verify_ratio=0.9, draft_ratio=0.0)
+    engine = SpeculativeEngine(models["main"], None, n_ctx=512, n_threads=2, lookup=True, main_profile=main_profile)
+    tokens = models["main"].tokenize(PROMPTS[2] * 4)
+    events = list(engine.generate(tokens, GenerationConfig(max_tokens=96, sampler=GREEDY)))
+    assert not any(e.decision.startswith("probe") for e in events[:-1])
+    controller = engine.controller(0, 8)
+    observed = controller.sources["lookup"].overall
+    assert observed.accepted + observed.rejected > 0  # evidence gathered without spending a verify batch

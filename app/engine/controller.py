@@ -54,6 +54,7 @@ class VerifyCost:
     samples: dict[int, float] = field(default_factory=dict)  # x -> seconds (EMA), this session
     prior: dict[int, float] = field(default_factory=dict)  # x -> seconds, from the probe
     slope: float = 0.0  # least-squares slope over the known x, for extrapolating upwards
+    scale: float = 1.0  # live figures / the probe's, where both exist: how much slower (or faster) than probed
     _known: dict[int, float] = field(default_factory=dict)  # prior (scaled) and samples merged
 
     def __post_init__(self) -> None:
@@ -66,7 +67,7 @@ class VerifyCost:
 
     def _merge(self) -> None:
         both = [x for x in self.samples if x in self.prior]
-        scale = sum(self.samples[x] / self.prior[x] for x in both) / len(both) if both else 1.0
+        self.scale = scale = sum(self.samples[x] / self.prior[x] for x in both) / len(both) if both else 1.0
         self._known = {x: s * scale for x, s in self.prior.items()} | self.samples
         if len(self._known) > 1:
             xs, ys = list(self._known), list(self._known.values())
@@ -118,6 +119,9 @@ class SourceState:
     unit_cost: float | None = None
     # seconds per token when a draft model catches up on many tokens in one batch (a new prompt), EMA
     catch_up_cost: float | None = None
+    # the probe's figures for both (probe.py), used until measured live, scaled as verify costs are
+    probed_cost: float | None = None
+    probed_catch_up: float | None = None
     rounds_since_used: int = PROBE_EVERY  # an untried source is probed at once, while probing is cheap
     # a probe is dear for a draft model that sat idle: its context first catches up on every token it missed
     probe_interval: int = PROBE_EVERY
@@ -169,12 +173,28 @@ class DraftController:
         state = self.sources[source]
         a = min(state.acceptance if acceptance is None else acceptance, 0.999)
         accepted = a * (1 - a**k) / (1 - a)
-        unit = state.unit_cost if state.unit_cost is not None else PRIOR_DRAFT_COST.get(source, PRIOR_MODEL_COST * one)
+        unit = self.unit_cost(source)
         cost = unit * (k + a**k if source in CATCHES_UP else k)
         if behind:  # the catch-up is paid once, then the model drafts for a while: charge each round its share
-            per_token = state.catch_up_cost if state.catch_up_cost is not None else unit
-            cost += per_token * behind * (accepted + 1.0) / max(horizon, 1)
+            cost += self.catch_up_cost(source) * behind * (accepted + 1.0) / max(horizon, 1)
         return (accepted + 1.0) / (cost + (self.verify_time(k + 1) or one * (1 + PRIOR_VERIFY_SLOPE * k)))
+
+    def unit_cost(self, source: str) -> float:
+        """Seconds per draft evaluation: measured live, else probed (scaled like verify costs), else a prior."""
+        state = self.sources[source]
+        if state.unit_cost is not None:
+            return state.unit_cost
+        if state.probed_cost is not None:
+            return state.probed_cost * self.verify_cost.scale
+        return PRIOR_DRAFT_COST.get(source, PRIOR_MODEL_COST * (self.verify_time(1) or 1.0))
+
+    def catch_up_cost(self, source: str) -> float:
+        state = self.sources[source]
+        if state.catch_up_cost is not None:
+            return state.catch_up_cost
+        if state.probed_catch_up is not None:
+            return state.probed_catch_up * self.verify_cost.scale
+        return self.unit_cost(source)
 
     def state(self, source: str) -> SourceState:
         if source not in self.sources:
@@ -189,8 +209,7 @@ class DraftController:
         self.verify_cost._merge()
         if draft_token_seconds is not None:
             model = self.state("model")
-            model.unit_cost = model.unit_cost if model.unit_cost is not None else draft_token_seconds
-            model.catch_up_cost = model.catch_up_cost if model.catch_up_cost is not None else catch_up_seconds
+            model.probed_cost, model.probed_catch_up = draft_token_seconds, catch_up_seconds
 
     def best_case(self, source: str) -> tuple[float, int]:
         """The best speedup over plain decoding `source` could give if every drafted token were accepted,
@@ -212,8 +231,7 @@ class DraftController:
                 continue
             one = self.verify_time(1) or 1.0
             verify = (self.verify_time(k + 1) or one) / one
-            state = self.sources[source]
-            unit = (state.unit_cost if state.unit_cost is not None else PRIOR_DRAFT_COST.get(source, PRIOR_MODEL_COST * one)) / one
+            unit = self.unit_cost(source) / one
             self.closed[source] = (
                 f"{'draft model' if source == 'model' else 'prompt lookup'} off: verifying {k + 1} tokens costs {verify:.1f}x one"
                 + (f", a draft token {unit:.2f}x" if source == "model" else "")
