@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batch-invariant kernels for the main model: output token-identical to plain decoding "
                        "(default: the fastest kernels, identical up to floating-point near-ties; see stats.exact)")
     draft.add_argument("--no-adaptive", action="store_true", help="always draft --draft-max tokens instead of adapting per round")
-    draft.add_argument("--draft-max", "--draftamount", "--draft-n", type=_non_negative_int, default=8, metavar="K",
-                       help="most tokens drafted per round (default 8)")
+    draft.add_argument("--draft-max", "--draftamount", "--draft-n", type=_non_negative_int, default=16, metavar="K",
+                       help="most tokens drafted per round (default 16, as llama.cpp; the adaptive controller picks fewer where they pay)")
     draft.add_argument("--draft-min", type=_non_negative_int, default=0, metavar="K",
                        help="drafts shorter than this are not sent for verification (default 0)")
     draft.add_argument("--draft-p-min", type=_probability, default=0.0, metavar="P",

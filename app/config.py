@@ -37,7 +37,7 @@ class Settings:
     repeat_penalty: float = 1.0
     max_tokens: int = 512
     seed: int = -1  # -1: a new seed every reply
-    draft_max: int = 8
+    draft_max: int = 16  # llama.cpp's default; the adaptive controller picks the length per round
     draft_min: int = 0
     draft_p_min: float = 0.0
     adaptive: bool = True

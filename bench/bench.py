@@ -5,17 +5,26 @@ With llama.cpp's own tools present (built by ../shared/tools/build-llama-anchor.
 ratios to them. This is a benchmark, not a test: numbers on a shared 2-core machine are noisy,
 which is why every figure is a median of interleaved runs and every claim is a ratio within one run.
 
-    python bench/bench.py [--runs 3] [--max-tokens 256] [--modes plain,k2,k4,k8,adaptive] [--anchor-dir DIR|none]
+    python bench/bench.py [--pair demo|real] [--runs 3] [--max-tokens 256] [--modes plain,k2,k4,k8,adaptive]
+                          [--anchor-dir DIR|none] [--chat]
+
+`--pair real` is Qwen2.5-Coder-1.5B-Instruct Q4_K_M with its 0.5B sibling as draft, fetched (and cached) by
+../shared/tools/fetch-real-pair.sh. Besides the shared prompts it runs a short answer (a JSON array of a few
+tokens: where fixed costs weigh most). `--chat` measures time to first token over a multi-turn chat, plain
+against the default mode. Every table starts with the machine it was measured on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import re
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,11 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.engine.backend import Model, amx_cpu  # noqa: E402
-from app.engine.chat import Message, format_chat, tokenize_prompt  # noqa: E402
+from app.engine.chat import ChatSession, Message, format_chat, tokenize_prompt  # noqa: E402
 from app.engine.demo import ensure_demo_pair  # noqa: E402
 from app.engine.events import Finished  # noqa: E402
 from app.engine.sampling import SamplerSettings  # noqa: E402
 from app.engine.speculative import GenerationConfig, SpeculativeEngine  # noqa: E402
+
+SHORT_ANSWER = {"id": "short-json", "kind": "short", "prompt": "List three primary colors as a JSON array of strings. Output JSON only."}
+CHAT_TURNS = (
+    "Write a Python function that parses a CSV line into a list of fields, handling quoted fields.",
+    "Now add a docstring and type hints to it.",
+    "Write three pytest tests for it.",
+)
+REAL_PAIR = ("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 
 
 @dataclass
@@ -35,6 +52,30 @@ class Sample:
     tok_s: float
     acceptance: float
     tokens: tuple[int, ...]
+    exact: bool = True
+    overhead_per_round: float = 0.0  # seconds outside llama_decode per round
+
+
+def machine() -> str:
+    """CPU model, AMX or not, cores: every figure is about one machine."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {'AMX' if amx_cpu() else 'no AMX'}, {os.cpu_count()} cores"
+
+
+def real_pair() -> tuple[Path, Path]:
+    root = Path(os.environ.get("REAL_PAIR_DIR") or Path.home() / ".cache" / "tandem-real-pair")
+    if not all((root / name).exists() for name in REAL_PAIR):
+        script = ROOT.parent / "shared" / "tools" / "fetch-real-pair.sh"
+        out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout.split()
+        return Path(out[-2]), Path(out[-1])
+    return root / REAL_PAIR[0], root / REAL_PAIR[1]
 
 
 def load_prompts(path: Path | None) -> list[dict[str, str]]:
@@ -51,16 +92,44 @@ def mode_config(name: str, base: GenerationConfig) -> tuple[str, GenerationConfi
         return "model", replace(base, draft_max=0, adaptive=False)
     if m := re.fullmatch(r"k(\d+)", name):
         return "model", replace(base, draft_max=int(m.group(1)), adaptive=False)
-    if name == "adaptive":
-        return "model", replace(base, draft_max=8, adaptive=True)
+    if name == "adaptive":  # the default: draft model + lookup, controller's choice, llama.cpp's default draft-max
+        return "model", replace(base, draft_max=16, adaptive=True)
     if name == "lookup":
-        return "lookup", replace(base, draft_max=8, adaptive=True)
+        return "lookup", replace(base, draft_max=16, adaptive=True)
     raise SystemExit(f"unknown mode {name!r}")
 
 
 def run_once(engine: SpeculativeEngine, prompt: list[int], config: GenerationConfig) -> Sample:
     finished = next(e for e in engine.generate(prompt, config) if isinstance(e, Finished))
-    return Sample(finished.stats.tokens_per_second, finished.stats.acceptance_rate, finished.tokens)
+    stats = finished.stats
+    return Sample(stats.tokens_per_second, stats.acceptance_rate, finished.tokens, stats.exact, stats.overhead_time / max(stats.rounds, 1))
+
+
+def chat_ttft(main_path: Path, draft_path: Path | None, threads: int, runs: int, max_tokens: int) -> None:
+    """Time to first token over a multi-turn chat: each turn re-renders the chat, both contexts keep their
+    KV prefix. Plain (--no-draft) against the default (draft model + lookup, adaptive), runs alternating."""
+    main_model = Model(main_path)
+    draft_model = Model(draft_path) if draft_path else None
+    base = GenerationConfig(max_tokens=max_tokens, sampler=SamplerSettings(temperature=0.0))
+    ttft: dict[str, list[list[float]]] = {"plain": [], "default": []}
+    for _ in range(runs):
+        for mode in ("plain", "default"):
+            engine = SpeculativeEngine(main_model, draft_model if mode == "default" else None, n_ctx=4096, n_threads=threads,
+                                       lookup=mode == "default")  # fmt: skip
+            session, config = ChatSession(engine), base if mode == "default" else replace(base, draft_max=0)
+            turns = []
+            for text in CHAT_TURNS:
+                finished = next(e for e in session.send(text, config) if isinstance(e, Finished))
+                turns.append(finished.stats.time_to_first_token)
+            ttft[mode].append(turns)
+            engine.close()
+    print(f"\ntime to first token, {len(CHAT_TURNS)}-turn chat, {runs} runs alternating, medians (s):")
+    print("| turn | plain | default | default / plain |")
+    print("|---|---|---|---|")
+    for i in range(len(CHAT_TURNS)):
+        plain = statistics.median(run[i] for run in ttft["plain"])
+        default = statistics.median(run[i] for run in ttft["default"])
+        print(f"| {i + 1} | {plain:.3f} | {default:.3f} | {default / plain:.2f}x |")
 
 
 def anchor_dir(explicit: str | None) -> Path | None:
@@ -114,8 +183,12 @@ def run_llama_bench(bin_dir: Path, model: Path, threads: int, n_gen: int = 128, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", choices=("demo", "real"), default="demo")
     parser.add_argument("--model")
     parser.add_argument("--draft")
+    parser.add_argument("--chat", action="store_true", help="time to first token over a multi-turn chat, then exit")
+    parser.add_argument("--no-short", action="store_true", help="skip the short-answer prompt")
+    parser.add_argument("--exact", action="store_true", help="as `tandem --exact`: batch-invariant main-model kernels")
     parser.add_argument("--prompts", type=Path)
     parser.add_argument("--only", help="comma-separated prompt ids")
     parser.add_argument("--modes", default="plain,k1,k2,k3,k4,k5,k6,k7,k8,adaptive,lookup")
@@ -133,22 +206,36 @@ def main() -> int:
 
     if args.model:
         main_path, draft_path = Path(args.model), Path(args.draft) if args.draft else None
+    elif args.pair == "real":
+        main_path, draft_path = real_pair()
     else:
         main_path, draft_path = ensure_demo_pair()
-    main_model, draft_model = Model(main_path), Model(draft_path) if draft_path else None
+    print(f"machine: {machine()}; measured {time.strftime('%Y-%m-%d')}", flush=True)
+    if args.chat:
+        chat_ttft(main_path, draft_path, args.threads, args.runs, args.max_tokens)
+        return 0
+    main_model = Model(main_path, extra_buffers=False if args.exact else None)
+    draft_model = Model(draft_path) if draft_path else None
     engines = {
-        "model": SpeculativeEngine(main_model, draft_model, n_ctx=4096, n_threads=args.threads, lookup=True),
-        "lookup": SpeculativeEngine(main_model, None, n_ctx=4096, n_threads=args.threads, lookup=True),
+        "model": SpeculativeEngine(main_model, draft_model, n_ctx=4096, n_threads=args.threads, lookup=True, exact=args.exact),
+        "lookup": SpeculativeEngine(main_model, None, n_ctx=4096, n_threads=args.threads, lookup=True, exact=args.exact),
     }
     base = GenerationConfig(max_tokens=args.max_tokens, sampler=SamplerSettings(temperature=0.0))
     modes = args.modes.split(",")
-    prompts = load_prompts(args.prompts)
+    prompts = load_prompts(args.prompts) + ([] if args.no_short else [SHORT_ANSWER])
     if args.only:
         prompts = [p for p in prompts if p["id"] in args.only.split(",")]
     bin_dir = None if args.no_anchor else anchor_dir(args.anchor_dir)
 
     print(f"main {main_path.name}, draft {draft_path.name if draft_path else '-'}, {args.threads} threads, "
           f"greedy, {args.max_tokens} tokens max, {args.runs} interleaved runs, medians", flush=True)
+    engine = engines["model"]
+    print(f"main-model kernels: {engine.main_profile.kernels.describe()}")
+    print("verify cost (probe), batch of n / one token: "
+          + " ".join(f"{n}:{engine.main_profile.ratio(n):.2f}" for n in engine.main_profile.verify_seconds))
+    if engine.drafter:
+        print(f"draft token / main token (probe): {engine.draft_profile.token_seconds / engine.main_profile.verify_seconds[1]:.2f}")
+    print(f"adaptive: {engine.speculation_state(mode_config('adaptive', base)[1]) or 'every source may pay here'}", flush=True)
     header = ["prompt", *[f"{m} tok/s" for m in modes], *[f"{m}/plain" for m in modes if m != "plain"], "accept (k max)"]
     if bin_dir:
         header += [f"llama-speculative-simple k{args.anchor_k} tok/s", f"ours k{args.anchor_k} / it"]
@@ -171,8 +258,10 @@ def main() -> int:
                 tg.append(run_llama_bench(bin_dir, main_path, args.threads, len(samples["plain"][-1].tokens), len(tokens), reps=1))
         plain_tokens = samples[modes[0]][0].tokens
         identical = all(s.tokens == plain_tokens for runs in samples.values() for s in runs)
+        inexact = sorted({m for m, runs in samples.items() for s in runs if not s.exact})
         med = {m: statistics.median(s.tok_s for s in samples[m]) for m in modes}
-        row = [prompt["id"] + ("" if identical else " (OUTPUT DIFFERS)"), *[f"{med[m]:.1f}" for m in modes]]
+        label = prompt["id"] + ("" if identical else f" (differs from plain; not exact: {', '.join(inexact) or 'none'})")
+        row = [label, *[f"{med[m]:.1f}" for m in modes]]
         plain = med.get("plain")
         for m in modes:
             if m != "plain" and plain:
@@ -186,7 +275,9 @@ def main() -> int:
         if tg:
             row += [f"{statistics.median(tg):.1f}", f"{med['plain'] / statistics.median(tg):.2f}x"]
         rows.append(row)
+        overhead = {m: statistics.median(s.overhead_per_round for s in samples[m]) * 1000 for m in modes}
         print(" | ".join(row), flush=True)
+        print("   outside llama_decode, ms per round: " + ", ".join(f"{m} {v:.2f}" for m, v in overhead.items()), flush=True)
 
     print()
     print("| " + " | ".join(header) + " |")

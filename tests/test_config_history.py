@@ -58,7 +58,7 @@ def test_settings_may_come_in_any_order(tmp_path: Path) -> None:
 
 def test_missing_config_gives_defaults(tmp_path: Path) -> None:
     assert load_config(tmp_path / "nope.toml") == Config()
-    assert "[settings]" in dump_config(Config()) and Settings().draft_max == 8
+    assert "[settings]" in dump_config(Config()) and Settings().draft_max == 16
 
 
 def test_history_survives_a_torn_last_line(tmp_path: Path) -> None:

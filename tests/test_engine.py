@@ -296,7 +296,7 @@ def test_the_controller_keeps_what_it_learned_for_the_next_reply(models) -> None
     (controller,) = engine._controllers.values()
     assert controller.verify_cost.samples and controller.sources["model"].unit_cost is not None
     second = list(engine.generate(models["main"].tokenize(PROMPTS[1]), config))
-    assert engine._controllers == {(0, 8): controller}
+    assert engine._controllers == {(0, 16): controller}
     assert "nothing measured" not in second[1].decision  # it starts from measured costs, not priors
     assert second[-1].tokens == run(models["main"], None, models["main"].tokenize(PROMPTS[1]), max_tokens=24)[0].tokens
 
@@ -365,8 +365,9 @@ def test_lookup_is_judged_from_what_it_would_have_proposed(models) -> None:
     main_profile, _ = synthetic_profiles(verify_ratio=0.9, draft_ratio=0.0)
     engine = SpeculativeEngine(models["main"], None, n_ctx=512, n_threads=2, lookup=True, main_profile=main_profile)
     tokens = models["main"].tokenize(PROMPTS[2] * 4)
-    events = list(engine.generate(tokens, GenerationConfig(max_tokens=96, sampler=GREEDY)))
+    config = GenerationConfig(max_tokens=96, sampler=GREEDY)
+    events = list(engine.generate(tokens, config))
     assert not any(e.decision.startswith("probe") for e in events[:-1])
-    controller = engine.controller(0, 8)
+    controller = engine.controller(config.draft_min, config.draft_max)
     observed = controller.sources["lookup"].overall
     assert observed.accepted + observed.rejected > 0  # evidence gathered without spending a verify batch

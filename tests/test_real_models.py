@@ -73,6 +73,7 @@ def test_cli_default_run_equals_no_draft_run() -> None:
 
     spec, plain = run(), run("--no-draft")
     assert spec["draft_path"] and plain["draft_path"] is None
-    assert spec["tokens"] == plain["tokens"]
-    assert spec["stats"]["accepted_draft_tokens_count"] > 0
+    assert spec["tokens"] == plain["tokens"] and spec["stats"]["exact"]  # the demo main model is F16: exact kernels
+    # drafting happened, or the engine says why it could not pay on this machine
+    assert spec["stats"]["accepted_draft_tokens_count"] > 0 or " off: " in spec["stats"]["speculation"]
     assert "def " in spec["text"]

@@ -118,7 +118,7 @@ async def test_escape_cancels_and_keeps_the_partial_reply(home: Path, monkeypatc
 
 
 async def test_debug_pane_shows_drafted_and_accepted_tokens(home: Path) -> None:
-    app = make_app(home, adaptive=False)  # a fixed draft length: the adaptive choice depends on timings
+    app = make_app(home, adaptive=False, draft_max=4)  # a fixed draft length: the adaptive choice depends on timings
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.engine is not None)
         await send(pilot, app, "hello world")

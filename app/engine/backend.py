@@ -205,6 +205,8 @@ class Context:
         self.n_evaluated = 0  # tokens run through the model since creation (tests check draft sync with it)
         self.decode_seconds = 0.0  # time inside llama_decode: the rest of a generation is our own overhead
         self._n_outputs = 0
+        self._logits_address = 0
+        self._logits_view = np.empty((0, model.n_vocab), dtype=np.float32)
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -247,7 +249,12 @@ class Context:
     def logits(self) -> np.ndarray:
         """A (n_outputs, n_vocab) float32 view over llama.cpp's logits buffer: valid until the next decode."""
         ptr = llama_cpp.llama_get_logits(self.ptr)
-        return np.ctypeslib.as_array(ptr, shape=(self._n_outputs, self.model.n_vocab))
+        address = ctypes.addressof(ptr.contents)
+        if address != self._logits_address or self._n_outputs > len(self._logits_view):
+            # building a view costs ~50 us; llama.cpp keeps its buffer between decodes, so one is reused
+            self._logits_view = np.ctypeslib.as_array(ptr, shape=(self._n_outputs, self.model.n_vocab))
+            self._logits_address = address
+        return self._logits_view[: self._n_outputs]
 
     def truncate(self, n: int) -> None:
         """Forget every cached position >= n (rollback after rejected draft tokens)."""

@@ -53,30 +53,33 @@ class VerifyCost:
 
     samples: dict[int, float] = field(default_factory=dict)  # x -> seconds (EMA), this session
     prior: dict[int, float] = field(default_factory=dict)  # x -> seconds, from the probe
-    slope: float = 0.0  # least-squares slope over the known x, for extrapolating upwards
-    scale: float = 1.0  # live figures / the probe's, where both exist: how much slower (or faster) than probed
-    _known: dict[int, float] = field(default_factory=dict)  # prior (scaled) and samples merged
-
-    def __post_init__(self) -> None:
-        self._merge()
+    _known: dict[int, float] | None = None  # prior (scaled) and samples merged; None: to be rebuilt
 
     def add(self, x: int, seconds: float) -> None:
         old = self.samples.get(x)
         self.samples[x] = seconds if old is None else 0.7 * old + 0.3 * seconds
-        self._merge()
+        self._known = None  # rebuilt when a size without its own sample is asked for (not in plain rounds)
 
-    def _merge(self) -> None:
+    def set_prior(self, prior: dict[int, float]) -> None:
+        self.prior, self._known = prior, None
+
+    @property
+    def scale(self) -> float:
+        """Live figures / the probe's, where both exist: how much slower (or faster) than probed."""
         both = [x for x in self.samples if x in self.prior]
-        self.scale = scale = sum(self.samples[x] / self.prior[x] for x in both) / len(both) if both else 1.0
-        self._known = {x: s * scale for x, s in self.prior.items()} | self.samples
-        if len(self._known) > 1:
-            xs, ys = list(self._known), list(self._known.values())
-            mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-            var = sum((x - mean_x) ** 2 for x in xs)
-            self.slope = max(sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var, 0.0)
+        return sum(self.samples[x] / self.prior[x] for x in both) / len(both) if both else 1.0
+
+    def _merged(self) -> dict[int, float]:
+        if self._known is None:
+            scale = self.scale
+            self._known = {x: s * scale for x, s in self.prior.items()} | self.samples
+        return self._known
 
     def at(self, x: int) -> float | None:
-        known = self._known
+        measured = self.samples.get(x)
+        if measured is not None:
+            return measured
+        known = self._merged()
         if not known:
             return None
         if x in known:
@@ -90,8 +93,17 @@ class VerifyCost:
             hi = min(above)
             return known[hi] * (1 + PRIOR_VERIFY_SLOPE * x) / (1 + PRIOR_VERIFY_SLOPE * hi)
         lo = max(below)
-        slope = self.slope if len(known) > 1 else known[lo] / (1 + PRIOR_VERIFY_SLOPE * lo) * PRIOR_VERIFY_SLOPE
-        return known[lo] + slope * (x - lo)
+        return known[lo] + self._slope(known, lo) * (x - lo)
+
+    @staticmethod
+    def _slope(known: dict[int, float], lo: int) -> float:
+        """Least-squares slope over the known sizes, to extrapolate upwards (the prior shape with one size)."""
+        if len(known) < 2:
+            return known[lo] / (1 + PRIOR_VERIFY_SLOPE * lo) * PRIOR_VERIFY_SLOPE
+        xs, ys = list(known), list(known.values())
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mean_x) ** 2 for x in xs)
+        return max(sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var, 0.0)
 
 
 @dataclass
@@ -205,8 +217,7 @@ class DraftController:
         self, verify_seconds: dict[int, float], draft_token_seconds: float | None = None, catch_up_seconds: float | None = None
     ) -> None:
         """Start from the probe's figures for this machine (probe.py) instead of blind priors."""
-        self.verify_cost.prior = {n - 1: s for n, s in verify_seconds.items()}
-        self.verify_cost._merge()
+        self.verify_cost.set_prior({n - 1: s for n, s in verify_seconds.items()})
         if draft_token_seconds is not None:
             model = self.state("model")
             model.probed_cost, model.probed_catch_up = draft_token_seconds, catch_up_seconds

@@ -45,7 +45,7 @@ EOS, STOP_STRING, MAX_TOKENS, CONTEXT_FULL, CANCELLED = (
 @dataclass(frozen=True)
 class GenerationConfig:
     max_tokens: int = 512
-    draft_max: int = 8
+    draft_max: int = 16
     draft_min: int = 0
     draft_p_min: float = 0.0
     stop: tuple[str, ...] = ()
