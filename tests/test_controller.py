@@ -103,15 +103,16 @@ def test_lookup_proposes_the_continuation_of_the_latest_earlier_ngram() -> None:
     assert LookupDrafter().match(tokens, 2) == [4, 5]
     assert LookupDrafter().match([7, 8, 6], 4) == []
     assert LookupDrafter().match([7, 8, 6, 8], 4) == []  # a lone repeated token is not context enough
+    assert LookupDrafter().match([7, 8, 6, 7, 8], 4) == []  # nor two: they mislead where copying breaks off
 
 
 def test_lookup_index_follows_a_growing_sequence_and_resets_on_a_new_one() -> None:
     lookup = LookupDrafter()
-    seq = [5, 6, 7, 8, 5, 6]
+    seq = [5, 6, 4, 7, 8, 5, 6, 4]
     assert lookup.match(seq, 3) == [7, 8, 5]
-    seq += [7, 1, 5, 6]
+    seq += [7, 1, 5, 6, 4]
     assert lookup.match(seq, 2) == [7, 1]  # the latest occurrence wins
-    assert lookup.match([3, 4, 9, 3, 4], 2) == [9, 3]
+    assert lookup.match([3, 4, 2, 9, 3, 4, 2], 2) == [9, 3]
 
 
 def probed_controller(verify_ratio: float, draft_ratio: float) -> DraftController:

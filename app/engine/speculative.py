@@ -32,6 +32,8 @@ from app.engine.sampling import (
 )
 from app.engine.text import TextStream
 
+SHADOW_TOKENS = 8  # the longest unused lookup proposal checked against what came (controller.observe)
+
 # LM Studio's stop reasons, so its users read ours the same way
 EOS, STOP_STRING, MAX_TOKENS, CONTEXT_FULL, CANCELLED = (
     "eosFound",
@@ -326,6 +328,19 @@ class SpeculativeEngine:
         stats.mean_draft_length = sent / stats.rounds if stats.rounds else 0.0
         yield Finished(text="".join(released), tail=tail, tokens=tuple(reply), stats=stats)
 
+    def _check_shadow(self, tokens: list[int], controller: DraftController) -> None:
+        """Judge lookup's unused proposal against the tokens that came since, as if it had been verified:
+        evidence is recorded once the proposal is settled (a token differed, or all of it came true), so a
+        proposal right at its first token but wrong at its third counts as what it would have been."""
+        start, proposal = self._shadow
+        came = tokens[start : start + len(proposal)]
+        n = 0
+        while n < len(came) and came[n] == proposal[n]:
+            n += 1
+        if n < len(came) or n == len(proposal):
+            controller.observe("lookup", n, n + (n < len(proposal)))
+            self._shadow = None
+
     @property
     def draft_name(self) -> str | None:
         if self.drafter and self.lookup:
@@ -345,14 +360,8 @@ class SpeculativeEngine:
         if limit <= 0 or not (self.drafter or self.lookup):
             return Decision("none", 0, self.blocked or "no drafting"), Draft()
         match = self.lookup.match(tokens, limit) if self.lookup else []
-        if controller is not None and self._shadow is not None:  # what lookup proposed last round, against what came
-            start, proposal = self._shadow
-            came = tokens[start : start + len(proposal)]
-            n = 0
-            while n < len(came) and came[n] == proposal[n]:
-                n += 1
-            controller.observe("lookup", n, len(came))
-            self._shadow = None
+        if controller is not None and self._shadow is not None:
+            self._check_shadow(tokens, controller)
         if controller is None:  # fixed length: the draft model when there is one (llama.cpp's rule), else lookup
             if self.drafter:
                 decision = Decision("model", limit, f"fixed k={limit}")
@@ -368,8 +377,8 @@ class SpeculativeEngine:
             # evaluates what it missed: a new prompt, or what lookup and plain rounds produced meanwhile
             behind = {"model": max(len(tokens) - len(self.drafter.ctx.tokens) - 2, 0)} if self.drafter else {}
             decision = controller.decide(available, behind, horizon=remaining)
-            if match and decision.source != "lookup":
-                self._shadow = (len(tokens), match)
+            if match and decision.source != "lookup" and self._shadow is None:
+                self._shadow = (len(tokens), match[:SHADOW_TOKENS])
         if decision.source == "model":
             return decision, self.drafter.propose(tokens, decision.k, config, rng)
         if decision.source == "lookup":
