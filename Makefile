@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# llama.cpp is compiled from source by pip. GGML_LLAMAFILE=OFF makes every batch size use the same
-# CPU kernels, so verifying k drafted tokens in one batch gives bit-identical logits to decoding them
-# one by one: speculative output is then exactly plain output (see README). Our own pip cache keeps
+# llama.cpp is compiled from source by pip. GGML_LLAMAFILE=OFF keeps llamafile's sgemm out of batches of
+# F16/BF16/Q8_0/Q4_0 weights, whose sums differ from one-token decoding: with it, the demo main model (F16)
+# verifies exactly like plain decoding at every batch size. Other kernels still differ (repacked and tiled
+# K-quants); the engine's self-check finds them at run time (README: Exactness). Our own pip cache keeps
 # this build apart from a default-flag wheel pip may have cached for other projects.
 export CMAKE_ARGS ?= -DGGML_LLAMAFILE=OFF
 export PIP_CACHE_DIR ?= $(HOME)/.cache/tandem/pip

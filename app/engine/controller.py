@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 DECAY = 0.9  # per-round decay of acceptance evidence: about the last 10-20 rounds count
 # light: one fully accepted probe of 4 already reads as a = 0.9 (a picked draft is usually a good one)
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 1.5
+# lookup's evidence is free and plentiful where it pays (a settled proposal while copying adds up to 8
+# accepted tokens), so its prior can be sceptical: a short reply must not pay for a draft made on the
+# strength of one or two lucky tokens (a 15-token JSON answer loses 10% to one failed draft of 3)
+OBSERVED_PRIOR, OBSERVED_WEIGHT = 0.5, 4.0
 MARGIN = 1.05  # drafting must be predicted this much faster than plain: noise in the estimates must not make us slower
 OPTIMISTIC_ACCEPTANCE = 0.98  # a probe is made only if even this acceptance would pay at the measured draft cost...
 PROBE_GAIN = 1.15  # ...by this much: a probe of an idle draft model costs its catch-up, so a marginal one loses
@@ -111,8 +115,8 @@ class Evidence:
     accepted: float = 0.0
     rejected: float = 0.0
 
-    def acceptance(self, prior: float = PRIOR_ACCEPTANCE) -> float:
-        return (self.accepted + prior * PRIOR_WEIGHT) / (self.accepted + self.rejected + PRIOR_WEIGHT)
+    def acceptance(self, prior: float = PRIOR_ACCEPTANCE, weight: float = PRIOR_WEIGHT) -> float:
+        return (self.accepted + prior * weight) / (self.accepted + self.rejected + weight)
 
 
 @dataclass
@@ -148,7 +152,8 @@ class SourceState:
             return self.overall.acceptance()
         # both estimates start from the source's overall rate, not from the blind prior: a lookup right
         # 95% of the time must not look like a coin toss on the first round after a rejection
-        return self.evidence.acceptance(prior=self.overall.acceptance())
+        overall = self.overall.acceptance(OBSERVED_PRIOR, OBSERVED_WEIGHT)
+        return self.evidence.acceptance(prior=overall)
 
 
 @dataclass(frozen=True)
