@@ -62,6 +62,8 @@ class KernelCheck:
     def describe(self) -> str:
         if self.exact:
             return "batch-invariant: verify batches give the same logits as one-token decoding (self-check)"
+        if not self.differing_sizes:
+            return "not checked: plain decoding verifies one token at a time"
         return (
             f"verify batches of {self.differing_sizes[0]}+ tokens differ from one-token decoding by up to "
             f"{self.max_difference:.2g} in the logits (batches up to {self.exact_up_to} are identical): output may "
@@ -82,6 +84,10 @@ class MainProfile:
 class DraftProfile:
     token_seconds: float  # one draft-model evaluation (a drafted token)
     catch_up_seconds: float  # per token, when the draft catches up on many tokens in one batch
+
+
+# an engine that never drafts (--no-draft) verifies one token per round: nothing to check or time
+PLAIN_ONLY = MainProfile(KernelCheck(exact=False, max_difference=0.0, differing_sizes=[], exact_up_to=1), {1: 1.0})
 
 
 def cache_path() -> Path:

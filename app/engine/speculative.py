@@ -20,7 +20,7 @@ from app.engine.controller import Decision, DraftController
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError
 from app.engine.events import Event, Finished, GenerationStats, RoundEvent
 from app.engine.lookup import LookupDrafter, point_mass
-from app.engine.probe import DraftProfile, MainProfile, profile_draft, profile_main
+from app.engine.probe import PLAIN_ONLY, DraftProfile, MainProfile, profile_draft, profile_main
 from app.engine.sampling import (
     Confidence,
     Distribution,
@@ -138,14 +138,16 @@ class SpeculativeEngine:
                 raise IncompatibleDraftError(
                     f"draft {draft.path.name} cannot be used with {main.path.name}: {compat.reason}"
                 )
-        self.main_profile = main_profile or profile_main(main, n_threads)
+        if main_profile is None:
+            main_profile = profile_main(main, n_threads) if draft is not None or lookup else PLAIN_ONLY
+        self.main_profile = main_profile
         self.main_ctx = Context(main, n_ctx, n_threads)
+        self.draft_profile: DraftProfile | None = None
         if draft is not None:
             self.draft_profile = draft_profile or profile_draft(draft, n_threads)
             self.drafter = ModelDrafter(draft_context(draft, n_ctx, n_threads))
         self.lookup = LookupDrafter() if lookup else None
         self.n_ctx = self.main_ctx.n_ctx
-        self.exact_requested = exact
         kernels = self.main_profile.kernels
         # --exact: verify no batch wider than the self-check found bit-identical to one-token decoding
         self.exact_cap = None if kernels.exact or not exact else kernels.exact_up_to - 1
@@ -174,7 +176,7 @@ class SpeculativeEngine:
         bounds = (draft_min, draft_max)
         if bounds not in self._controllers:
             ctl = DraftController(*bounds)
-            draft = getattr(self, "draft_profile", None)
+            draft = self.draft_profile
             ctl.seed(self.main_profile.verify_seconds, draft.token_seconds if draft else None, draft.catch_up_seconds if draft else None)
             self._controllers[bounds] = ctl
         return self._controllers[bounds]
