@@ -257,3 +257,22 @@ async def test_help_and_quit(home: Path) -> None:
         await until(pilot, lambda: not isinstance(app.screen, HelpScreen))
         await pilot.press("ctrl+q")
     assert app.return_code in (0, None)
+
+
+async def test_status_bar_says_why_the_draft_is_off_and_whether_output_is_exact(home: Path) -> None:
+    """The tiny draft costs what the tiny main model does: it can never pay, and the app says so. The
+    context figure is the context in use, not every token ever evaluated."""
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, "the cat")
+        stats = app.last_finished.stats
+        assert "draft model off" in stats.speculation and stats.total_draft_tokens_count == 0
+        status = app.status_bar.render().plain
+        assert "(off: cannot pay here, F4)" in status and " exact " in status
+        assert f"ctx {len(app.engine.main_ctx.tokens)}/" in status
+        await send(pilot, app, "the dog")
+        assert f"ctx {len(app.engine.main_ctx.tokens)}/" in app.status_bar.render().plain
+        await pilot.press("f4")
+        lines = [strip.text for strip in app.query_one(DebugPane).lines]
+        assert any("draft model off" in line for line in lines)  # the reason, with its figures
