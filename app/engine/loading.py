@@ -64,6 +64,8 @@ def load_engine(spec: EngineSpec, progress: LoadProgress | None = None) -> Specu
             # where the draft will run token by token on AMX, load it that way once (see draft_context)
             extra_buffers=True if amx_draft_applies(on_cpu, draft_info.float_weights) else None,
         )
+    if progress is not None:  # the kernel probe (probe.py) takes seconds the first time on a machine, then nothing
+        progress(f"{spec.main.name}: kernel self-check", 0.0)
     try:
         # prompt lookup rides along with a draft model (the controller picks per round) and stands in when there is none
         return SpeculativeEngine(
