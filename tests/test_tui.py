@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from app.config import default_config_path, load_config
+from app.engine import speculative
 from app.engine.chat import ChatSession
+from app.engine.probe import DraftProfile
 from app.engine.speculative import CANCELLED
 from app.history import HistoryStore
 from app.tui.app import LaunchOptions, TandemApp
@@ -259,9 +261,13 @@ async def test_help_and_quit(home: Path) -> None:
     assert app.return_code in (0, None)
 
 
-async def test_status_bar_says_why_the_draft_is_off_and_whether_output_is_exact(home: Path) -> None:
-    """The tiny draft costs what the tiny main model does: it can never pay, and the app says so. The
-    context figure is the context in use, not every token ever evaluated."""
+async def test_status_bar_says_why_the_draft_is_off_and_whether_output_is_exact(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A draft that costs far more than the main model can never pay, and the app says so. The context
+    figure is the context in use, not every token ever evaluated. The draft's cost is set, not timed: on
+    a fast machine the tiny draft may well pay, and this test is about what the app shows, not timing."""
+    monkeypatch.setattr(speculative, "profile_draft", lambda model, n_threads: DraftProfile(1.0, 1.0))
     app = make_app(home)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.engine is not None)
