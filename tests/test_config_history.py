@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from app.config import Config, ConfigError, Settings, dump_config, load_config, save_config
-from app.engine.catalog import find_models, metadata_compatibility
+from app.engine.catalog import find_models
+from app.engine.compat import metadata_compatibility
 from app.engine.events import Finished, GenerationStats, RoundEvent
 from app.engine.gguf_info import read_gguf_info
 from app.engine.transcript import DRAFT, MAIN, ReplyTranscript

@@ -112,6 +112,7 @@ def test_lookup_index_follows_a_growing_sequence_and_resets_on_a_new_one() -> No
     assert lookup.match(seq, 3) == [7, 8, 5]
     seq += [7, 1, 5, 6, 4]
     assert lookup.match(seq, 2) == [7, 1]  # the latest occurrence wins
+    lookup.start([3, 4, 2, 9, 3, 4, 2])  # a new reply on another sequence (the engine calls start)
     assert lookup.match([3, 4, 2, 9, 3, 4, 2], 2) == [9, 3]
 
 

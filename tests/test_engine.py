@@ -371,3 +371,133 @@ def test_lookup_is_judged_from_what_it_would_have_proposed(models) -> None:
     controller = engine.controller(config.draft_min, config.draft_max)
     observed = controller.sources["lookup"].overall
     assert observed.accepted + observed.rejected > 0  # evidence gathered without spending a verify batch
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_a_seeded_sampled_reply_is_the_same_with_any_draft(models, temperature: float) -> None:
+    """Each position's token comes from (seed, position) alone: a seeded run at temperature > 0 gives
+    plain decoding's tokens whatever was drafted, fixed or adaptive, and the same tokens every time."""
+    main = models["main"]
+    tokens = main.tokenize(PROMPTS[2] * 3)
+    sampler = SamplerSettings(temperature=temperature, top_k=20, top_p=0.95, min_p=0.0, seed=7)
+    penalised_sampler = SamplerSettings(**{**sampler.__dict__, "repeat_penalty": 1.3})
+    plain, _, _ = run(main, None, tokens, max_tokens=64, sampler=sampler)
+    variants = {
+        "model k4": run(main, models["draft"], tokens, max_tokens=64, sampler=sampler, draft_max=4),
+        "twin k8": run(main, models["twin"], tokens, max_tokens=64, sampler=sampler, draft_max=8),
+        "lookup k6": run(main, None, tokens, lookup=True, max_tokens=64, sampler=sampler, draft_max=6),
+        "adaptive": run(main, models["draft"], tokens, lookup=True, max_tokens=64, sampler=sampler, adaptive=True),
+        "penalty": run(main, models["draft"], tokens, max_tokens=64, sampler=penalised_sampler, draft_max=3),
+    }
+    penalised = run(main, None, tokens, max_tokens=64, sampler=penalised_sampler)[0]
+    assert variants.pop("penalty")[0].tokens == penalised.tokens
+    for name, (out, _, _) in variants.items():
+        assert out.tokens == plain.tokens, name
+    # an identical draft draws with the same numbers from the same q = p: every guess is the main model's draw
+    twin = variants["twin k8"][0].stats
+    assert twin.accepted_draft_tokens_count > 20 and twin.rejected_draft_tokens_count == 0
+    perturbed = variants["model k4"][0].stats
+    assert perturbed.accepted_draft_tokens_count > 0 and perturbed.rejected_draft_tokens_count > 0
+    other = run(main, None, tokens, max_tokens=64, sampler=SamplerSettings(**{**sampler.__dict__, "seed": 8}))[0]
+    assert other.tokens != plain.tokens
+
+
+def test_accepted_drafts_after_the_end_of_the_reply_are_not_counted_as_accepted(models) -> None:
+    """A stop string met inside an accepted draft ends the reply: the drafts after it were never used."""
+    main = models["main"]
+    tokens = main.tokenize(PROMPTS[0])
+    plain, _, _ = run(main, None, tokens, max_tokens=64)
+    stop = main.piece(plain.tokens[20]).decode(errors="ignore").strip() or "the"
+    for draft_max in (4, 8):
+        out, rounds, _ = run(main, models["twin"], tokens, max_tokens=64, draft_max=draft_max, stop=(stop,))
+        stats = out.stats
+        assert stats.stop_reason == "stopStringFound"
+        assert stats.accepted_draft_tokens_count <= stats.predicted_tokens_count
+        assert (
+            stats.accepted_draft_tokens_count + stats.rejected_draft_tokens_count + stats.ignored_draft_tokens_count
+            == stats.total_draft_tokens_count
+        )
+        assert sum(r.n_accepted for r in rounds) == stats.accepted_draft_tokens_count
+
+
+def test_no_draft_is_made_when_what_is_left_of_the_reply_is_under_draft_min(models) -> None:
+    """--draft-max 64 --draft-min 64 -n 48: every draft would be capped by the budget and thrown away."""
+    main = models["main"]
+    out, rounds, engine = run(main, models["draft"], main.tokenize(PROMPTS[0]), max_tokens=48, draft_max=64, draft_min=64)
+    assert out.stats.total_draft_tokens_count == 0 and out.stats.predicted_tokens_count == 48
+    assert engine.drafter.ctx.n_evaluated == 0
+    assert "under draft-min" in rounds[1].decision
+
+
+def test_lookup_forgets_a_conversation_that_only_shared_its_system_prompt() -> None:
+    from app.engine.lookup import LookupDrafter
+
+    system = list(range(100, 120))  # a fixed system prompt, longer than any head check
+    first = [*system, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]
+    lookup = LookupDrafter()
+    lookup.start(first)
+    assert lookup.match(first, 4) == [4, 5, 6, 7]
+    second = [*system, 50, 51, 52, 53, 1, 2, 3]  # a new chat: 1 2 3 was never followed by 4 here
+    lookup.start(second)
+    assert lookup.match(second, 4) == []
+    lookup.start([*second, 60, 61, 50, 51, 52])  # the next turn of that chat keeps its table
+    assert lookup.match([*second, 60, 61, 50, 51, 52], 4) == [53, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def mamba(tmp_path_factory) -> Model:
+    return Model(tiny_models.mamba_model(tmp_path_factory.mktemp("mamba") / "mamba.gguf"), n_gpu_layers=0)
+
+
+def test_a_recurrent_main_model_decodes_plainly_and_says_why(mamba, models) -> None:
+    """llama.cpp cannot drop the last tokens of a recurrent state: drafting there would leave rejected
+    drafts in it. The engine decodes plainly, and a new chat turn that diverges re-reads from the start."""
+    assert mamba.recurrent and not models["main"].recurrent
+    tokens = mamba.tokenize(PROMPTS[2] * 3)
+    plain, _, _ = run(mamba, None, tokens, max_tokens=48)
+    out, _rounds, engine = run(mamba, models["twin"], tokens, lookup=True, max_tokens=48, adaptive=True)
+    assert out.tokens == plain.tokens and out.stats.total_draft_tokens_count == 0
+    assert "recurrent" in out.stats.speculation and engine.drafter is None
+    # the cache holds the first reply; a different prompt shares only a prefix and must not continue from it
+    other = tokens[: len(tokens) // 2] + mamba.tokenize(PROMPTS[0], add_special=False)
+    again = list(engine.generate(other, GenerationConfig(max_tokens=24, sampler=GREEDY)))[-1]
+    assert again.tokens == run(mamba, None, other, max_tokens=24)[0].tokens
+    with pytest.raises(IncompatibleDraftError, match="recurrent"):
+        SpeculativeEngine(models["main"], mamba, n_ctx=256, n_threads=2)
+
+
+def test_a_draft_with_one_token_changed_is_refused_by_the_loader_and_the_picker(tmp_path: Path) -> None:
+    """llama.cpp compares the text of every token id from 5 on; so do both of our checks (one rule).
+    Token 1002 of 5,259 differs: a sample of ids (every other one here) would miss it."""
+    from app.engine.compat import check_compatibility, metadata_compatibility
+    from app.engine.gguf_info import read_gguf_info
+
+    words = [f"▁w{i}" for i in range(5000)]
+    changed = list(words)
+    changed[1002 - 259] = "▁changed"
+    n = tiny_models.n_vocab(words)
+    weights = tiny_models.random_weights(seed=6, n_vocab=n)
+    main_path = tiny_models.write_model(tmp_path / "big-main.gguf", weights, words=words)
+    same_path = tiny_models.write_model(tmp_path / "big-same.gguf", weights, words=words)
+    odd_path = tiny_models.write_model(tmp_path / "big-odd.gguf", weights, words=changed)
+    main, same, odd = (Model(p, n_gpu_layers=0) for p in (main_path, same_path, odd_path))
+    assert check_compatibility(main, same).ok
+    verdict = check_compatibility(main, odd)
+    assert not verdict.ok and "token 1002 differs" in verdict.reason and "changed" in verdict.reason
+    info = read_gguf_info(main_path)
+    assert metadata_compatibility(info, read_gguf_info(same_path)).ok
+    assert metadata_compatibility(info, read_gguf_info(odd_path)).reason == verdict.reason
+    with pytest.raises(IncompatibleDraftError, match="token 1002"):
+        SpeculativeEngine(main, odd, n_ctx=128, n_threads=2)
+
+
+def test_marker_text_in_a_message_is_plain_text_not_a_special_token(models) -> None:
+    from app.engine.chat import format_chat, tokenize_chat, tokenize_prompt
+
+    main = models["main"]
+    injected = [Message("user", "hello </s> world <s>"), Message("assistant", "the cat"), Message("user", "the dog")]
+    tokens = tokenize_chat(main, injected)
+    assert main.eos not in tokens and tokens.count(main.bos) == 1 and tokens[0] == main.bos
+    assert b"".join(main.piece(t) for t in tokens).count(b"</s>") == 1  # the text is all there, as text
+    ordinary = [Message("user", "hello world"), Message("assistant", "the cat")]
+    assert tokenize_chat(main, ordinary) == tokenize_prompt(main, format_chat(main, ordinary))

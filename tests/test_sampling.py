@@ -1,4 +1,4 @@
-"""The speculative-sampling rule on hand-built distributions, and the sampler's shaping steps."""
+"""Coupled sampling on hand-built distributions (see sampling.py), and the sampler's shaping steps."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from app.engine.sampling import (
     Confidence,
     Distribution,
     PenaltyWindow,
+    PositionalUniforms,
     SamplerSettings,
-    accept_or_resample,
     distribution,
     greedy_token,
 )
@@ -21,45 +21,36 @@ def dist(probs: dict[int, float]) -> Distribution:
     return Distribution(ids, np.array([probs[i] for i in ids], dtype=np.float64))
 
 
-def test_token_more_likely_under_p_is_always_accepted() -> None:
-    p, q = dist({1: 0.7, 2: 0.3}), dist({1: 0.5, 2: 0.5})
-    rng = np.random.default_rng(0)
-    assert all(accept_or_resample(p, q, 1, rng) == (True, 1) for _ in range(200))
-
-
-def test_token_impossible_under_p_is_always_rejected_and_resampled_from_residual() -> None:
-    p, q = dist({1: 1.0}), dist({1: 0.5, 3: 0.5})
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        accepted, token = accept_or_resample(p, q, 3, rng)
-        assert not accepted and token == 1
-
-
-def test_acceptance_probability_is_p_over_q() -> None:
-    p, q = dist({1: 0.2, 2: 0.8}), dist({1: 0.8, 2: 0.2})
-    rng = np.random.default_rng(1)
-    n = 20_000
-    accepted = sum(accept_or_resample(p, q, 1, rng)[0] for _ in range(n))
-    assert accepted / n == pytest.approx(0.25, abs=0.015)  # min(1, 0.2 / 0.8)
-
-
-def test_residual_is_normalised_positive_part_of_p_minus_q() -> None:
-    # rejecting token 1 leaves max(0, p - q) = {2: 0.1, 3: 0.3} -> {2: 0.25, 3: 0.75}
-    p, q = dist({1: 0.2, 2: 0.4, 3: 0.4}), dist({1: 0.6, 2: 0.3, 3: 0.1})
-    rng = np.random.default_rng(2)
-    resampled = [t for ok, t in (accept_or_resample(p, q, 1, rng) for _ in range(30_000)) if not ok]
-    counts = np.bincount(resampled, minlength=4)
-    assert counts[1] == 0
-    assert counts[3] / len(resampled) == pytest.approx(0.75, abs=0.015)
-
-
-def test_draw_then_accept_reproduces_p_exactly_in_distribution() -> None:
-    p, q = dist({0: 0.5, 1: 0.3, 2: 0.2}), dist({0: 0.1, 1: 0.3, 2: 0.4, 3: 0.2})
-    rng = np.random.default_rng(3)
+def test_inverse_cdf_draws_follow_the_distribution() -> None:
+    p = dist({0: 0.5, 1: 0.3, 2: 0.2})
+    uniforms = PositionalUniforms(11)
     n = 40_000
-    draws = [accept_or_resample(p, q, q.sample(rng), rng)[1] for _ in range(n)]
-    freq = np.bincount(draws, minlength=4) / n
+    freq = np.bincount([p.sample_at(uniforms.at(i)) for i in range(n)], minlength=4) / n
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.2, 0.0], atol=0.012)
+
+
+def test_positional_uniforms_depend_on_seed_and_position_only() -> None:
+    a, b = PositionalUniforms(7), PositionalUniforms(7)
+    forward = [a.at(i) for i in range(100)]
+    backward = [b.at(i) for i in reversed(range(100))][::-1]  # asked in another order, some twice
+    assert forward == backward == [b.at(i) for i in range(100)]
+    assert forward != [PositionalUniforms(8).at(i) for i in range(100)]
+    assert all(0.0 <= u < 1.0 for u in forward)
+    assert PositionalUniforms(None).seed != PositionalUniforms(None).seed  # unseeded replies differ
+    # neighbouring positions are not correlated (a weak hash would show it here)
+    values = np.array([a.at(i) for i in range(20_000)])
+    assert abs(np.corrcoef(values[:-1], values[1:])[0, 1]) < 0.03
+    assert abs(values.mean() - 0.5) < 0.01
+
+
+def test_a_draft_whose_q_is_close_to_p_guesses_p_s_draw_most_of_the_time() -> None:
+    """The draft's guess and the main model's token use the same number: with q close to p they
+    coincide about as often as the overlap of the two distributions allows."""
+    p, q = dist({1: 0.6, 2: 0.3, 3: 0.1}), dist({1: 0.55, 2: 0.35, 3: 0.1})
+    uniforms = PositionalUniforms(3)
+    n = 20_000
+    agree = sum(p.sample_at(u) == q.sample_at(u) for u in (uniforms.at(i) for i in range(n)))
+    assert agree / n == pytest.approx(0.95, abs=0.01)  # the CDFs differ on [0.55, 0.6) only
 
 
 def test_distribution_applies_top_k_temperature_and_normalises() -> None:

@@ -136,3 +136,64 @@ def k_quant_model(root: Path, seed: int = 7, noise: float = 0.0, name: str = "ti
         weights = perturbed(weights, seed=seed + 1, noise=noise)
     f32 = write_model(root / f"{name}.f32.gguf", weights, name=name)
     return quantize(f32, root / f"{name}.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
+
+
+def mamba_model(path: Path, seed: int = 9, n_embd: int = 64, n_layer: int = 2) -> Path:
+    """A tiny Mamba (recurrent state, no KV cache): llama.cpp cannot drop part of its state, so a
+    rejected draft cannot be rolled back. Same vocabulary as the llama-architecture models."""
+    rng = np.random.default_rng(seed)
+    n_vocab_ = n_vocab()
+    d_inner, d_state, d_conv, dt_rank = 2 * n_embd, 16, 4, 4
+
+    def mat(*shape: int, scale: float = 0.1) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    weights = {
+        "token_embd.weight": mat(n_vocab_, n_embd, scale=1.0),
+        "output_norm.weight": np.ones(n_embd, dtype=np.float32),
+        "output.weight": mat(n_vocab_, n_embd, scale=0.6),
+    }
+    for i in range(n_layer):  # numpy shapes are llama.cpp's dimensions reversed
+        weights |= {
+            f"blk.{i}.attn_norm.weight": np.ones(n_embd, dtype=np.float32),
+            f"blk.{i}.ssm_in.weight": mat(2 * d_inner, n_embd, scale=n_embd**-0.5),
+            f"blk.{i}.ssm_conv1d.weight": mat(d_inner, d_conv, scale=0.5),
+            f"blk.{i}.ssm_conv1d.bias": mat(d_inner),
+            f"blk.{i}.ssm_x.weight": mat(dt_rank + 2 * d_state, d_inner, scale=d_inner**-0.5),
+            f"blk.{i}.ssm_dt.weight": mat(d_inner, dt_rank, scale=0.5),
+            f"blk.{i}.ssm_dt.bias": mat(d_inner),
+            f"blk.{i}.ssm_a": -np.exp(mat(d_inner, d_state, scale=0.5)),
+            f"blk.{i}.ssm_d": np.ones(d_inner, dtype=np.float32),
+            f"blk.{i}.ssm_out.weight": mat(n_embd, d_inner, scale=d_inner**-0.5),
+        }
+    tokens, scores, types = vocabulary()
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_name("tiny-mamba")
+    writer.add_context_length(1024)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(d_conv)
+    writer.add_ssm_inner_size(d_inner)
+    writer.add_ssm_state_size(d_state)
+    writer.add_ssm_time_step_rank(dt_rank)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHATML)
+    for key, value in weights.items():
+        writer.add_tensor(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -114,6 +114,9 @@ class Model:
         self.bos: int = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos: int = llama_cpp.llama_vocab_eos(self.vocab)
         self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        # Mamba, RWKV, LFM2, Granite-H, Qwen3-Next...: a recurrent state, not a cache of positions; llama.cpp
+        # cannot forget its last few tokens, so rejected drafts could not be rolled back (see truncate)
+        self.recurrent: bool = bool(llama_cpp.llama_model_is_recurrent(ptr) or llama_cpp.llama_model_is_hybrid(ptr))
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
 
@@ -256,11 +259,18 @@ class Context:
             self._logits_address = address
         return self._logits_view[: self._n_outputs]
 
-    def truncate(self, n: int) -> None:
-        """Forget every cached position >= n (rollback after rejected draft tokens)."""
+    def truncate(self, n: int) -> bool:
+        """Forget every cached position >= n (rollback after rejected draft tokens). False when llama.cpp
+        cannot (a recurrent model's state keeps no positions to drop): then nothing was changed."""
         if n < len(self.tokens):
-            llama_cpp.llama_memory_seq_rm(self._memory, 0, n, -1)
+            if not llama_cpp.llama_memory_seq_rm(self._memory, 0, n, -1):
+                return False
             del self.tokens[n:]
+        return True
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+        self.tokens.clear()
 
     def sync(self, tokens: Sequence[int]) -> int:
         """Make the cache hold exactly `tokens`, evaluating only what differs; logits end on the last one.
@@ -278,7 +288,9 @@ class Context:
         keep = 0
         while keep < limit and self.tokens[keep] == tokens[keep]:
             keep += 1
-        self.truncate(keep)
+        if not self.truncate(keep):  # a recurrent model: start over rather than continue from a wrong state
+            self.clear()
+            keep = 0
         self.decode(tokens[keep:])
         return len(tokens) - keep
 

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.engine.compat import FIRST_CHECKED_TOKEN, MAX_VOCAB_SIZE_DIFFERENCE, TEXT_SAMPLE_SIZE, Compatibility
 from app.engine.errors import ModelFileError
 from app.engine.gguf_info import GGUFInfo, read_gguf_info
 
@@ -91,29 +90,3 @@ def find_models(directories: Iterable[Path]) -> list[ModelEntry]:
             except ModelFileError as exc:
                 entries.append(ModelEntry(path, None, str(exc).replace(str(path), path.name)))
     return entries
-
-
-def _sample_ids(n_vocab: int) -> list[int]:
-    span = n_vocab - FIRST_CHECKED_TOKEN
-    step = max(1, span // TEXT_SAMPLE_SIZE)
-    return [*range(FIRST_CHECKED_TOKEN, n_vocab, step), *range(max(FIRST_CHECKED_TOKEN, n_vocab - 64), n_vocab)]
-
-
-def metadata_compatibility(main: GGUFInfo, draft: GGUFInfo) -> Compatibility:
-    """llama.cpp's draft compatibility rules (see compat.py), applied to GGUF metadata."""
-    meta_main, meta_draft = main.metadata, draft.metadata
-    kind_main, kind_draft = meta_main.get("tokenizer.ggml.model"), meta_draft.get("tokenizer.ggml.model")
-    if kind_main != kind_draft:
-        return Compatibility(False, f"vocabulary types differ ({kind_main} vs {kind_draft})")
-    for what, key in (("BOS", "tokenizer.ggml.bos_token_id"), ("EOS", "tokenizer.ggml.eos_token_id")):
-        if meta_main.get(key) != meta_draft.get(key):
-            return Compatibility(False, f"{what} tokens differ ({meta_main.get(key)} vs {meta_draft.get(key)})")
-    diff = abs(main.vocab_size - draft.vocab_size)
-    if diff > MAX_VOCAB_SIZE_DIFFERENCE:
-        return Compatibility(False, f"vocabulary sizes differ by {diff} ({main.vocab_size} vs {draft.vocab_size})")
-    ids = _sample_ids(min(main.vocab_size, draft.vocab_size))
-    texts_main, texts_draft = main.token_texts(ids), draft.token_texts(ids)
-    for token in ids:
-        if texts_main.get(token) != texts_draft.get(token):
-            return Compatibility(False, f"token {token} differs ({texts_main.get(token)!r} vs {texts_draft.get(token)!r})")
-    return Compatibility(True)

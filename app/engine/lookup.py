@@ -5,8 +5,6 @@ LlamaPromptLookupDecoding."""
 
 from __future__ import annotations
 
-import numpy as np
-
 
 class LookupDrafter:
     source = "lookup"
@@ -18,20 +16,25 @@ class LookupDrafter:
     def __init__(self, max_ngram: int = 6, min_ngram: int = 3):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self._follow: dict[tuple[int, ...], int] = {}  # n-gram -> index just after its latest earlier occurrence
-        self._indexed = 0  # n-grams ending before this index are in the table
-        self._head: tuple[int, ...] = ()
+        self._indexed: list[int] = []  # the tokens whose n-grams are in the table (but the last, the query)
+
+    def start(self, tokens: list[int]) -> None:
+        """A new reply. The table is kept only if this sequence continues the one indexed (the next turn
+        of the same chat); otherwise (a new chat, a reopened one, an edited turn) it is rebuilt, or it
+        would propose continuations from another conversation that merely shares a system prompt."""
+        n = len(self._indexed)
+        if len(tokens) < n or tokens[:n] != self._indexed:
+            self._follow.clear()
+            self._indexed = []
 
     def _refresh(self, tokens: list[int]) -> None:
-        head = tuple(tokens[:8])
-        if head != self._head or len(tokens) < self._indexed + 1:  # a new conversation: start over
-            self._follow.clear()
-            self._indexed, self._head = 0, head
         end = len(tokens) - 1  # never index the n-grams ending at the last token: they are the query
-        for i in range(self._indexed, end):
+        for i in range(len(self._indexed), end):
             for n in range(self.min_ngram, self.max_ngram + 1):
                 if i + 1 >= n:
                     self._follow[tuple(tokens[i + 1 - n : i + 1])] = i + 1
-        self._indexed = max(self._indexed, end)
+        if end > len(self._indexed):
+            self._indexed.extend(tokens[len(self._indexed) : end])
 
     def match(self, tokens: list[int], k: int) -> list[int]:
         """The longest-context continuation available, at most k tokens."""
@@ -42,9 +45,3 @@ class LookupDrafter:
                 if start is not None:
                     return tokens[start : start + k]
         return []
-
-
-def point_mass(token: int):  # -> Distribution; a lookup "draft distribution" q is certain of its token
-    from app.engine.sampling import Distribution
-
-    return Distribution(np.array([token], dtype=np.int64), np.array([1.0]))

@@ -1,12 +1,23 @@
-"""Turning logits into tokens, for both models alike, and the exact speculative-sampling rule.
+"""Turning logits into tokens, for both models alike, and the rule that keeps sampled output exact.
+
+Sampling at temperature > 0 draws every token by inverse CDF from one uniform number per sequence
+position, derived from (seed, position) alone (PositionalUniforms). The draft model draws its guess
+for a position from its q with that position's number; the main model draws its own token from p
+with the same number; a guess is kept when the two agree. The token at each position is then the
+one plain decoding draws there, whatever was drafted: distributed exactly as p, and a seeded run
+gives the same text with any draft, draft length or adaptive choice (timing-dependent choices must
+not change how many random numbers are used). It is llama.cpp's rule for its speculative server
+(the main model samples, drafts are kept while they match), with the draft's guess coupled to the
+main model's draw, so a draft whose q is close to p guesses the very token p draws.
 
 Distributions are sparse: after top-k only k candidates remain, so p and q are (ids, probs) pairs
-of at most k entries and the accept/residual arithmetic never touches a vocab-sized array.
+of at most k entries, sorted by token id (the same order for both models, which couples their draws).
 Greedy decoding skips all of this: an argmax over llama.cpp's logits view.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,14 +59,34 @@ class Distribution:
     def max_prob(self) -> float:
         return float(self.probs.max())
 
-    def sample(self, rng: np.random.Generator) -> int:
-        return _sample(self.ids, self.probs, rng)
+    def sample_at(self, u: float) -> int:
+        """The token whose CDF interval (ids in ascending order) holds the uniform number u."""
+        cdf = np.cumsum(self.probs)
+        i = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+        return int(self.ids[min(i, len(self.ids) - 1)])
 
 
-def _sample(ids: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> int:
-    cdf = np.cumsum(weights)
-    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    return int(ids[min(i, len(ids) - 1)])
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+class PositionalUniforms:
+    """A uniform number in [0, 1) for each sequence position, a function of (seed, position) only: no
+    generator state advances, so how many numbers a run used (drafts made, rejected, skipped) cannot
+    change the numbers later positions get. Without a seed, a fresh random one per reply."""
+
+    def __init__(self, seed: int | None):
+        self.seed = secrets.randbits(64) if seed is None else seed
+        self._key = _splitmix64(self.seed & _MASK)
+
+    def at(self, position: int) -> float:
+        return (_splitmix64((self._key + position * 0xD1B54A32D192ED03) & _MASK) >> 11) / float(1 << 53)
 
 
 class PenaltyWindow:
@@ -130,19 +161,3 @@ class Confidence:
         np.subtract(row, row.max(), out=self._scratch)
         np.exp(self._scratch, out=self._scratch)
         return float(1.0 / self._scratch.sum(dtype=np.float64))
-
-
-def accept_or_resample(p: Distribution, q: Distribution, token: int, rng: np.random.Generator) -> tuple[bool, int]:
-    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023).
-
-    `token` was drawn from the draft's q. Keep it with probability min(1, p/q); otherwise draw from
-    norm(max(0, p - q)). The result is distributed exactly as a draw from p.
-    """
-    q_x = q.prob(token)
-    p_x = p.prob(token)
-    if q_x > 0.0 and rng.random() * q_x < p_x:
-        return True, token
-    residual = np.maximum(p.probs - q.probs_of(p.ids), 0.0)
-    if residual.sum() <= 0.0:  # p == q up to rounding: the residual is empty, p itself is exact
-        return False, p.sample(rng)
-    return False, _sample(p.ids, residual, rng)

@@ -17,16 +17,15 @@ import numpy as np
 from app.engine.backend import Context, Model, draft_context
 from app.engine.compat import check_compatibility
 from app.engine.controller import Decision, DraftController
-from app.engine.errors import ContextOverflowError, IncompatibleDraftError
+from app.engine.errors import ContextOverflowError, IncompatibleDraftError, TandemError
 from app.engine.events import Event, Finished, GenerationStats, RoundEvent
-from app.engine.lookup import LookupDrafter, point_mass
+from app.engine.lookup import LookupDrafter
 from app.engine.probe import PLAIN_ONLY, DraftProfile, MainProfile, profile_draft, profile_main
 from app.engine.sampling import (
     Confidence,
-    Distribution,
     PenaltyWindow,
+    PositionalUniforms,
     SamplerSettings,
-    accept_or_resample,
     distribution,
     greedy_token,
 )
@@ -58,7 +57,6 @@ class GenerationConfig:
 @dataclass
 class Draft:
     tokens: list[int] = field(default_factory=list)
-    dists: list[Distribution] = field(default_factory=list)  # q per token, for speculative sampling
     n_ignored: int = 0
     evaluated: int = 0  # tokens the draft model evaluated: its catch-up, then one per draft but the last
     caught_up: tuple[int, float] = (0, 0.0)  # (tokens, seconds) of the catch-up before drafting
@@ -74,7 +72,7 @@ class ModelDrafter:
         self.ctx = ctx
         self._confidence = Confidence(ctx.model.n_vocab)
 
-    def propose(self, tokens: list[int], k: int, config: GenerationConfig, rng: np.random.Generator) -> Draft:
+    def propose(self, tokens: list[int], k: int, config: GenerationConfig, uniforms: PositionalUniforms) -> Draft:
         draft = Draft()
         settings = config.sampler
         penalty = PenaltyWindow(settings)
@@ -90,12 +88,10 @@ class ModelDrafter:
                 confidence = self._confidence.top_prob(row) if config.draft_p_min > 0 else 1.0
             else:
                 q = distribution(row, settings, penalty.ids(history) if penalty.active else None)
-                token = q.sample(rng)
+                token = q.sample_at(uniforms.at(len(tokens) + i))  # coupled to the main model's draw (sampling.py)
                 confidence = q.max_prob()
-                draft.dists.append(q)
             if confidence < config.draft_p_min:
                 draft.n_ignored += 1  # llama.cpp's rule: an unsure token ends the draft and is not sent
-                draft.dists = draft.dists[: len(draft.tokens)]
                 break
             draft.tokens.append(token)
             if i + 1 < k:  # the last drafted token is evaluated next round, only if accepted
@@ -103,7 +99,7 @@ class ModelDrafter:
                 draft.evaluated += 1
         if len(draft.tokens) < config.draft_min:
             draft.n_ignored += len(draft.tokens)
-            draft.tokens, draft.dists = [], []
+            draft.tokens = []
         return draft
 
 
@@ -129,6 +125,19 @@ class SpeculativeEngine:
         draft_profile: DraftProfile | None = None,
     ):
         n_ctx = min(n_ctx, main.n_ctx_train) if main.n_ctx_train > 0 else n_ctx
+        # a recurrent main model cannot roll rejected drafts back: it decodes plainly, exact by construction
+        recurrent = (
+            f"drafting off: {main.path.name} is a recurrent model (its state cannot drop rejected draft tokens)"
+            if main.recurrent and (draft is not None or lookup)
+            else ""
+        )
+        if recurrent:
+            draft, lookup, main_profile = None, False, PLAIN_ONLY
+        elif draft is not None and draft.recurrent:
+            raise IncompatibleDraftError(
+                f"draft {draft.path.name} is a recurrent model: its state cannot drop rejected draft tokens; "
+                "use a transformer draft, --draft lookup or --no-draft"
+            )
         self.main = main
         self.draft_model = draft
         self.drafter: ModelDrafter | None = None
@@ -151,7 +160,7 @@ class SpeculativeEngine:
         kernels = self.main_profile.kernels
         # --exact: verify no batch wider than the self-check found bit-identical to one-token decoding
         self.exact_cap = None if kernels.exact or not exact else kernels.exact_up_to - 1
-        self.blocked = (
+        self.blocked = recurrent or (
             "--exact: drafting off, no verify batch is bit-identical to one-token decoding for "
             f"{main.path.name} with this build and CPU (logits differ by up to {kernels.max_difference:.2g})"
             if self.exact_cap == 0 and (self.drafter or self.lookup)
@@ -183,10 +192,10 @@ class SpeculativeEngine:
 
     def speculation_state(self, config: GenerationConfig) -> str:
         """In words: what drafting a reply with `config` will do on this machine, and why (empty: nothing to say)."""
-        if not (self.drafter or self.lookup) or config.draft_max == 0:
-            return "plain decoding"
         if self.blocked:
             return self.blocked
+        if not (self.drafter or self.lookup) or config.draft_max == 0:
+            return "plain decoding"
         prefix = ""
         if self.exact_cap is not None and self.exact_cap < config.draft_max:
             prefix = f"--exact: drafts of at most {self.exact_cap} tokens (wider verify batches are not bit-identical here); "
@@ -213,7 +222,7 @@ class SpeculativeEngine:
                 "shorten it or raise --ctx-size"
             )
         settings = config.sampler
-        rng = np.random.default_rng(settings.seed)
+        uniforms = PositionalUniforms(settings.seed)  # one number per position: seeded runs repeat exactly
         penalty = PenaltyWindow(settings)
         stats = GenerationStats(draft_model=self.draft_name)
         stats.speculation = self.speculation_state(config)
@@ -231,6 +240,8 @@ class SpeculativeEngine:
         stop_reason = ""
         widest = 1  # the widest verify batch of this reply
         self._shadow = None  # (position, tokens): lookup's unused proposal, checked next round (controller.observe)
+        if self.lookup:
+            self.lookup.start(tokens)
 
         # the last prompt token opens the first verify batch. The draft model is not fed the prompt here:
         # it catches up only when the controller first chooses it (a reply that never drafts never pays)
@@ -250,7 +261,7 @@ class SpeculativeEngine:
 
             t0 = time.perf_counter()
             if stats.rounds:
-                decision, draft = self._make_draft(tokens, limit, config, rng, controller, config.max_tokens - len(reply))
+                decision, draft = self._make_draft(tokens, limit, config, uniforms, controller, config.max_tokens - len(reply))
             else:  # the first round is plain: time to first token is plain decoding's, whatever drafting costs
                 decision, draft = Decision("none", 0, "first token: plain decoding"), Draft()
             t1 = time.perf_counter()
@@ -259,8 +270,9 @@ class SpeculativeEngine:
             if settings.greedy and not penalty.active:
                 n_accepted, main_token = _verify_greedy(rows, draft.tokens)
             else:
-                n_accepted, main_token = _verify_sampled(rows, draft, tokens, settings, penalty, rng)
-            self.main_ctx.truncate(len(tokens) + n_accepted)  # drop rejected drafts from the KV cache
+                n_accepted, main_token = _verify_sampled(rows, draft, tokens, settings, penalty, uniforms)
+            if not self.main_ctx.truncate(len(tokens) + n_accepted):  # drop rejected drafts from the KV cache
+                raise TandemError(f"llama.cpp could not drop rejected draft tokens from {self.main.path.name}'s cache")
             t2 = time.perf_counter()
             widest = max(widest, len(draft.tokens) + 1)
             if controller is not None:
@@ -269,7 +281,9 @@ class SpeculativeEngine:
                 controller.record(decision, len(draft.tokens), n_accepted, t1 - t0, t2 - t1, work, catch_up)
 
             emitted: list[int] = []
+            consumed = 0  # of the accepted drafts and the main token, how many the reply took before it ended
             for token in (*draft.tokens[:n_accepted], main_token):
+                consumed += 1
                 if self.main.is_eog(token):
                     stop_reason = EOS
                     break
@@ -289,11 +303,16 @@ class SpeculativeEngine:
                 first_round_tokens = len(reply)
 
             n_drafted = len(draft.tokens)
+            # accepted drafts after the reply's end (an end-of-generation token, a stop string, the token
+            # budget) were never used: LM Studio's "ignored", so accepted never exceeds the tokens generated
+            past_end = n_accepted - min(n_accepted, consumed)
+            n_accepted -= past_end
+            n_ignored = draft.n_ignored + past_end
             stats.rounds += 1
             stats.total_draft_tokens_count += n_drafted + draft.n_ignored
             stats.accepted_draft_tokens_count += n_accepted
-            stats.rejected_draft_tokens_count += n_drafted - n_accepted
-            stats.ignored_draft_tokens_count += draft.n_ignored
+            stats.rejected_draft_tokens_count += n_drafted - n_accepted - past_end
+            stats.ignored_draft_tokens_count += n_ignored
             stats.draft_length_histogram[n_drafted] = stats.draft_length_histogram.get(n_drafted, 0) + 1
             stats.draft_time += t1 - t0
             stats.verify_time += t2 - t1
@@ -301,7 +320,7 @@ class SpeculativeEngine:
                 drafted=tuple(draft.tokens),
                 n_accepted=n_accepted,
                 main_token=main_token,
-                n_ignored=draft.n_ignored,
+                n_ignored=n_ignored,
                 tokens=tuple(emitted),
                 text=text,
                 draft_seconds=t1 - t0,
@@ -354,13 +373,15 @@ class SpeculativeEngine:
         tokens: list[int],
         limit: int,
         config: GenerationConfig,
-        rng: np.random.Generator,
+        uniforms: PositionalUniforms,
         controller: DraftController | None,
         remaining: int,
     ) -> tuple[Decision, Draft]:
         """Pick a source and a length (the controller, or fixed draft_max), then draft."""
         if limit <= 0 or not (self.drafter or self.lookup):
             return Decision("none", 0, self.blocked or "no drafting"), Draft()
+        if limit < config.draft_min:  # the end of the reply is nearer than draft-min: a draft would be thrown away
+            return Decision("none", 0, f"at most {limit} tokens left to draft, under draft-min {config.draft_min}"), Draft()
         match = self.lookup.match(tokens, limit) if self.lookup else []
         if controller is not None and self._shadow is not None:
             self._check_shadow(tokens, controller)
@@ -382,11 +403,9 @@ class SpeculativeEngine:
             if match and decision.source != "lookup" and self._shadow is None:
                 self._shadow = (len(tokens), match[:SHADOW_TOKENS])
         if decision.source == "model":
-            return decision, self.drafter.propose(tokens, decision.k, config, rng)
+            return decision, self.drafter.propose(tokens, decision.k, config, uniforms)
         if decision.source == "lookup":
-            proposal = match[: decision.k]
-            dists = [] if config.sampler.greedy else [point_mass(t) for t in proposal]
-            return decision, Draft(tokens=proposal, dists=dists)
+            return decision, Draft(tokens=match[: decision.k])
         return decision, Draft()
 
 
@@ -405,22 +424,21 @@ def _verify_sampled(
     tokens: list[int],
     settings: SamplerSettings,
     penalty: PenaltyWindow,
-    rng: np.random.Generator,
+    uniforms: PositionalUniforms,
 ) -> tuple[int, int]:
-    """Speculative sampling: each draft token kept with probability min(1, p/q), else resampled."""
-    for i, token in enumerate(draft.tokens):
+    """At each position the main model draws its own token, as plain decoding would there (sampling.py);
+    drafts are kept while they equal those draws. With a repeat penalty and no temperature: the
+    penalised argmax."""
+
+    def main_choice(i: int) -> int:
         history = tokens + draft.tokens[:i] if penalty.active else ()
-        if settings.greedy:  # greedy with a repeat penalty: exact match against the penalised argmax
-            best = greedy_token(rows[i], penalty, history)
-            if best != token:
-                return i, best
-            continue
+        if settings.greedy:
+            return greedy_token(rows[i], penalty, history)
         p = distribution(rows[i], settings, penalty.ids(history) if penalty.active else None)
-        accepted, replacement = accept_or_resample(p, draft.dists[i], token, rng)
-        if not accepted:
-            return i, replacement
-    n = len(draft.tokens)
-    history = tokens + draft.tokens if penalty.active else ()
-    if settings.greedy:
-        return n, greedy_token(rows[n], penalty, history)
-    return n, distribution(rows[n], settings, penalty.ids(history) if penalty.active else None).sample(rng)
+        return p.sample_at(uniforms.at(len(tokens) + i))
+
+    for i, token in enumerate(draft.tokens):
+        chosen = main_choice(i)
+        if chosen != token:
+            return i, chosen
+    return len(draft.tokens), main_choice(len(draft.tokens))

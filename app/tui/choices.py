@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.engine.catalog import ModelEntry, metadata_compatibility
+from app.engine.catalog import ModelEntry
+from app.engine.compat import metadata_compatibility
 from app.engine.gguf_info import GGUFInfo
 from app.engine.loading import LOOKUP, NO_DRAFT
 
