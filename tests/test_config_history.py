@@ -103,16 +103,20 @@ def test_catalog_finds_models_and_judges_drafts(tiny, tmp_path: Path) -> None:
     assert read_gguf_info(tiny.main).token_texts([1, 2, 10_000]) == {1: "<s>", 2: "</s>"}
 
 
+PIECES = {1: b"ab", 2: b"c", 3: "é".encode()[:1], 4: "é".encode()[1:] + b"!", 5: b"zz"}
+
+
 def _round(tokens: tuple[int, ...], n_accepted: int, text: str) -> RoundEvent:
     return RoundEvent(drafted=tokens[:n_accepted], n_accepted=n_accepted, main_token=tokens[-1], n_ignored=0,
-                      tokens=tokens, text=text, draft_seconds=0, verify_seconds=0, draft_source="model")  # fmt: skip
+                      tokens=tokens, text=text, draft_seconds=0, verify_seconds=0, draft_source="model",
+                      pieces=tuple(PIECES[t] for t in tokens[:n_accepted] + tokens[-1:]))  # fmt: skip
 
 
 def test_transcript_credits_characters_to_draft_or_main() -> None:
-    pieces = {1: b"ab", 2: b"c", 3: "é".encode()[:1], 4: "é".encode()[1:] + b"!", 5: b"zz"}
-    transcript = ReplyTranscript(pieces.__getitem__)
+    transcript = ReplyTranscript()
     transcript.add(_round((1, 2), 1, "abc"))
-    transcript.add(_round((3, 4), 0, "é!"))
+    transcript.add(_round((3,), 0, ""))  # half a character
+    transcript.add(_round((4,), 0, "é!"))
     transcript.add(_round((5,), 0, ""))  # held back (could start a stop string)
     assert transcript.runs() == [(DRAFT, "ab"), (MAIN, "cé!")]
     transcript.add(Finished(text="abcé!z", tail="z", tokens=(), stats=GenerationStats()))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 import tomllib
+import weakref
 from pathlib import Path
 
 import pytest
@@ -155,6 +157,9 @@ async def test_model_and_draft_pickers_by_keyboard(home: Path) -> None:
     app = make_app(home)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, "the cat")  # replies and debug-pane rounds that must not pin the old model
+        await pilot.press("f4")
+        old_main = weakref.ref(app.engine.main)
         await pilot.press("f2")
         await until(pilot, lambda: isinstance(app.screen, PickerScreen))
         labels = [str(option.prompt) for option in picker_options(app).values()]
@@ -162,6 +167,8 @@ async def test_model_and_draft_pickers_by_keyboard(home: Path) -> None:
         await pilot.press(*"twin", "enter")
         await until(pilot, lambda: app.spec is not None and app.spec.main.name == "twin.gguf" and not app.loading)
         assert app.engine.main.name == "tiny-twin"
+        gc.collect()
+        assert old_main() is None  # the old weights are freed, not kept alive by what is on screen
 
         await pilot.press("f3")
         await until(pilot, lambda: isinstance(app.screen, PickerScreen))

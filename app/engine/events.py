@@ -22,6 +22,20 @@ class RoundEvent:
     verify_seconds: float
     draft_source: str  # "model", "lookup" or "none"
     decision: str = ""  # why this draft length (the adaptive controller's reasoning)
+    # the bytes of each drafted token, then of main_token: consumers show tokens without calling llama.cpp
+    # (its token-to-piece buffer is the engine thread's), and without keeping the model alive
+    pieces: tuple[bytes, ...] = ()
+
+    def drafted_piece(self, i: int) -> bytes:
+        return self.pieces[i] if i < len(self.pieces) else b""
+
+    @property
+    def main_piece(self) -> bytes:
+        return self.pieces[-1] if self.pieces else b""
+
+    def emitted_pieces(self) -> list[bytes]:
+        """Pieces of `tokens`: the accepted drafts', then the main model's token (unless the reply ended first)."""
+        return [self.drafted_piece(i) if i < self.n_accepted else self.main_piece for i in range(len(self.tokens))]
 
 
 @dataclass

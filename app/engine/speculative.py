@@ -327,6 +327,7 @@ class SpeculativeEngine:
                 verify_seconds=t2 - t1,
                 draft_source=decision.source if draft.tokens or draft.n_ignored else "none",
                 decision=decision.reason,
+                pieces=tuple(self.main.piece(t) for t in (*draft.tokens, main_token)),
             )
 
         tail = stream.finish()

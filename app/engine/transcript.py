@@ -9,7 +9,6 @@ cut to the released length when shown.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable
 
 from app.engine.events import Finished, RoundEvent
 
@@ -17,8 +16,7 @@ DRAFT, MAIN = "draft", "main"
 
 
 class ReplyTranscript:
-    def __init__(self, piece: Callable[[int], bytes]):
-        self._piece = piece
+    def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._runs: list[list[str]] = []  # [source, text], neighbouring runs of one source merged
         self.text = ""  # released text: what the user may see
@@ -29,9 +27,9 @@ class ReplyTranscript:
         if isinstance(event, Finished):
             self.text = event.text  # authoritative: includes the held-back tail, cut at a stop string
             return
-        for i, token in enumerate(event.tokens):
+        for i, piece in enumerate(event.emitted_pieces()):
             source = DRAFT if i < event.n_accepted else MAIN
-            chunk = self._decoder.decode(self._piece(token))
+            chunk = self._decoder.decode(piece)
             if not chunk:
                 continue
             self.decoded_chars += len(chunk)

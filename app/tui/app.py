@@ -262,7 +262,7 @@ class TandemApp(App[None]):
         event.input.value = ""
         chat = self.chat_log
         await chat.mount(UserMessage(text))
-        self.transcript = ReplyTranscript(self.engine.main.piece)
+        self.transcript = ReplyTranscript()
         self.reply = AssistantMessage(self.engine.main.name, transcript=self.transcript, colored=self.colored)
         await chat.mount(self.reply)
         chat.scroll_end(animate=False)
@@ -293,7 +293,7 @@ class TandemApp(App[None]):
         for event in rounds:
             self.transcript.add(event)
             self.live.add(event)
-        self.debug_pane.add_rounds(rounds, self.engine.main.piece)
+        self.debug_pane.add_rounds(rounds)
         self.reply.append("".join(e.text for e in rounds))
         for event in events:
             if isinstance(event, Finished):

@@ -5,7 +5,6 @@ the last rounds in a ring buffer, so it costs generation nothing."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 
 from rich.text import Text
 from textual.widgets import RichLog
@@ -21,7 +20,7 @@ def token_label(piece: bytes) -> str:
     return text.replace("\n", "⏎").replace("\t", "⇥") or "∅"
 
 
-def format_round(number: int, event: RoundEvent, piece: Callable[[int], bytes]) -> Text:
+def format_round(number: int, event: RoundEvent) -> Text:
     line = Text()
     n_drafted = len(event.drafted)
     verdict = "PASS" if n_drafted and event.n_accepted == n_drafted else ("FAIL" if n_drafted else "----")
@@ -29,8 +28,8 @@ def format_round(number: int, event: RoundEvent, piece: Callable[[int], bytes]) 
     line.append(f"{verdict} ", {"PASS": "bold green", "FAIL": "bold red"}.get(verdict, "dim"))
     line.append(f"{event.draft_source:<6} k={n_drafted:<2} {event.n_accepted}/{n_drafted} ", "cyan")
     line.append(f"{event.draft_seconds * 1000:5.1f}+{event.verify_seconds * 1000:5.1f} ms  ", "dim")
-    for i, token in enumerate(event.drafted):
-        label = token_label(piece(token))
+    for i in range(n_drafted):
+        label = token_label(event.drafted_piece(i))
         if i < event.n_accepted:
             line.append(label, "black on green")
         elif i == event.n_accepted:
@@ -40,10 +39,10 @@ def format_round(number: int, event: RoundEvent, piece: Callable[[int], bytes]) 
         line.append(" ")
     line.append("→ ", "dim")
     if not n_drafted:  # nothing drafted: the main model's token is plain decoding, neither bonus nor fix
-        line.append(token_label(piece(event.main_token)), "bold")
+        line.append(token_label(event.main_piece), "bold")
     else:
         bonus = event.n_accepted == n_drafted
-        line.append(token_label(piece(event.main_token)), "black on cyan" if bonus else "black on yellow")
+        line.append(token_label(event.main_piece), "black on cyan" if bonus else "black on yellow")
         line.append(" bonus" if bonus else " correction", "dim")
     if event.n_ignored:
         line.append(f"  {event.n_ignored} ignored", "magenta")
@@ -56,7 +55,7 @@ class DebugPane(RichLog):
     def __init__(self, **kwargs):
         super().__init__(max_lines=MAX_LINES, wrap=True, markup=False, highlight=False, **kwargs)
         self.border_title = "Debug: draft vs accepted"
-        self._recent: deque[Text | tuple[int, RoundEvent, Callable[[int], bytes]]] = deque(maxlen=KEPT_WHILE_HIDDEN)
+        self._recent: deque[Text | tuple[int, RoundEvent]] = deque(maxlen=KEPT_WHILE_HIDDEN)
         self.rounds_seen = 0
 
     def note(self, text: str, style: str = "bold") -> None:
@@ -65,10 +64,10 @@ class DebugPane(RichLog):
         if self.display:
             self.write(line)
 
-    def add_rounds(self, events: list[RoundEvent], piece: Callable[[int], bytes]) -> None:
+    def add_rounds(self, events: list[RoundEvent]) -> None:
         for event in events:
             self.rounds_seen += 1
-            entry = (self.rounds_seen, event, piece)
+            entry = (self.rounds_seen, event)
             self._recent.append(entry)
             if self.display:
                 self.write(format_round(*entry))
