@@ -6,7 +6,9 @@ KoboldCpp and llama.cpp spellings are accepted as aliases so their users' muscle
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from app import __version__
 
-EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 1, 130, 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,36 +27,60 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
 
 
 def _layers(text: str) -> int:
-    value = -1 if text.lower() in ("all", "-1") else int(text)
+    value = -1 if text.lower() in ("all", "-1") else _integer(text)
     if value < -1:
         raise argparse.ArgumentTypeError(f"must be -1 (all), 0 (none) or a layer count, got {value}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0:  # also rejects nan
+    value = _number(text)
+    if value < 0.0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0.0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _probability(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
@@ -112,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-k", type=_non_negative_int, default=40, metavar="K", help="0 disables (default 40)")
     sampling.add_argument("--top-p", type=_probability, default=0.95, metavar="P", help="default 0.95")
     sampling.add_argument("--min-p", type=_probability, default=0.05, metavar="P", help="default 0.05")
-    sampling.add_argument("--repeat-penalty", type=_non_negative_float, default=1.0, metavar="X", help="1 disables (default)")
-    sampling.add_argument("--seed", "-s", type=int, default=None, metavar="S", help="random seed for reproducible sampling")
+    sampling.add_argument("--repeat-penalty", type=_positive_float, default=1.0, metavar="X", help="1 disables (default)")
+    sampling.add_argument("--seed", "-s", type=_integer, default=None, metavar="S", help="random seed for reproducible sampling")
     sampling.add_argument("--max-tokens", "-n", "--n-predict", type=_positive_int, default=512, metavar="N",
                           help="most tokens to generate (default 512)")
     sampling.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
@@ -142,6 +168,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--draft and --no-draft contradict each other")
     if args.draft_min > args.draft_max:
         parser.error(f"--draft-min ({args.draft_min}) is larger than --draft-max ({args.draft_max})")
+    _check_ranges(parser, args)
+    for name in ("prompt", "system", "model", "draft", "config"):
+        value = getattr(args, name)
+        if isinstance(value, str) and not _valid_text(value):
+            parser.error(f"--{name} is not valid UTF-8 text")
+    if not all(_valid_text(stop) for stop in args.stop):
+        parser.error("--stop is not valid UTF-8 text")
     # which flags were typed (not defaulted): only those override a --config file or the app's settings
     shadow = build_parser()
     for action in shadow._actions:
@@ -150,7 +183,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The settings' own limits (the chat app's form uses the same), as usage errors with the flag's name."""
+    from app.config import Settings
+
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    for dest, name in SETTING_FLAGS.items():
+        value = getattr(args, dest)
+        low, high = Settings.LIMITS.get(name, (None, None))
+        if isinstance(value, bool) or not isinstance(value, int | float) or (dest == "seed" and value is None):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            parser.error(f"argument {flags[dest]}: must be {bounds}, got {value}")
+
+
+def _valid_text(text: str) -> bool:
+    """Python keeps undecodable bytes of argv as lone surrogates: such text cannot reach the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for name in ("stdout", "stderr"):  # started with the stream closed (`>&-`): write nowhere, not crash
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the process)
     args = parse_args(argv)
     from app.engine.errors import TandemError
 
@@ -168,12 +228,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("tandem: interrupted\n")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`| head -c 5`): stop quietly, as C tools do on SIGPIPE
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
+        return EXIT_BROKEN_PIPE
 
 
 def read_prompt(args: argparse.Namespace) -> str:
     from app.engine.errors import TandemError
 
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt == "-":
+        raw = sys.stdin.buffer.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TandemError(f"the prompt on standard input is not valid UTF-8 (byte {exc.start})") from None
+    else:
+        text = args.prompt
     if not text.strip():
         raise TandemError("the prompt is empty")
     return text
@@ -194,7 +265,11 @@ def launch_config(args: argparse.Namespace):  # -> app.config.Config
     """Defaults, then the --config file, then the flags typed on the command line."""
     from app.config import Config, load_config
 
-    config = load_config(Path(args.config)) if args.config else Config()
+    if args.config and not Path(args.config).expanduser().is_file():
+        from app.engine.errors import TandemError
+
+        raise TandemError(f"config file not found: {args.config}")
+    config = load_config(Path(args.config).expanduser()) if args.config else Config()
     for dest, name in SETTING_FLAGS.items():
         if dest in args.explicit:
             config.settings.set(name, _flag_value(args, dest))
@@ -221,12 +296,16 @@ def save_launch_config(args: argparse.Namespace) -> int:
 
 
 def engine_spec(config):  # -> EngineSpec; the demo pair unless a main model is configured
-    from app.engine.loading import LOOKUP, EngineSpec
+    from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec
 
     if config.main:
         main, draft = Path(config.main), config.draft or config.default_drafts.get(config.main) or LOOKUP
     else:
         from app.engine.demo import ensure_demo_pair
+        from app.engine.gguf_info import read_gguf_info
+
+        if config.draft not in ("", LOOKUP, NO_DRAFT):  # a bad draft is said before a 89 MiB download
+            read_gguf_info(config.draft)
 
         main, demo_draft = ensure_demo_pair()
         draft = config.draft or str(demo_draft)

@@ -127,6 +127,13 @@ def test_empty_prompt(tiny) -> None:
         (["--ctx-size", "0"], "1 or more"),
         (["--draft-min", "5", "--draft-max", "2"], "larger than --draft-max"),
         (["--no-draft", "--draft", "x.gguf"], "contradict"),
+        (["--temp", "inf"], "finite"),
+        (["--temp", "abc"], "expected a number, got 'abc'"),
+        (["--draft-max", "1000"], "--draft-max: must be between 0 and 64"),
+        (["-c", "10"], "--ctx-size: must be at least 16"),
+        (["-t", "999"], "--threads: must be between 1 and 512"),
+        (["--repeat-penalty", "0"], "more than 0"),
+        (["--seed", "x"], "whole number"),
     ],
 )
 def test_bad_flags(args: list[str], needle: str) -> None:
@@ -199,3 +206,73 @@ def test_help_groups_flags_like_koboldcpp() -> None:
 def test_chat_app_needs_a_terminal(tiny) -> None:
     result = tandem(*tiny_args(tiny), stdin="")
     assert result.returncode == 1 and "not a terminal" in result.stderr
+
+
+def run_bytes(*args: bytes | str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, input=stdin, capture_output=True, timeout=300)
+
+
+def assert_quiet(stderr: bytes) -> None:
+    text = stderr.decode(errors="replace")
+    assert "Traceback" not in text and "Exception ignored" not in text, text
+
+
+def test_a_prompt_that_is_not_utf8_is_one_clear_error(tiny) -> None:
+    argv = run_bytes(*tiny_args(tiny), "--prompt", b"caf\xe9 \xff")
+    assert argv.returncode == 2 and b"not valid UTF-8" in argv.stderr
+    assert_quiet(argv.stderr)
+    stdin = run_bytes(*tiny_args(tiny), "--prompt", "-", stdin=b"caf\xe9 \xff")
+    assert stdin.returncode == 1 and b"not valid UTF-8" in stdin.stderr
+    assert_quiet(stdin.stderr)
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_reader_that_goes_away_or_a_closed_stdout_ends_quietly(tiny, tmp_path: Path, json_flag: list[str]) -> None:
+    args = " ".join([*tiny_args(tiny, "-n", "400", "--temp", "0"), *json_flag])
+    err = tmp_path / "err"
+    for redirect in ("| head -c 5 > /dev/null", ">&-"):
+        result = subprocess.run(f"{sys.executable} -m app {args} --prompt 'the cat' 2>{err} {redirect}", shell=True,
+                                cwd=ROOT, timeout=300)  # fmt: skip
+        assert_quiet(err.read_bytes())
+        assert result.returncode == 0
+
+
+def test_a_missing_config_file_is_an_error(tiny, tmp_path: Path) -> None:
+    assert_clean_failure(tandem(*tiny_args(tiny, "--config", str(tmp_path / "nope.toml"), "--prompt", "hi")), "config file not found")
+
+
+def test_a_missing_draft_is_said_before_the_demo_download(tmp_path: Path) -> None:
+    env = {"TANDEM_MODELS_CACHE": str(tmp_path / "cache"), "TANDEM_INDEX_URL": "http://127.0.0.1:9/simple"}
+    result = tandem("--draft", str(tmp_path / "d.gguf"), "--prompt", "hi", env=env)
+    assert_clean_failure(result, "not found", "d.gguf")
+    assert not (tmp_path / "cache").exists()  # nothing fetched, nothing created
+
+
+def test_an_unwritable_demo_cache_or_a_missing_wheel_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    result = tandem("--prompt", "hi", env={"TANDEM_MODELS_CACHE": str(blocker / "models")})
+    assert_clean_failure(result, "cannot write the demo models", str(blocker / "models"))
+    env = {"TANDEM_MODELS_CACHE": str(tmp_path / "cache"), "TANDEM_DEMO_WHEEL": str(tmp_path / "missing.whl")}
+    assert_clean_failure(tandem("--prompt", "hi", env=env), "TANDEM_DEMO_WHEEL", "missing.whl")
+
+
+def test_files_that_are_not_models_are_named_for_what_they_are(tiny, tmp_path: Path) -> None:
+    import gguf
+
+    vocab_only = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(str(vocab_only), "llama")
+    writer.add_token_list(["a", "b"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert_clean_failure(tandem("--model", str(vocab_only), "--prompt", "hi"), "no weights")
+    loop = tmp_path / "loop.gguf"
+    loop.symlink_to(loop)
+    assert_clean_failure(tandem("--model", str(loop), "--prompt", "hi"), "loops back")
+    other = tmp_path / "other.gguf"
+    data = bytearray(tiny.main.read_bytes())
+    at = data.find(b"llama", data.find(b"general.architecture"))
+    data[at : at + 5] = b"lxama"
+    other.write_bytes(bytes(data))
+    assert_clean_failure(tandem("--model", str(other), "--prompt", "hi"), "unknown model architecture: 'lxama'")

@@ -501,3 +501,16 @@ def test_marker_text_in_a_message_is_plain_text_not_a_special_token(models) -> N
     assert b"".join(main.piece(t) for t in tokens).count(b"</s>") == 1  # the text is all there, as text
     ordinary = [Message("user", "hello world"), Message("assistant", "the cat")]
     assert tokenize_chat(main, ordinary) == tokenize_prompt(main, format_chat(main, ordinary))
+
+
+def test_ctrl_c_inside_a_llama_cpp_callback_stops_the_load(tiny, capfd) -> None:
+    """Ctrl+C lands in whatever Python code runs: during a load, llama.cpp's progress callback. Raised
+    there it would be printed as "Exception ignored" and dropped, and the load would finish."""
+
+    def interrupted(_fraction: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Model(tiny.main, n_gpu_layers=0, progress=interrupted)
+    assert "Exception ignored" not in capfd.readouterr().err
+    Model(tiny.main, n_gpu_layers=0)  # nothing left pending: the next load is not interrupted

@@ -30,12 +30,27 @@ _log_tail: deque[str] = deque(maxlen=40)
 _log_verbose = bool(os.environ.get("TANDEM_LLAMA_LOG"))
 
 
+# Ctrl+C that arrived while llama.cpp was calling back into Python (a log line, load progress). Raised
+# there, KeyboardInterrupt would be printed as "Exception ignored" and lost: the callback records it,
+# makes a load stop, and it is raised again once llama.cpp has returned (raise_if_interrupted).
+_interrupted = threading.Event()
+
+
+def raise_if_interrupted() -> None:
+    if _interrupted.is_set():
+        _interrupted.clear()
+        raise KeyboardInterrupt
+
+
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    line = text.decode("utf-8", errors="replace")
-    _log_tail.append(line)
-    if _log_verbose:
-        os.write(2, text)
+    try:
+        line = text.decode("utf-8", errors="replace")
+        _log_tail.append(line)
+        if _log_verbose:
+            os.write(2, text)
+    except KeyboardInterrupt:
+        _interrupted.set()
 
 
 def init_backend() -> None:
@@ -48,8 +63,12 @@ def init_backend() -> None:
 
 
 def _last_llama_error() -> str:
-    errors = [line.strip() for line in _log_tail if "error" in line.lower() or "failed" in line.lower()]
-    return errors[-1] if errors else "no reason given"
+    lines = list(_log_tail)
+    for line in reversed(lines):  # the loader's own reason, e.g. "unknown model architecture: 'x'"
+        if "error loading model:" in line:
+            return line.split("error loading model:", 1)[1].strip()
+    errors = [line.strip() for line in lines if "error" in line.lower() or "failed" in line.lower()]
+    return errors[-1] if errors else "llama.cpp gave no reason (TANDEM_LLAMA_LOG=1 shows its log)"
 
 
 @functools.cache
@@ -99,13 +118,24 @@ class Model:
         self.n_gpu_layers = n_gpu_layers
         self.extra_buffers = cpu_extra_buffers_allowed(self.info.float_weights) if extra_buffers is None else extra_buffers
         params.use_extra_bufts = self.extra_buffers
-        if progress is not None:  # the callback object must outlive the load: ctypes does not keep it
-            callback = llama_cpp.llama_progress_callback(lambda fraction, _user: progress(fraction) or True)
-            params.progress_callback = callback
+        def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
+            try:
+                if progress is not None:
+                    progress(fraction)
+            except KeyboardInterrupt:
+                _interrupted.set()
+            return not _interrupted.is_set()  # False makes llama.cpp abandon the load
+
+        callback = llama_cpp.llama_progress_callback(on_progress)  # must outlive the load: ctypes does not keep it
+        params.progress_callback = callback
         _log_tail.clear()
         ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if _interrupted.is_set():
+            if ptr:
+                llama_cpp.llama_model_free(ptr)
+            raise_if_interrupted()
         if not ptr:
-            raise ModelFileError(f"llama.cpp could not load {self.path}: {_last_llama_error()}")
+            raise ModelFileError(f"llama.cpp could not load {self.path} ({self.info.architecture} architecture): {_last_llama_error()}")
         self.ptr = ptr
         self.vocab = llama_cpp.llama_model_get_vocab(ptr)
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -243,6 +273,7 @@ class Context:
             started = time.perf_counter()
             rc = llama_cpp.llama_decode(self.ptr, batch)
             self.decode_seconds += time.perf_counter() - started
+            raise_if_interrupted()
             if rc != 0:
                 raise TandemError(f"llama.cpp failed to evaluate {len(chunk)} tokens (code {rc}): {_last_llama_error()}")
             self.tokens.extend(chunk)

