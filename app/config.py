@@ -9,9 +9,13 @@ One format for both, so a configuration saved from the app can be launched headl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import stat
+import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -169,15 +173,80 @@ def dump_config(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_config(config: Config, path: Path) -> None:
-    """Write atomically (temp + rename): a crash never leaves half a config."""
+def save_config(config: Config, path: Path) -> Path | None:
+    """Write atomically (temp + rename): a crash never leaves half a config. A symlink is written
+    through (its target is replaced, the link kept); a device, FIFO or directory is refused. A file
+    that is there but cannot be loaded is the user's work: it is copied aside first, and that copy's
+    path is returned (None when nothing needed keeping)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(path.name + ".tmp")
-        temp.write_text(dump_config(config), encoding="utf-8")
-        temp.replace(path)
+        target = Path(os.path.realpath(path))
+        mode = _regular_file_mode(target)
+        if mode is None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        backup = _keep_unreadable(target) if mode is not None else None
+        _write_atomically(target, dump_config(config), mode)
+    except ConfigError as exc:
+        raise ConfigError(f"cannot write the config file {path}: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"cannot write the config file {path}: {exc.strerror or exc}") from exc
+    return backup
+
+
+def _regular_file_mode(target: Path) -> int | None:
+    """The permission bits of the file to replace; None when there is none yet. Anything but a
+    regular file is refused: replacing /dev/full or a FIFO with a file would break the system."""
+    try:
+        info = target.stat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"it is a {_file_kind(info.st_mode)}, not a regular file")
+    return stat.S_IMODE(info.st_mode)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "directory", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
+             stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket"}  # fmt: skip
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
+
+
+def _keep_unreadable(target: Path) -> Path | None:
+    """Copy a file that does not load aside before it is replaced, so hand edits are never lost."""
+    try:
+        load_config(target)
+    except ConfigError:
+        pass
+    else:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = target.with_name(f"{target.name}.corrupt-{stamp}")
+    n = 1
+    while backup.exists():
+        n += 1
+        backup = target.with_name(f"{target.name}.corrupt-{stamp}-{n}")
+    try:
+        shutil.copy2(target, backup)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            backup.unlink()  # half a copy (a full disk) is no backup
+        raise
+    return backup
+
+
+def _write_atomically(target: Path, text: str, mode: int | None) -> None:
+    temp = target.with_name(target.name + ".tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())  # a full disk may only say so here; the old file must stay then
+        if mode is not None:
+            os.chmod(temp, mode)  # keep the user's permissions on the replaced file
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
 
 
 def _toml(value: Any) -> str:

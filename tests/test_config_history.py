@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,64 @@ def test_settings_may_come_in_any_order(tmp_path: Path) -> None:
 def test_missing_config_gives_defaults(tmp_path: Path) -> None:
     assert load_config(tmp_path / "nope.toml") == Config()
     assert "[settings]" in dump_config(Config()) and Settings().draft_max == 16
+
+
+def test_save_config_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    """A device, a FIFO or a directory named as the config file is refused, never replaced by a file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    device = tmp_path / "null"
+    device.symlink_to("/dev/null")  # written through: the device itself is the target
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for path, kind in ((fifo, "FIFO"), (device, "character device"), (folder, "directory")):
+        with pytest.raises(ConfigError) as info:
+            save_config(Config(), path)
+        message = str(info.value)
+        assert str(path) in message and kind in message and "\n" not in message
+    assert fifo.is_fifo() and device.is_symlink() and Path("/dev/null").is_char_device() and folder.is_dir()
+    assert not list(tmp_path.glob("*.tmp")) and not list(folder.iterdir())
+
+
+def test_save_config_writes_through_a_symlink(tmp_path: Path) -> None:
+    """A config kept in a dotfiles folder and linked into place stays linked."""
+    real = tmp_path / "dotfiles" / "tandem.toml"
+    real.parent.mkdir()
+    real.write_text(dump_config(Config()))
+    real.chmod(0o640)
+    link = tmp_path / "config" / "config.toml"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    save_config(Config(main="/m.gguf"), link)
+    assert link.is_symlink() and link.resolve() == real
+    assert load_config(real).main == "/m.gguf" and real.stat().st_mode & 0o777 == 0o640
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_failed_save_leaves_no_temp_file_and_the_old_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "config.toml"
+    save_config(Config(main="/old.gguf"), path)
+
+    def full(fd: int) -> None:  # a full disk often shows only when the data is flushed
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(ConfigError, match="No space left on device") as info:
+        save_config(Config(main="/new.gguf"), path)
+    assert str(path) in str(info.value)
+    assert load_config(path).main == "/old.gguf"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
+
+
+def test_saving_over_an_unreadable_config_keeps_a_backup(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[models\nmain = 'my hand-written notes'\n")
+    backup = save_config(Config(main="/m.gguf"), path)
+    assert backup is not None and backup.parent == tmp_path and backup.name.startswith("config.toml.")
+    assert backup.read_text() == "[models\nmain = 'my hand-written notes'\n"
+    assert load_config(path).main == "/m.gguf"
+    assert save_config(Config(main="/n.gguf"), path) is None  # a valid file is simply replaced
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_history_survives_a_torn_last_line(tmp_path: Path) -> None:

@@ -289,3 +289,27 @@ async def test_status_bar_says_why_the_draft_is_off_and_whether_output_is_exact(
         await pilot.press("f4")
         lines = [strip.text for strip in app.query_one(DebugPane).lines]
         assert any("draft model off" in line for line in lines)  # the reason, with its figures
+
+
+async def test_a_corrupt_config_is_left_alone_until_the_user_saves(home: Path) -> None:
+    """The app opens on the defaults and leaves the user's file as it is; the first save keeps a copy."""
+    path = default_config_path()
+    path.parent.mkdir(parents=True)
+    broken = "[settings\ntop_k = 3  # my notes\n"
+    path.write_text(broken)
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.pause(1.6)  # well past the autosave after loading
+        assert path.read_text() == broken and [p.name for p in path.parent.iterdir()] == ["config.toml"]
+        assert any("not valid TOML" in n.message and "left as it is" in n.message for n in app._notifications)
+        await pilot.press("f6")
+        await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        app.screen.query_one("#set-top_k").value = "7"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+        backups = [p for p in path.parent.iterdir() if p.name != "config.toml"]
+        assert len(backups) == 1 and backups[0].read_text() == broken
+        assert load_config(path).settings.top_k == 7
+        assert any(backups[0].name in n.message for n in app._notifications)
+

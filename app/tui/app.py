@@ -94,6 +94,7 @@ class TandemApp(App[None]):
         self.loading = False
         self.history = HistoryStore(options.history_dir)
         self.log_file: ConversationLog = self.history.new_log()
+        self.config_unreadable = False  # the config file did not load: left untouched until the user saves
         self.pending: list[Event | Failed] = []  # drained but not yet shown (repaints are paced)
         self.pacer = RefreshPacer(BUDGET_SHARED)
         self.last_finished: Finished | None = None  # the last reply's engine stats (read by the benchmark)
@@ -122,7 +123,9 @@ class TandemApp(App[None]):
         try:
             self.config = load_config(self.options.config_path)
         except ConfigError as exc:
-            self.notify(f"{exc}. Using the defaults; saving settings will replace the file.", severity="warning", timeout=10)
+            self.config_unreadable = True
+            self.notify(f"{exc}. Using the defaults; the file is left as it is until you save a change "
+                        "(a copy of it is kept then).", severity="warning", timeout=10)  # fmt: skip
         try:
             for name, value in self.options.settings.items():  # the flags typed on the command line
                 self.config.settings.set(name, value)
@@ -138,7 +141,7 @@ class TandemApp(App[None]):
         self.set_interval(2.0, self.refresh_status)
         self.prompt_box.focus()
         self.refresh_status()
-        self.load_pair(main, draft or self.default_draft_for(main))
+        self.load_pair(main, draft or self.default_draft_for(main), by_user=False)
 
     def on_unmount(self) -> None:
         if self.generation is not None:  # quitting mid-reply: stop the worker; what streamed is already saved
@@ -157,8 +160,9 @@ class TandemApp(App[None]):
             return str(demo_paths()[1])
         return LOOKUP
 
-    def load_pair(self, main: str, draft: str) -> None:
-        """Load on a thread; the current pair keeps working until the new one is ready."""
+    def load_pair(self, main: str, draft: str, by_user: bool = True) -> None:
+        """Load on a thread; the current pair keeps working until the new one is ready. by_user:
+        the user chose this pair (the launch's own load does not overwrite an unreadable config)."""
         if self.loading:
             self.notify("Models are already loading.", severity="warning")
             return
@@ -169,9 +173,10 @@ class TandemApp(App[None]):
         self._show_loading(f"preparing {Path(main).name if main else 'the demo pair'}", 0.0)
         self.refresh_status()
         settings = self.config.settings
-        threading.Thread(target=self._load_thread, args=(main, draft, settings), name="tandem-load", daemon=True).start()
+        args = (main, draft, settings, by_user)
+        threading.Thread(target=self._load_thread, args=args, name="tandem-load", daemon=True).start()
 
-    def _load_thread(self, main: str, draft: str, settings: Settings) -> None:
+    def _load_thread(self, main: str, draft: str, settings: Settings, by_user: bool) -> None:
         last = [-1.0]
 
         def progress(what: str, fraction: float) -> None:
@@ -203,7 +208,7 @@ class TandemApp(App[None]):
         except Exception as exc:  # never a traceback: the previous models stay loaded
             self._from_thread(self._load_failed, f"{type(exc).__name__}: {exc}")
         else:
-            self._from_thread(self._loaded, main, engine, spec)
+            self._from_thread(self._loaded, main, engine, spec, by_user)
 
     def _from_thread(self, callback, *args, **kwargs) -> None:
         """Hand a worker thread's result to the UI; dropped quietly if the app has already quit."""
@@ -222,7 +227,7 @@ class TandemApp(App[None]):
         self.notify(message + kept, title="Could not load", severity="error", timeout=12)
         self.refresh_status()
 
-    def _loaded(self, main_choice: str, engine: SpeculativeEngine, spec: EngineSpec) -> None:
+    def _loaded(self, main_choice: str, engine: SpeculativeEngine, spec: EngineSpec, by_user: bool) -> None:
         self.loading = False
         self.loading_row.display = False
         previous, messages = self.engine, (self.session.messages if self.session else [])
@@ -235,15 +240,22 @@ class TandemApp(App[None]):
         self.config.main = main_choice
         self.config.draft = spec.draft
         self.config.default_drafts[main_choice] = spec.draft
-        self._save_config()
+        if by_user or not self.config_unreadable:
+            self._save_config()
         self.notify(f"{engine.main.name} with {describe_draft(spec.draft)}", title="Ready")
         self.refresh_status()
 
-    def _save_config(self) -> None:
+    def _save_config(self) -> bool:
         try:
-            save_config(self.config, self.options.config_path)
+            backup = save_config(self.config, self.options.config_path)
         except ConfigError as exc:
             self.notify(str(exc), severity="warning")
+            return False
+        self.config_unreadable = False
+        if backup is not None:
+            self.notify(f"The config file that could not be read was kept as {backup}.",
+                        title="Config replaced", severity="warning", timeout=12)  # fmt: skip
+        return True
 
     # ---- chatting -------------------------------------------------------------------------
     async def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -467,8 +479,8 @@ class TandemApp(App[None]):
         old = self.config.settings
         needs_reload = any(getattr(old, name) != getattr(settings, name) for name in RELOAD_FIELDS)
         self.config.settings = settings
-        self._save_config()
-        self.notify("Settings saved", timeout=3)
+        if self._save_config():
+            self.notify("Settings saved", timeout=3)
         if self.session is not None:
             system = [Message("system", settings.system)] if settings.system else []
             self.session.messages = system + [m for m in self.session.messages if m.role != "system"]
