@@ -41,18 +41,36 @@ class Conversation:
 
 class ConversationLog:
     """Appends one conversation's records. Lines are written whole and flushed (no fsync:
-    a killed process keeps what it flushed; a power cut is not what we guard against)."""
+    a killed process keeps what it flushed; a power cut is not what we guard against).
+
+    A history that cannot be written (a read-only or full disk, a data dir that is a file) must not
+    stop the chat: the first OSError is kept in `error`, later records are dropped, and the app
+    reports `problem()` once."""
 
     def __init__(self, path: Path):
         self.path = path
         self._file: IO[str] | None = None
+        self.error: OSError | None = None
 
     def _write(self, record: dict[str, object]) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across turns
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        if self.error is not None:
+            return  # one record missing would fold the next ones into the wrong message
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across turns
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            self.error = exc
+            self.close()
+
+    def problem(self) -> str:
+        """One line for the user: where the history should have gone and what the OS said."""
+        if self.error is None:
+            return ""
+        reason = self.error.strerror or str(self.error)
+        return f"History cannot be saved in {self.path.parent}: {reason}. The chat goes on, but it is not kept."
 
     def user(self, text: str) -> None:
         self._write({"user": text})
@@ -70,8 +88,11 @@ class ConversationLog:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()  # flushes what is buffered: a full disk may only say so now
+            except OSError as exc:
+                self.error = self.error or exc
 
 
 class HistoryStore:

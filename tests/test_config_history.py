@@ -15,7 +15,7 @@ from app.engine.compat import metadata_compatibility
 from app.engine.events import Finished, GenerationStats, RoundEvent
 from app.engine.gguf_info import read_gguf_info
 from app.engine.transcript import DRAFT, MAIN, ReplyTranscript
-from app.history import HistoryStore, read_conversation
+from app.history import ConversationLog, HistoryStore, read_conversation
 
 
 def test_config_round_trips(tmp_path: Path) -> None:
@@ -120,6 +120,35 @@ def test_saving_over_an_unreadable_config_keeps_a_backup(tmp_path: Path) -> None
     assert load_config(path).main == "/m.gguf"
     assert save_config(Config(main="/n.gguf"), path) is None  # a valid file is simply replaced
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_history_that_cannot_be_written_is_reported_not_raised(tmp_path: Path) -> None:
+    """The data dir is a file here (chmod does not stop root): every write fails with an OSError."""
+    (tmp_path / "data").write_text("not a folder")
+    store = HistoryStore(tmp_path / "data" / "history")
+    assert store.conversations() == []
+    log = store.new_log()
+    log.user("hi")  # no exception: the chat goes on without history
+    log.assistant("hello")
+    log.end({}, cancelled=False)
+    log.close()
+    assert isinstance(log.error, OSError) and log.error.strerror
+    assert str(tmp_path / "data" / "history") in log.problem() and log.error.strerror in log.problem()
+
+
+def test_history_write_errors_midway_are_kept_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = ConversationLog(tmp_path / "c.jsonl")
+    log.user("hi")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(log._file, "write", denied)
+    log.assistant("hello")
+    log.assistant("again")  # dropped quietly after the first failure
+    log.close()
+    assert isinstance(log.error, PermissionError) and "Permission denied" in log.problem()
+    assert [m.content for m in read_conversation(log.path).messages] == ["hi"]
 
 
 def test_history_survives_a_torn_last_line(tmp_path: Path) -> None:

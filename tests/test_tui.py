@@ -313,3 +313,17 @@ async def test_a_corrupt_config_is_left_alone_until_the_user_saves(home: Path) -
         assert load_config(path).settings.top_k == 7
         assert any(backups[0].name in n.message for n in app._notifications)
 
+
+async def test_unwritable_history_warns_once_and_chat_goes_on(home: Path) -> None:
+    """The data dir is a regular file (root ignores chmod): the history cannot be created there."""
+    (home / "data").write_text("not a folder")
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, "the cat")
+        app.last_finished = None
+        await send(pilot, app, "the dog")
+        assert [m.role for m in app.session.messages] == ["user", "assistant"] * 2
+        assert len(app.query(AssistantMessage)) == 2
+        warnings = [n.message for n in app._notifications if "history" in n.message.lower()]
+        assert len(warnings) == 1 and str(home / "data" / "history") in warnings[0] and "Not a directory" in warnings[0]

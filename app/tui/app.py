@@ -94,6 +94,7 @@ class TandemApp(App[None]):
         self.loading = False
         self.history = HistoryStore(options.history_dir)
         self.log_file: ConversationLog = self.history.new_log()
+        self.history_warned = False  # an unwritable history is reported once, not on every reply
         self.config_unreadable = False  # the config file did not load: left untouched until the user saves
         self.pending: list[Event | Failed] = []  # drained but not yet shown (repaints are paced)
         self.pacer = RefreshPacer(BUDGET_SHARED)
@@ -144,9 +145,11 @@ class TandemApp(App[None]):
         self.load_pair(main, draft or self.default_draft_for(main), by_user=False)
 
     def on_unmount(self) -> None:
-        if self.generation is not None:  # quitting mid-reply: stop the worker; what streamed is already saved
-            self.generation.cancel.set()
-            self.generation.thread.join(timeout=2.0)
+        generation = self.generation
+        if generation is not None:  # quitting mid-reply: stop the worker; what streamed is already saved
+            generation.cancel.set()
+            if generation.thread.ident is not None:  # quit before its start (queued after a repaint)
+                generation.thread.join(timeout=2.0)
         self.log_file.close()
 
     # ---- loading models -----------------------------------------------------------------
@@ -257,6 +260,13 @@ class TandemApp(App[None]):
                         title="Config replaced", severity="warning", timeout=12)  # fmt: skip
         return True
 
+    def _warn_history(self) -> None:
+        """Saving the chat failed (read-only or full disk): say so once; the chat itself goes on."""
+        problem = self.log_file.problem()
+        if problem and not self.history_warned:
+            self.history_warned = True
+            self.notify(problem, title="History not saved", severity="warning", timeout=12)
+
     # ---- chatting -------------------------------------------------------------------------
     async def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id != "prompt":
@@ -315,6 +325,7 @@ class TandemApp(App[None]):
         self.refresh_status()
         self.chat_log.follow()
         self.pacer.updated()
+        self._warn_history()
 
     async def _finished(self, finished: Finished) -> None:
         assert self.transcript is not None and self.reply is not None
