@@ -22,12 +22,12 @@ MAX_TOKENS = 128
 
 
 def run_benchmark(config: Config, out: TextIO) -> int:
-    from app.cli import engine_spec
     from app.engine.chat import ChatSession
     from app.engine.events import Finished
     from app.engine.loading import describe_draft, load_engine
+    from app.host import resolve_spec
 
-    spec = engine_spec(config)
+    spec = resolve_spec(config)
     engine = load_engine(spec)
     settings = dataclasses.replace(config.settings, temperature=0.0, max_tokens=MAX_TOKENS, seed=0)
     k = max(1, min(settings.draft_max, 8))

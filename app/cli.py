@@ -149,7 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     headless.add_argument("--system", metavar="TEXT", help="system message")
     headless.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     headless.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, stats) instead of streaming")
+
+    server = p.add_argument_group("server (OpenAI-compatible and LM Studio-style HTTP API)")
+    server.add_argument("--serve", action="store_true", help="serve the loaded pair over HTTP instead of chatting")
+    server.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to listen on (default 127.0.0.1: this machine only)")
+    server.add_argument("--port", type=_port, default=5001, metavar="N", help="port (default 5001, as KoboldCpp)")
+    server.add_argument("--max-queue", type=_positive_int, default=16, metavar="N",
+                        help="requests that may wait for the engine; more are answered 503 (default 16)")
+    server.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every API request")
     return p
+
+
+def _port(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {value}")
+    return value
 
 
 # CLI flag (argparse dest) -> setting name; these are what --config files hold
@@ -166,6 +181,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.draft and args.no_draft:
         parser.error("--draft and --no-draft contradict each other")
+    if args.serve and (args.prompt is not None or args.benchmark):
+        parser.error("--serve answers HTTP requests; it does not take --prompt or --benchmark")
     if args.draft_min > args.draft_max:
         parser.error(f"--draft-min ({args.draft_min}) is larger than --draft-max ({args.draft_max})")
     _check_ranges(parser, args)
@@ -221,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from app.benchmark import run_benchmark
 
             return run_benchmark(launch_config(args), sys.stdout)
+        if args.serve:
+            from app.server import serve
+
+            return serve(launch_config(args), args.host, args.port, args.max_queue, args.api_key)
         return run_headless(args) if args.prompt is not None else run_chat(args)
     except TandemError as exc:
         sys.stderr.write(f"tandem: error: {exc}\n")
@@ -290,38 +311,22 @@ def save_launch_config(args: argparse.Namespace) -> int:
     from app.config import save_config
 
     path = Path(args.save_config)
-    save_config(launch_config(args), path)
+    kept = save_config(launch_config(args), path)
+    if kept is not None:
+        sys.stderr.write(f"tandem: {path} could not be read; it was kept as {kept}\n")
     sys.stderr.write(f"tandem: saved the launch configuration to {path}; run it with: tandem --config {path}\n")
     return 0
-
-
-def engine_spec(config):  # -> EngineSpec; the demo pair unless a main model is configured
-    from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec
-
-    if config.main:
-        main, draft = Path(config.main), config.draft or config.default_drafts.get(config.main) or LOOKUP
-    else:
-        from app.engine.demo import ensure_demo_pair
-        from app.engine.gguf_info import read_gguf_info
-
-        if config.draft not in ("", LOOKUP, NO_DRAFT):  # a bad draft is said before a 89 MiB download
-            read_gguf_info(config.draft)
-
-        main, demo_draft = ensure_demo_pair()
-        draft = config.draft or str(demo_draft)
-    s = config.settings
-    return EngineSpec(main=main, draft=draft, gpu_layers=s.gpu_layers, draft_on_gpu=s.draft_on_gpu,
-                      ctx_size=s.ctx_size, threads=s.threads, exact=s.exact)  # fmt: skip
 
 
 def run_headless(args: argparse.Namespace) -> int:
     from app.engine.chat import ChatSession, tokenize_prompt
     from app.engine.events import Finished
     from app.engine.loading import load_engine
+    from app.host import resolve_spec
 
     prompt_text = read_prompt(args)
     launch = launch_config(args)
-    engine = load_engine(engine_spec(launch))
+    engine = load_engine(resolve_spec(launch))
     config = launch.settings.generation_config(tuple(args.stop))
     if args.raw:
         events = engine.generate(tokenize_prompt(engine.main, prompt_text), config)

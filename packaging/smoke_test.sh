@@ -38,6 +38,22 @@ set -e
 grep -q "model file not found" err.txt || fail "no clear message: $(cat err.txt)"
 ! grep -q Traceback err.txt || fail "a traceback"
 
+echo "== --serve: one request through the OpenAI-compatible API"
+bare ./tandem --serve --port 5099 -t 2 > serve.out 2> serve.err &
+server=$!
+for _ in $(seq 120); do curl -sf http://127.0.0.1:5099/health > /dev/null && break; sleep 0.5; done
+curl -sf http://127.0.0.1:5099/api/v0/chat/completions -H 'Content-Type: application/json' \
+    -d '{"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8, "temperature": 0}' > served.json \
+    || { cat serve.err; kill "$server"; fail "the server did not answer"; }
+kill -INT "$server"; wait "$server" || true
+python3 - served.json <<'PY' || fail "the served reply is not what it should be"
+import json, sys
+reply = json.load(open(sys.argv[1]))
+assert reply["choices"][0]["message"]["content"].strip() and "accepted_draft_tokens_count" in reply["stats"], reply
+print(f"   served: {reply['usage']['completion_tokens']} tokens, draft {reply['stats']['draft_model']}")
+PY
+! grep -q Traceback serve.err || fail "a traceback while serving: $(cat serve.err)"
+
 if command -v tmux > /dev/null; then
     echo "== the chat app in a terminal (tmux)"
     tmux new-session -d -s tandem-smoke -x 140 -y 40 "env -i HOME=$WORK/home PATH=/usr/bin:/bin TERM=xterm-256color LANG=C.UTF-8 ./tandem -t 2; echo exit=\$? > $WORK/tui-exit; sleep 30"

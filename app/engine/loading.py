@@ -13,6 +13,7 @@ from pathlib import Path
 
 from app.engine.backend import Model, amx_draft_applies, supports_gpu_offload
 from app.engine.gguf_info import read_gguf_info
+from app.engine.probe import PLAIN_ONLY, MainProfile
 from app.engine.speculative import SpeculativeEngine
 
 NO_DRAFT, LOOKUP = "none", "lookup"
@@ -43,7 +44,12 @@ def describe_draft(choice: str) -> str:
     return Path(choice).name
 
 
-def load_engine(spec: EngineSpec, progress: LoadProgress | None = None) -> SpeculativeEngine:
+def load_engine(
+    spec: EngineSpec,
+    progress: LoadProgress | None = None,
+    reuse_main: Model | None = None,  # the main model already loaded for `spec` (only the draft changes)
+    main_profile: MainProfile | None = None,
+) -> SpeculativeEngine:
     """Load the pair described by `spec`. Raises a TandemError subclass with a readable reason."""
     read_gguf_info(spec.main)  # both headers checked before either model loads: fail fast, fail clearly
     draft_info = read_gguf_info(spec.draft_path) if spec.draft_path is not None else None
@@ -53,7 +59,9 @@ def load_engine(spec: EngineSpec, progress: LoadProgress | None = None) -> Specu
 
     # --exact: plain CPU buffers, whose kernels compute a row the same way at any batch size (the repacked
     # ones do not); the engine's self-check confirms it or turns drafting off
-    main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name), extra_buffers=False if spec.exact else None)
+    main = reuse_main or Model(
+        spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name), extra_buffers=False if spec.exact else None
+    )
     draft = None
     if draft_info is not None:
         on_cpu = not spec.draft_on_gpu or not supports_gpu_offload()
@@ -69,10 +77,12 @@ def load_engine(spec: EngineSpec, progress: LoadProgress | None = None) -> Specu
     try:
         # prompt lookup rides along with a draft model (the controller picks per round) and stands in when there is none
         return SpeculativeEngine(
-            main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=spec.draft != NO_DRAFT, exact=spec.exact
-        )
+            main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=spec.draft != NO_DRAFT, exact=spec.exact,
+            main_profile=None if main_profile is PLAIN_ONLY else main_profile,  # a plain-only engine never probed
+        )  # fmt: skip
     except BaseException:
-        main.close()
+        if reuse_main is None:
+            main.close()
         if draft is not None:
             draft.close()
         raise

@@ -1,0 +1,134 @@
+"""Request bodies checked field by field, so a bad request gets a 400 that names the field (OpenAI's error
+shape), never a 500. Sampling defaults come from the server's settings (--temp and friends)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from app.config import Settings
+from app.engine.chat import Message
+from app.engine.sampling import SamplerSettings
+from app.engine.speculative import GenerationConfig
+
+ROLES = ("system", "user", "assistant")
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+
+@dataclass
+class Parsed:
+    config: GenerationConfig
+    stream: bool
+    include_usage: bool
+    model: str | None
+    draft_model: str | None  # None: the model's default draft
+    messages: list[Message] | None = None
+    prompt: str | None = None
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float | None = None, integer: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not float(value).is_integer()):
+        raise BadRequest(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", name)
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise BadRequest(f"'{name}' must be {bounds}, got {value!r}", name)
+    return int(value) if integer else float(value)
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,) if stop else ()
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
+        return tuple(s for s in stop if s)
+    raise BadRequest("'stop' must be a string or a list of at most 16 strings", "stop")
+
+
+def _optional_text(body: dict, name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"'{name}' must be a non-empty string", name)
+    return value
+
+
+def _content(value: Any, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of parts of which only text is understood."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(f"{where}: only text content parts are supported", where)
+            texts.append(part["text"])
+        return "".join(texts)
+    raise BadRequest(f"{where} must be a string", where)
+
+
+def parse(body: Any, settings: Settings, chat: bool) -> Parsed:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    sampler = SamplerSettings(
+        temperature=_number(body, "temperature", settings.temperature, 0.0, 100.0),
+        top_k=_number(body, "top_k", settings.top_k, 0, None, integer=True),
+        top_p=_number(body, "top_p", settings.top_p, 0.0, 1.0),
+        min_p=_number(body, "min_p", settings.min_p, 0.0, 1.0),
+        repeat_penalty=_number(body, "repeat_penalty", settings.repeat_penalty, 1e-6, 100.0),
+        seed=seed if seed is not None else (None if settings.seed < 0 else settings.seed),
+    )
+    config = GenerationConfig(
+        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", settings.max_tokens, 1, 1 << 20, integer=True),
+        draft_max=settings.draft_max, draft_min=settings.draft_min, draft_p_min=settings.draft_p_min,
+        stop=_stop(body), sampler=sampler, adaptive=settings.adaptive,
+    )  # fmt: skip
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object", "stream_options")
+    parsed = Parsed(config, stream, bool(options.get("include_usage")), _optional_text(body, "model"), _draft(body))
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list", "messages")
+        parsed.messages = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise BadRequest(f"messages[{i}] must be an object whose role is one of {', '.join(ROLES)}", f"messages[{i}]")
+            parsed.messages.append(Message(message["role"], _content(message.get("content"), f"messages[{i}].content")))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise BadRequest("'prompt' must be a non-empty string", "prompt")
+        parsed.prompt = prompt
+    return parsed
+
+
+def _draft(body: dict) -> str | None:
+    """LM Studio's `draft_model`: a path or a model id, "lookup", or "none"/"" for plain decoding."""
+    if "draft_model" not in body or body["draft_model"] is None:
+        return None
+    value = body["draft_model"]
+    if not isinstance(value, str):
+        raise BadRequest("'draft_model' must be a string", "draft_model")
+    return value or "none"

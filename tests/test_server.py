@@ -1,0 +1,242 @@
+"""The HTTP server as its clients use it: a real server on 127.0.0.1, the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from app.config import Config
+from app.engine.events import Finished
+from app.engine.sampling import SamplerSettings
+from app.engine.speculative import CANCELLED, GenerationConfig
+from app.host import EngineHost, Job, QueueFull, events_of
+from app.server.api import create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = [{"role": "user", "content": "the cat sat on the mat"}]
+
+
+def config_for(tiny, **settings) -> Config:
+    config = Config(main=str(tiny.main), draft=str(tiny.draft), dirs=[str(tiny.main.parent)])
+    for name, value in {"threads": 2, "ctx_size": 512, "temperature": 0.0, "max_tokens": 32, **settings}.items():
+        config.settings.set(name, value)
+    return config
+
+
+@contextlib.contextmanager
+def running_server(tiny, api_key: str | None = None, max_queue: int = 16, start_host: bool = True, **settings):
+    host = EngineHost(config_for(tiny, **settings), max_queue=max_queue)
+    submitted: list[Job] = []
+    submit = host.submit
+
+    def recording_submit(job: Job) -> Job:
+        submitted.append(job)
+        return submit(job)
+
+    host.submit = recording_submit  # type: ignore[method-assign]
+    server = uvicorn.Server(uvicorn.Config(create_app(host, api_key=api_key, dirs=[str(tiny.main.parent)]), host="127.0.0.1",
+                                           port=0, loop="asyncio", http="h11", lifespan="off", log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    if start_host:
+        host.start()
+    base = f"http://127.0.0.1:{port}"
+    if start_host:
+        wait_ready(base)
+    try:
+        yield base, host, submitted
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        if start_host:
+            host.stop()
+
+
+def wait_ready(base: str) -> None:
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{base}/health").status_code != 200:
+        assert time.monotonic() < deadline, "models never became ready"
+        time.sleep(0.05)
+
+
+def client(base: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def cli_reply(tiny, prompt: str, max_tokens: int = 32) -> dict:
+    args = ["--model", str(tiny.main), "--draft", str(tiny.draft), "-t", "2", "-c", "512", "--temp", "0", "-n", str(max_tokens)]
+    result = subprocess.run([sys.executable, "-m", "app", *args, "--prompt", prompt, "--json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_chat_completion_equals_the_headless_cli_and_streams_the_same_text(tiny) -> None:
+    with running_server(tiny) as (base, _host, _):
+        api = client(base)
+        reply = api.chat.completions.create(model="main", messages=CHAT, temperature=0, max_tokens=32)
+        assert reply.choices[0].message.content == cli_reply(tiny, CHAT[0]["content"])["text"]
+        assert reply.usage.completion_tokens == 32 and reply.choices[0].finish_reason == "length"
+        chunks = list(api.chat.completions.create(model="main", messages=CHAT, temperature=0, max_tokens=32, stream=True,
+                                                  stream_options={"include_usage": True}))  # fmt: skip
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+        assert chunks[-1].usage.completion_tokens == 32
+        text = api.completions.create(model="main", prompt="the cat sat", temperature=0, max_tokens=8)
+        assert text.choices[0].text and text.usage.completion_tokens == 8
+        listed = [m.id for m in api.models.list().data]
+        assert {"main", "draft", "twin", "foreign"} <= set(listed)
+
+
+def test_lm_studio_api_names_a_draft_model_and_returns_stats(tiny) -> None:
+    with running_server(tiny, draft_max=4, adaptive=False) as (base, host, _):
+        body = {"model": "main", "messages": CHAT, "temperature": 0, "max_tokens": 32, "draft_model": "twin"}
+        answer = httpx.post(f"{base}/api/v0/chat/completions", json=body, timeout=60).json()
+        stats = answer["stats"]
+        assert stats["draft_model"].startswith("tiny-twin") and stats["accepted_draft_tokens_count"] > 0
+        assert {"total_draft_tokens_count", "rejected_draft_tokens_count", "ignored_draft_tokens_count"} <= set(stats)
+        assert host.spec.draft.endswith("twin.gguf")
+        plain = httpx.post(f"{base}/api/v0/chat/completions", json={**body, "draft_model": "none"}, timeout=60).json()
+        assert plain["stats"]["total_draft_tokens_count"] == 0
+        assert plain["choices"][0]["message"] == answer["choices"][0]["message"]  # greedy: the draft changes speed only
+        models = httpx.get(f"{base}/api/v0/models").json()["data"]
+        assert next(m for m in models if m["id"] == "main")["state"] == "loaded"
+        bad = httpx.post(f"{base}/api/v0/chat/completions", json={**body, "draft_model": "foreign"}, timeout=60)
+        assert bad.status_code == 400 and "token 259 differs" in bad.json()["error"]["message"]
+        missing = httpx.post(f"{base}/v1/chat/completions", json={**body, "model": "nope"}, timeout=60)
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
+def test_an_api_key_is_required_when_set(tiny) -> None:
+    with running_server(tiny, api_key="s3cret") as (base, _host, _):
+        with pytest.raises(openai.AuthenticationError):
+            client(base, "wrong").chat.completions.create(model="main", messages=CHAT, max_tokens=4)
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        reply = client(base, "s3cret").chat.completions.create(model="main", messages=CHAT, max_tokens=4)
+        assert reply.usage.completion_tokens == 4
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny) -> None:
+    """The host is not started: queued jobs stay queued, so the queue's bound is hit deterministically."""
+    with running_server(tiny, max_queue=2, start_host=False) as (base, host, _):
+        host.submit(Job(GenerationConfig(max_tokens=4)))
+        host.submit(Job(GenerationConfig(max_tokens=4)))
+        with pytest.raises(QueueFull):
+            host.submit(Job(GenerationConfig(max_tokens=4)))
+        busy = httpx.post(f"{base}/v1/chat/completions", json={"messages": CHAT}, timeout=30)
+        assert busy.status_code == 503 and busy.headers["retry-after"] and busy.json()["error"]["type"] == "server_busy"
+        assert httpx.get(f"{base}/health").json()["status"] == "loading"
+
+
+def test_a_client_that_disconnects_stops_its_generation(tiny) -> None:
+    with running_server(tiny, ctx_size=1024) as (base, _host, submitted):
+        body = {"messages": CHAT, "max_tokens": 900, "stream": True, "temperature": 0.8}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:") and "content" in line:
+                    break  # one chunk read, then the connection closes
+        job = submitted[-1]
+        events = events_of(job, timeout=30)
+        finished = next(e for e in events if isinstance(e, Finished))
+        assert finished.stats.stop_reason == CANCELLED and finished.stats.predicted_tokens_count < 900
+        after = client(base).chat.completions.create(model="main", messages=CHAT, max_tokens=4)  # the server goes on
+        assert after.usage.completion_tokens == 4
+
+
+def test_sixteen_concurrent_clients_get_their_sequential_answers(tiny) -> None:
+    prompts = [f"the {w} sat on the {v}" for w in ("cat", "dog", "mat", "list") for v in ("mat", "dog", "x", "sort")]
+    with running_server(tiny, max_tokens=64) as (base, _host, _):
+        api = client(base)
+
+        def ask(prompt: str) -> str:
+            reply = api.chat.completions.create(model="main", messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=64)
+            return reply.choices[0].message.content
+
+        sequential = [ask(p) for p in prompts]
+        with ThreadPoolExecutor(16) as pool:
+            concurrent = list(pool.map(ask, prompts))
+        assert concurrent == sequential
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "needle"),
+    [
+        ("POST", "/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+        ("POST", "/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
+        ("POST", "/v1/chat/completions", b'{"messages": "hi"}', 400, "'messages'"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "x"}]}', 400, "role"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "content"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "temperature"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_p": 2}', 400, "top_p"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "max_tokens"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "seed": 1.5}', 400, "seed"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stop": 3}', 400, "stop"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "draft_model": 7}', 400, "draft_model"),
+        ("POST", "/v1/completions", b'{"prompt": ""}', 400, "prompt"),
+        ("POST", "/v1/completions", json.dumps({"prompt": "the cat " * 400}).encode(), 400, "context holds"),
+        ("POST", "/v1/chat/completions", b'{"messages": []}' + b" " * (5 << 20), 413, "larger than"),
+        ("GET", "/v1/chat/completions", b"", 405, "not allowed"),
+        ("POST", "/v1/nothing", b"{}", 404, "no route"),
+    ],
+)
+def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(tiny, method, path, body, status, needle) -> None:
+    with running_server(tiny) as (base, _host, _):
+        response = httpx.request(method, f"{base}{path}", content=body, timeout=60)
+        assert response.status_code == status, response.text
+        assert needle in response.json()["error"]["message"]
+        assert client(base).chat.completions.create(model="main", messages=CHAT, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_host_runs_jobs_in_order_and_reuses_the_main_model_for_a_new_draft(tiny) -> None:
+    host = EngineHost(config_for(tiny))
+    host.start()
+    try:
+        greedy = GenerationConfig(max_tokens=8, sampler=SamplerSettings(temperature=0.0))
+        first = host.submit(Job(greedy, prompt="the cat"))
+        a = events_of(first, 60)
+        main = host.engine.main
+        second = host.submit(Job(greedy, prompt="the cat", draft="lookup"))
+        b = events_of(second, 60)
+        assert a[-1].tokens == b[-1].tokens and b[-1].stats.draft_model == "prompt lookup"
+        assert host.engine.main is main and host.served == 2  # only the draft changed: the weights stayed
+    finally:
+        host.stop()
+
+
+def test_tandem_serve_from_the_command_line(tiny) -> None:
+    with socket.socket() as probe:  # a free port, told to the server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["--serve", "--port", str(port), "--model", str(tiny.main), "-t", "2", "-c", "512"]
+    process = subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        first = process.stderr.readline()
+        assert "serving on http://127.0.0.1:" in first, first
+        base = first.split("serving on ")[1].split()[0]
+        wait_ready(base)
+        reply = client(base).chat.completions.create(model="main", messages=CHAT, max_tokens=4)
+        assert reply.usage.completion_tokens == 4
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest = process.communicate(timeout=30)[1]
+    assert process.returncode == 130 and "Traceback" not in rest  # Ctrl+C: a clean stop, "interrupted"
