@@ -55,7 +55,7 @@ class Settings:
     # limits a value must respect: (lowest, highest); None means unbounded
     LIMITS: ClassVar[dict[str, tuple[float | None, float | None]]] = {
         "temperature": (0.0, None), "top_k": (0, None), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
-        "repeat_penalty": (0.0, None), "max_tokens": (1, None), "seed": (-1, None), "draft_max": (0, 64),
+        "repeat_penalty": (0.01, None), "max_tokens": (1, None), "seed": (-1, None), "draft_max": (0, 64),
         "draft_min": (0, 64), "draft_p_min": (0.0, 1.0), "gpu_layers": (-1, None), "ctx_size": (16, None),
         "threads": (1, 512),
     }  # fmt: skip

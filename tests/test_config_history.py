@@ -39,6 +39,7 @@ def test_config_round_trips(tmp_path: Path) -> None:
         ("[settings]\nmax_tokens = 1.5\n", "must be a int"),
         ("[settings]\nadaptive = 3\n", "must be a bool"),
         ("[settings]\nwarp = 9\n", "unknown setting 'warp'"),
+        ("[settings]\nrepeat_penalty = 0\n", "'repeat_penalty' must be at least 0.01"),  # 0 would divide logits by zero
         ("[settings]\ndraft_min = 9\ndraft_max = 4\n", "larger than draft_max"),
         ("[models\n", "not valid TOML"),
         ("models = 3\n", "[models] must be a table"),
