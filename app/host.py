@@ -6,10 +6,16 @@ and draft (or takes the loaded ones); the worker switches pairs between jobs, ne
 has its own event queue and cancel flag, so a client that goes away stops its generation within a round
 and the next job starts. The engine lives as long as its pair: a conversation that continues reuses both
 contexts' KV prefix, and the adaptive controller's measurements carry from one request to the next.
+
+A host may also adopt a pair someone else loaded and keeps (the chat app serving its models): it is ready at
+once, never switches that pair, and leaves it open when it stops. An observer (`on_event`) sees every job's
+items as they are put, on the worker thread, once per round: a front-end enqueues them there and shows them
+on its own thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -73,6 +79,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # Event | JobFailed, then DONE
     wake: Callable[[], None] | None = None  # called (on the worker thread) after each item: e.g. an asyncio wake-up
+    counted: bool = True  # a request: `served` counts it (a front-end's own chat turn is not)
 
     def put(self, item: object) -> None:
         self.events.put(item)
@@ -81,7 +88,13 @@ class Job:
 
 
 class EngineHost:
-    def __init__(self, config: Config, max_queue: int = 16, on_ready: Callable[[SpeculativeEngine], None] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        max_queue: int = 16,
+        on_ready: Callable[[SpeculativeEngine], None] | None = None,
+        on_event: Callable[[Job, object], None] | None = None,
+    ):
         self.config = config
         self.max_queue = max_queue
         self.engine: SpeculativeEngine | None = None
@@ -89,60 +102,109 @@ class EngineHost:
         self.state = "loading"  # loading -> ready, or failed (with load_error)
         self.load_error = ""
         self.served = 0
+        self.adopted = False  # the engine belongs to someone else: never switched, never closed here
         self._on_ready = on_ready
+        # called on the worker thread with each item a job gets (events, JobFailed, DONE): it must only enqueue
+        self.on_event = on_event
         self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._waiting = 0  # jobs queued, not yet started
+        self._queued: list[Job] = []  # submitted, not yet started
+        self._closed = False
         self._lock = threading.Lock()
         self.running: Job | None = None
         self._thread = threading.Thread(target=self._work, name="tandem-host", daemon=True)
+
+    @classmethod
+    def adopt(
+        cls,
+        config: Config,
+        engine: SpeculativeEngine,
+        spec: EngineSpec,
+        max_queue: int = 16,
+        on_event: Callable[[Job, object], None] | None = None,
+    ) -> EngineHost:
+        """A host over a loaded pair that its owner keeps using after `stop()` (which leaves it open).
+        `start()` loads nothing; a job naming another pair fails (switching would close the owner's engine)."""
+        host = cls(config, max_queue=max_queue, on_event=on_event)
+        host.engine, host.spec, host.state, host.adopted = engine, spec, "ready", True
+        return host
 
     def start(self) -> None:
         self._thread.start()
 
     @property
     def queued(self) -> int:
-        return self._waiting
+        return len(self._queued)
 
     def submit(self, job: Job) -> Job:
         with self._lock:
-            if self._waiting >= self.max_queue:
-                raise QueueFull(f"{self._waiting} requests are already waiting (--max-queue {self.max_queue})")
-            self._waiting += 1
+            if self._closed:
+                raise QueueFull("the server is stopping")
+            if len(self._queued) >= self.max_queue:
+                raise QueueFull(f"{len(self._queued)} requests are already waiting (--max-queue {self.max_queue})")
+            self._queued.append(job)
         self._jobs.put(job)
         return job
 
-    def stop(self) -> None:
-        if self.running is not None:
-            self.running.cancel.set()
+    def stop(self, timeout: float | None = 30) -> None:
+        """Cancel the running job and every queued one (each still gets its DONE), end the worker, and close
+        the engine unless it was adopted. New submissions are refused from here on."""
+        with self._lock:
+            self._closed = True
+            for job in self._queued:
+                job.cancel.set()
+        running = self.running
+        if running is not None:
+            running.cancel.set()
         self._jobs.put(None)
-        self._thread.join(timeout=30)
-        if self.engine is not None:
+        if self._thread.ident is not None:
+            self._thread.join(timeout=timeout)
+        else:  # never started: no worker will tell the queued jobs they are over
+            with self._lock:
+                never_run, self._queued = self._queued, []
+            for job in never_run:
+                self._put(job, DONE)
+        if self.engine is not None and not self.adopted and not self._thread.is_alive():
             self.engine.close()
+
+    @property
+    def stopped(self) -> bool:
+        """The worker has ended (or never started): nothing touches the engine from here."""
+        return not self._thread.is_alive()
 
     def describe(self) -> str:
         if self.spec is None or self.engine is None:
             return "no model loaded"
         return f"{self.engine.main.name} with {describe_draft(self.spec.draft)}"
 
+    def _put(self, job: Job, item: object) -> None:
+        job.put(item)
+        if self.on_event is not None:
+            with contextlib.suppress(Exception):  # an observer's fault must not kill the worker or fail the job
+                self.on_event(job, item)
+
     # ---- the worker ----------------------------------------------------------------------
     def _work(self) -> None:
-        try:
-            self._switch(resolve_spec(self.config))
-            self.state = "ready"
-            if self._on_ready is not None:
-                self._on_ready(self.engine)
-        except TandemError as exc:  # the server keeps answering (health says why); requests may name another model
-            self.state, self.load_error = "failed", str(exc)
+        if self.engine is None:
+            try:
+                self._switch(resolve_spec(self.config))
+                self.state = "ready"
+                if self._on_ready is not None:
+                    self._on_ready(self.engine)
+            except TandemError as exc:  # the server keeps answering (health says why); requests may name another model
+                self.state, self.load_error = "failed", str(exc)
         while (job := self._jobs.get()) is not None:
             with self._lock:
-                self._waiting -= 1
-            self.running = job
+                at = next((i for i, queued in enumerate(self._queued) if queued is job), None)
+                if at is None:  # already ended by a stop() that came before this worker started
+                    continue
+                del self._queued[at]
+                self.running = job
             try:
                 if not job.cancel.is_set():  # a client that left while queued costs nothing
                     self._run(job)
             finally:
                 self.running = None
-                job.put(DONE)
+                self._put(job, DONE)
 
     def _run(self, job: Job) -> None:
         try:
@@ -152,15 +214,17 @@ class EngineHost:
             else:
                 tokens = tokenize_prompt(engine.main, job.prompt or "")
             for event in engine.generate(tokens, job.config, job.cancel):
-                job.put(event)
-                if isinstance(event, Finished):
-                    self.served += 1
+                if isinstance(event, Finished) and job.counted:
+                    self.served += 1  # before the event goes out: whoever reads it sees the count include it
+                self._put(job, event)
         except TandemError as exc:
-            job.put(JobFailed(exc))
+            self._put(job, JobFailed(exc))
         except Exception as exc:  # never a dead worker: the job fails, the next one runs
-            job.put(JobFailed(TandemError(f"generation failed: {type(exc).__name__}: {exc}")))
+            self._put(job, JobFailed(TandemError(f"generation failed: {type(exc).__name__}: {exc}")))
 
     def _engine_for(self, job: Job) -> SpeculativeEngine:
+        if self.adopted:
+            return self._adopted_engine(job)
         current = self.spec
         main = job.main or (str(current.main) if current else None)
         draft = job.draft
@@ -170,6 +234,17 @@ class EngineHost:
         if self.engine is None or spec != current:
             self._switch(spec)
         assert self.engine is not None
+        return self.engine
+
+    def _adopted_engine(self, job: Job) -> SpeculativeEngine:
+        """The adopted pair, or a clear failure for a job that names another one."""
+        assert self.engine is not None and self.spec is not None
+        same_main = job.main is None or _same_file(job.main, str(self.spec.main))
+        same_draft = job.draft is None or job.draft == self.spec.draft or _same_file(job.draft, self.spec.draft)
+        if not (same_main and same_draft):
+            wanted = f"{Path(job.main).name if job.main else self.engine.main.name} with {describe_draft(job.draft or self.spec.draft)}"
+            raise TandemError(f"this server serves only the pair loaded in the Tandem app ({self.describe()}), "
+                              f"not {wanted}: pick that pair in the app")  # fmt: skip
         return self.engine
 
     def _switch(self, spec: EngineSpec) -> None:
@@ -182,6 +257,13 @@ class EngineHost:
         self.engine, self.spec = engine, spec
         if self.state == "failed":
             self.state, self.load_error = "ready", ""
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return a == b
 
 
 def events_of(job: Job, timeout: float | None = None) -> list[Event | JobFailed]:

@@ -240,3 +240,43 @@ def test_tandem_serve_from_the_command_line(tiny) -> None:
         process.send_signal(signal.SIGINT)
         rest = process.communicate(timeout=30)[1]
     assert process.returncode == 130 and "Traceback" not in rest  # Ctrl+C: a clean stop, "interrupted"
+
+
+def test_a_host_adopts_a_loaded_pair_and_leaves_it_open(tiny) -> None:
+    """The chat app's F9: the host runs jobs on the app's engine, shows every item to an observer, refuses to
+    switch the pair (that would close the owner's engine), and stop() leaves the engine usable."""
+    from app.engine.loading import load_engine
+    from app.host import DONE, resolve_spec
+
+    config = config_for(tiny)
+    spec = resolve_spec(config)
+    engine = load_engine(spec)
+    seen: list[tuple[Job, object]] = []
+    host = EngineHost.adopt(config, engine, spec, on_event=lambda job, item: seen.append((job, item)))
+    assert host.state == "ready" and host.engine is engine
+    host.start()
+    try:
+        greedy = GenerationConfig(max_tokens=8, sampler=SamplerSettings(temperature=0.0))
+        request = host.submit(Job(greedy, prompt="the cat"))
+        own = host.submit(Job(greedy, prompt="the cat", counted=False))  # a front-end's own turn: not "served"
+        other = host.submit(Job(greedy, prompt="the cat", draft=str(tiny.twin)))
+        a, b, c = events_of(request, 60), events_of(own, 60), events_of(other, 60)
+        assert isinstance(a[-1], Finished) and a[-1].tokens == b[-1].tokens
+        assert "loaded in the Tandem app" in str(c[-1].error) and host.engine is engine
+        assert host.served == 1
+        assert [item for job, item in seen if job is request] == [*a, DONE]  # every item, in order, DONE last
+    finally:
+        host.stop()
+    assert host.stopped and engine.main_ctx.ptr is not None  # still open for its owner
+    with pytest.raises(QueueFull, match="stopping"):
+        host.submit(Job(greedy, prompt="the cat"))
+    again = list(engine.generate(engine.main.tokenize("the cat"), greedy))
+    assert isinstance(again[-1], Finished)
+    engine.close()
+
+
+def test_stopping_a_host_cancels_queued_jobs(tiny) -> None:
+    host = EngineHost(config_for(tiny))  # never started: the jobs stay queued until stop() cancels them
+    job = host.submit(Job(GenerationConfig(max_tokens=4), prompt="the cat"))
+    host.stop()
+    assert job.cancel.is_set() and events_of(job, timeout=1) == [] and host.queued == 0

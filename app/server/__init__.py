@@ -3,12 +3,97 @@ speculative-decoding `stats`). Headless: never imports Textual. Run by `tandem -
 
 from __future__ import annotations
 
+import logging
+import socket
 import sys
-from typing import TextIO
+import threading
+import time
+from typing import TYPE_CHECKING, TextIO
 
 from app.config import Config
 
+if TYPE_CHECKING:
+    from app.host import EngineHost
+
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 5001  # KoboldCpp's port: front-ends that know it find us there
+
+
+def base_url(host: str, port: int) -> str:
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+
+class ServerThread:
+    """The HTTP API over an EngineHost, served on a daemon thread (the chat app's F9). The port is bound
+    before anything starts, so a port in use is an OSError the caller reports, not a dead thread; port 0
+    takes a free one (`port` then says which). Uvicorn's log stays out of the terminal the app draws on."""
+
+    def __init__(self, engine_host: EngineHost, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 api_key: str | None = None, dirs: list[str] | None = None):  # fmt: skip
+        self.engine_host, self.host, self.port = engine_host, host, port
+        self.api_key, self.dirs = api_key, dirs
+        self.server = None  # uvicorn.Server once started
+        self._thread: threading.Thread | None = None
+        self._stopping = False  # stop() came (perhaps while start() was still binding, on another thread)
+
+    @property
+    def url(self) -> str:
+        return base_url(self.host, self.port)
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Bind, listen and start answering; OSError when the address cannot be had (the host is not started then)."""
+        import uvicorn
+
+        from app.server.api import create_app
+
+        logging.getLogger("uvicorn").addHandler(logging.NullHandler())  # no stray lines over a full-screen app
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart right after a stop (TIME_WAIT)
+            sock.bind((self.host, self.port))
+            sock.listen(128)  # connections wait in the backlog from here, even before uvicorn's loop runs
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        try:
+            app = create_app(self.engine_host, api_key=self.api_key, dirs=self.dirs)  # lists the model folders
+        except BaseException:
+            sock.close()
+            raise
+        config = uvicorn.Config(app, loop="asyncio", http="h11", ws="none", lifespan="off", log_config=None,
+                                log_level="warning", access_log=False, timeout_graceful_shutdown=2)  # fmt: skip
+        self.server = server = uvicorn.Server(config)
+        if self._stopping:  # stopped while binding: serve nothing
+            sock.close()
+            raise OSError("the server was stopped before it started")
+        self.engine_host.start()
+
+        def run() -> None:
+            try:
+                server.run(sockets=[sock])
+            except SystemExit:  # uvicorn's way of saying it could not start
+                pass
+            finally:
+                sock.close()
+
+        self._thread = threading.Thread(target=run, name="tandem-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise OSError(f"the HTTP server did not start on {self.url}")
+            time.sleep(0.005)
+
+    def stop(self, timeout: float | None = 30) -> None:
+        """Stop listening, cancel what is running or queued, wait for the worker: when this returns (with no
+        timeout) nothing of the server touches the engine any more. An adopted engine stays open."""
+        self._stopping = True
+        if self.server is not None:
+            self.server.should_exit = True
+        self.engine_host.stop(timeout=timeout)  # the handlers waiting on jobs get their DONE at once
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
 
 def serve(
@@ -24,7 +109,7 @@ def serve(
     from app.host import EngineHost
     from app.server.api import create_app
 
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    url = base_url(host, port)
 
     def ready(_engine) -> None:
         log.write(f"tandem: ready: {engine_host.describe()} at {url}/v1 (LM Studio API at {url}/api/v0)\n")
