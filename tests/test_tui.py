@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import re
 import shutil
+import socket
 import time
 import tomllib
 import weakref
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.config import default_config_path, load_config
@@ -18,6 +22,7 @@ from app.engine.probe import DraftProfile
 from app.engine.speculative import CANCELLED
 from app.history import HistoryStore
 from app.tui.app import LaunchOptions, TandemApp
+from app.tui.generation import HostGeneration
 from app.tui.screens.help import HelpScreen
 from app.tui.screens.picker import PickerScreen
 from app.tui.screens.settings import SettingsScreen
@@ -327,3 +332,131 @@ async def test_unwritable_history_warns_once_and_chat_goes_on(home: Path) -> Non
         assert len(app.query(AssistantMessage)) == 2
         warnings = [n.message for n in app._notifications if "history" in n.message.lower()]
         assert len(warnings) == 1 and str(home / "data" / "history") in warnings[0] and "Not a directory" in warnings[0]
+
+
+async def start_serving(pilot, app: TandemApp) -> str:
+    """F9 on any free port; the API's base URL, read from the status bar."""
+    app.serve_port = 0
+    await pilot.press("f9")
+    await until(pilot, lambda: app.serving is not None and not app.serving_starting)
+    return served_url(app)
+
+
+def served_url(app: TandemApp) -> str:
+    """The API's base URL as the status bar shows it."""
+    found = re.search(r"(http://127\.0\.0\.1:\d+)/v1 served", app.status_bar.render().plain)
+    assert found, app.status_bar.render().plain
+    return found.group(1)
+
+
+async def test_f9_serves_the_loaded_pair_and_chat_shares_its_host(home: Path) -> None:
+    """F9 serves the app's own engine: an HTTP request is answered and counted in the status bar, its rounds
+    show in the debug pane; a chat turn meanwhile goes through the same host and replies as plain chat does;
+    F9 again stops the server (connection refused) and the chat goes on with the same engine."""
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, "the cat sat")
+        plain = app.last_finished.text
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: not app.query(UserMessage))
+        engine = app.engine
+
+        base = await start_serving(pilot, app)
+        assert "served 0 queued 0" in app.status_bar.render().plain
+        assert app.serving.engine_host.engine is engine
+        body = {"model": "main", "messages": [{"role": "user", "content": "the dog ran"}], "temperature": 0, "max_tokens": 16}
+        answer = await asyncio.to_thread(httpx.post, f"{base}/api/v0/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        reply = answer.json()
+        assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] == 16
+        await until(pilot, lambda: "served 1 queued 0" in app.status_bar.render().plain)
+        await until(pilot, lambda: app.debug_pane.rounds_seen >= reply["stats"]["rounds"])
+
+        app.last_finished = None
+        await send(pilot, app, "the cat sat")  # through the host's worker, as a job among the requests
+        assert app.last_reply_on_host
+        assert app.last_finished.text == plain  # temperature 0: what plain chat gave
+        assert app.query(AssistantMessage).last().text == plain
+        assert [m.content for m in app.session.messages] == ["the cat sat", plain]
+        assert "served 1 queued 0" in app.status_bar.render().plain  # the app's own turns are not requests
+
+        await pilot.press("f4")
+        lines = [strip.text for strip in app.debug_pane.lines]
+        api = next(i for i, line in enumerate(lines) if line.startswith("── API request 1: the dog ran"))
+        chat = next(i for i, line in enumerate(lines) if line.startswith("── reply 1: the cat sat") and i > api)
+        assert len([line for line in lines[api:chat] if line.startswith("#")]) == reply["stats"]["rounds"]
+        assert any("tokens" in line and "tok/s" in line for line in lines[api:chat])  # the request's summary
+        assert len([line for line in lines[chat:] if line.startswith("#")]) == app.last_finished.stats.rounds
+        rounds = app.debug_pane.rounds_seen  # with the pane open, a request's rounds are written as they come
+        second = await asyncio.to_thread(httpx.post, f"{base}/v1/completions", json={"prompt": "the mat", "max_tokens": 8}, timeout=60)
+        assert second.status_code == 200 and second.json()["usage"]["completion_tokens"] == 8
+        await until(pilot, lambda: "served 2 queued 0" in app.status_bar.render().plain)
+        await until(pilot, lambda: any(strip.text.startswith("── API request 2: the mat") for strip in app.debug_pane.lines))
+        assert app.debug_pane.rounds_seen > rounds
+
+        await pilot.press("f9")
+        await until(pilot, lambda: app.serving is None)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/health", timeout=5)
+        assert "served" not in app.status_bar.render().plain
+        app.last_finished = None
+        await send(pilot, app, "the dog")  # on its own thread again, with the same engine, still open
+        assert not app.last_reply_on_host and app.engine is engine
+        assert app.last_finished.stats.predicted_tokens_count > 0 and len(app.session.messages) == 4
+
+
+async def test_serving_refuses_a_busy_port_and_model_switches_and_stops_on_quit(home: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = make_app(home)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.engine is not None)
+            app.serve_port = port
+            await pilot.press("f9")
+            await until(pilot, lambda: any(f"port {port} is in use" in n.message for n in app._notifications))
+            await until(pilot, lambda: app.serving is None)
+            base = await start_serving(pilot, app)
+            server = app.serving
+            assert "served 0 queued 0" in app.status_bar.render().plain[:80]  # seen on an 80-column terminal
+            await pilot.press("f2")  # a new pair would replace the engine the server's worker uses
+            await until(pilot, lambda: any("stop serving first (F9)" in n.message for n in app._notifications))
+            await pilot.pause(0.3)
+            assert not isinstance(app.screen, PickerScreen)
+            await pilot.press("f1")
+            await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+            assert dict(app.screen.key_rows)["F9"] == "Serve"
+            await pilot.press("escape")
+            await send(pilot, app, "the cat")  # a chat turn while serving
+            assert app.last_reply_on_host
+            await pilot.press("ctrl+q")  # quitting while serving stops the server
+    assert server.engine_host.stopped and not server._thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/health", timeout=5)
+
+
+async def test_escape_stops_a_reply_that_runs_on_the_serving_host(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_generate = speculative.SpeculativeEngine.generate
+
+    def paced_generate(self, *args, **kwargs):  # the tiny model is too fast to catch: 20 ms per round
+        for event in real_generate(self, *args, **kwargs):
+            time.sleep(0.02)
+            yield event
+
+    monkeypatch.setattr(speculative.SpeculativeEngine, "generate", paced_generate)
+    app = make_app(home, max_tokens=100_000, ctx_size=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await start_serving(pilot, app)
+        await pilot.press(*"the dog", "enter")
+        await until(pilot, lambda: app.live.rounds >= 3)
+        assert isinstance(app.generation, HostGeneration)
+        await pilot.press("escape")
+        await until(pilot, lambda: app.last_finished is not None and app.generation is None)
+        assert app.last_finished.stats.stop_reason == CANCELLED
+        assert app.session.messages[-1].content == app.last_finished.text  # the partial reply stays in the chat
+        assert app.query(AssistantMessage).last().has_class("cancelled")
+    saved = HistoryStore().conversations()[0]
+    assert saved.cancelled == {1} and saved.messages[1].content == app.last_finished.text

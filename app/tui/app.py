@@ -1,9 +1,15 @@
 """The Textual chat app. It only consumes engine events: the engine runs on worker threads and
-never learns a UI exists (tests/test_architecture.py holds both sides to that)."""
+never learns a UI exists (tests/test_architecture.py holds both sides to that).
+
+F9 serves the loaded pair over HTTP (app/server): an EngineHost adopts the app's engine, and while it
+serves, the app's own chat turns are host jobs too, so one worker thread runs everything on the engine.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import queue
 import sys
 import threading
 import time
@@ -27,8 +33,10 @@ from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, loa
 from app.engine.speculative import CANCELLED, SpeculativeEngine
 from app.engine.transcript import ReplyTranscript
 from app.history import ConversationLog, HistoryStore, read_conversation
+from app.host import DONE, EngineHost, Job, JobFailed
+from app.server import DEFAULT_HOST, DEFAULT_PORT, ServerThread
 from app.tui.choices import DEMO, Choice, draft_choices, model_choices
-from app.tui.generation import Failed, Generation, LiveStats
+from app.tui.generation import ChatJob, Failed, Generation, HostGeneration, LiveStats
 from app.tui.pacing import BUDGET_SHARED, RefreshPacer, ui_budget
 from app.tui.screens.help import HelpScreen
 from app.tui.screens.picker import PickerScreen
@@ -48,6 +56,7 @@ class LaunchOptions:
     dirs: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)  # flags given on the command line
     history_dir: Path | None = None
+    serve_port: int = DEFAULT_PORT  # F9 serves on 127.0.0.1 at this port (0: any free one)
 
 
 def key_label(key: str) -> str:
@@ -75,6 +84,7 @@ class TandemApp(App[None]):
         Binding("f6", "settings", "Settings"),
         Binding("f7,ctrl+r", "history", "History", priority=True),
         Binding("ctrl+n", "new_chat", "New chat", priority=True),
+        Binding("f9", "toggle_serving", "Serve", priority=True),
         Binding("f1", "help", "Help"),
     ]
 
@@ -86,7 +96,9 @@ class TandemApp(App[None]):
         self.spec: EngineSpec | None = None
         self.main_choice = DEMO
         self.session: ChatSession | None = None
-        self.generation: Generation | None = None
+        self.generation: Generation | HostGeneration | None = None
+        self.reply_thread: threading.Thread | None = None  # the last own-thread reply's: it may still be unwinding
+        self.last_reply_on_host = False  # the last reply ran as a job on the serving host
         self.reply: AssistantMessage | None = None
         self.transcript: ReplyTranscript | None = None
         self.live = LiveStats()
@@ -99,6 +111,15 @@ class TandemApp(App[None]):
         self.pending: list[Event | Failed] = []  # drained but not yet shown (repaints are paced)
         self.pacer = RefreshPacer(BUDGET_SHARED)
         self.last_finished: Finished | None = None  # the last reply's engine stats (read by the benchmark)
+        # serving over HTTP (F9): the server, and every host job's items as the worker put them, in order
+        self.serve_port = options.serve_port
+        self.serving: ServerThread | None = None  # set from F9 until the server has stopped
+        self.serving_starting = False  # binding and scanning the model folders (on a thread)
+        self.serving_stopping = False
+        self.host_events: queue.SimpleQueue[tuple[Job, object]] = queue.SimpleQueue()
+        self.api_requests = 0  # API requests seen since the app started (numbers them in the debug pane)
+        self._jobs_shown: set[int] = set()  # id(job) of the jobs whose header is shown and whose DONE has not come
+        self._serving_figures: tuple[int, int] | None = None  # (served, queued) as last shown
 
     # ---- layout -------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -148,8 +169,10 @@ class TandemApp(App[None]):
         generation = self.generation
         if generation is not None:  # quitting mid-reply: stop the worker; what streamed is already saved
             generation.cancel.set()
-            if generation.thread.ident is not None:  # quit before its start (queued after a repaint)
-                generation.thread.join(timeout=2.0)
+        if self.serving is not None:  # quitting while serving: stop listening, cancel the requests, end the worker
+            self.serving.stop(timeout=5.0)
+        if generation is not None:
+            generation.wait(2.0)
         self.log_file.close()
 
     # ---- loading models -----------------------------------------------------------------
@@ -171,6 +194,8 @@ class TandemApp(App[None]):
             return
         if self.generation is not None:
             self.notify("A reply is streaming; press Esc to stop it first.", severity="warning")
+            return
+        if self._refuse_while_serving():
             return
         self.loading = True
         self._show_loading(f"preparing {Path(main).name if main else 'the demo pair'}", 0.0)
@@ -277,6 +302,9 @@ class TandemApp(App[None]):
         if self.generation is not None:
             self.notify("A reply is still streaming; Esc stops it.", severity="warning")
             return
+        if self.serving_stopping:
+            self.notify("The server is stopping; send again in a moment.", severity="warning")
+            return
         if self.engine is None or self.session is None or self.loading:
             self.notify("The models are not loaded yet." if self.loading else "No model loaded: press F2 to pick one.",
                         severity="warning")  # fmt: skip
@@ -289,8 +317,14 @@ class TandemApp(App[None]):
         await chat.mount(self.reply)
         chat.scroll_end(animate=False)
         self.live = LiveStats()
-        self.debug_pane.note(f"── reply {len(self.session.messages) // 2 + 1}: {text[:60]}")
-        self.generation = Generation(self.session, text, self.config.settings.generation_config(), self.log_file)
+        header = f"── reply {len(self.session.messages) // 2 + 1}: {text[:60]}"
+        config = self.config.settings.generation_config()
+        if self.serving is not None:  # the host's worker runs it, between API requests; its header comes in order
+            self.generation = HostGeneration(self.serving.engine_host, self.session, text, config, self.log_file)
+            self.generation.header = header
+        else:
+            self.debug_pane.note(header)
+            self.generation = Generation(self.session, text, config, self.log_file)
         self.refresh_status()
         self.prompt_box.cursor_blink = False  # a blink is a repaint: none while the engine needs the CPU
         self.pending = []
@@ -301,6 +335,8 @@ class TandemApp(App[None]):
 
     async def pump(self) -> None:
         """Drain the worker's queue: one batch of widget updates per tick, however many rounds arrived."""
+        if self.serving is not None or not self.host_events.empty():
+            self._show_host_events()
         generation = self.generation
         if generation is None or self.reply is None or self.transcript is None or self.engine is None:
             return
@@ -315,7 +351,8 @@ class TandemApp(App[None]):
         for event in rounds:
             self.transcript.add(event)
             self.live.add(event)
-        self.debug_pane.add_rounds(rounds)
+        if not generation.debug_from_host:
+            self.debug_pane.add_rounds(rounds)
         self.reply.append("".join(e.text for e in rounds))
         for event in events:
             if isinstance(event, Finished):
@@ -336,15 +373,16 @@ class TandemApp(App[None]):
         if stats.draft_model:
             note += f" · {stats.acceptance_rate:.0%} accepted"
         await self.reply.finish(finished.text, note, cancelled)
-        self.debug_pane.note(stats.summary(), "bold cyan")
-        self.generation = None
+        if self.generation is not None and not self.generation.debug_from_host:
+            self.debug_pane.note(stats.summary(), "bold cyan")
+        self._reply_done()
         self.prompt_box.cursor_blink = True
         self.last_finished = finished
 
     async def _failed(self, failed: Failed) -> None:
         assert self.generation is not None and self.reply is not None
         text = self.generation.user_text
-        self.generation = None
+        self._reply_done()
         self.prompt_box.cursor_blink = True
         chat = self.chat_log
         # the engine dropped the turn; drop its widgets and give the text back so nothing typed is lost
@@ -356,6 +394,13 @@ class TandemApp(App[None]):
         if not prompt.value:
             prompt.value = text
         self.notify(failed.message, title="Reply failed", severity="error", timeout=12)
+
+    def _reply_done(self) -> None:
+        generation = self.generation
+        self.generation = None
+        self.last_reply_on_host = isinstance(generation, HostGeneration)
+        if isinstance(generation, Generation):  # only the thread: nothing that keeps the engine alive
+            self.reply_thread = generation.thread
 
     def action_cancel_reply(self) -> None:
         if self.generation is not None:
@@ -373,11 +418,149 @@ class TandemApp(App[None]):
         self.debug_pane.note("── new chat")
         self.refresh_status()
 
+    # ---- serving over HTTP (F9) -------------------------------------------------------------
+    def action_toggle_serving(self) -> None:
+        if self.serving is None:
+            self._start_serving()
+        elif self.serving_starting:
+            self.notify("The server is starting.", severity="warning")
+        else:
+            self._stop_serving()
+
+    def _refuse_while_serving(self) -> bool:
+        """Loading a pair would replace the engine the server's worker uses: not while serving."""
+        if self.serving is not None:  # starting, serving or stopping
+            self.notify("The loaded pair is being served: stop serving first (F9).", severity="warning")
+            return True
+        return False
+
+    def _start_serving(self) -> None:
+        if self.loading or self.engine is None or self.spec is None:
+            self.notify("The models are not loaded yet." if self.loading else "No model loaded: press F2 to pick one.",
+                        severity="warning")  # fmt: skip
+            return
+        if self.generation is not None:
+            self.notify("A reply is streaming; Esc stops it first.", severity="warning")
+            return
+        if self.reply_thread is not None:  # it has put its last event: let it return before the host's worker starts
+            self.reply_thread.join(timeout=2.0)
+            self.reply_thread = None
+        host = EngineHost.adopt(self.config, self.engine, self.spec, on_event=self._host_event)
+        server = ServerThread(host, DEFAULT_HOST, self.serve_port, dirs=list(self.config.dirs))
+        # from here the app's chat turns are host jobs (they wait in its queue until its worker starts)
+        self.serving, self.serving_starting, self.serving_stopping = server, True, False
+        self.refresh_status()
+        threading.Thread(target=self._start_serving_thread, args=(server,), name="tandem-serve", daemon=True).start()
+
+    def _start_serving_thread(self, server: ServerThread) -> None:
+        """Bind the port and list the model folders (GGUF headers: not on the UI thread), then serve."""
+        try:
+            server.start()
+        except OSError as exc:
+            port = server.port
+            reason = f"port {port} is in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            server.engine_host.stop(timeout=None)  # a chat turn that was queued meanwhile is told it stopped
+            self._from_thread(self._serving_failed, server, f"Could not serve on {server.host}:{port}: {reason}.")
+        except Exception as exc:  # never a traceback in the UI
+            server.engine_host.stop(timeout=None)
+            self._from_thread(self._serving_failed, server, f"Could not serve: {type(exc).__name__}: {exc}")
+        else:
+            self._from_thread(self._serving_started, server)
+
+    def _serving_failed(self, server: ServerThread, message: str) -> None:
+        if self.serving is server:
+            self.serving, self.serving_starting = None, False
+        self.notify(message, title="Not serving", severity="error", timeout=12)
+        self.refresh_status()
+
+    def _serving_started(self, server: ServerThread) -> None:
+        if self.serving is not server:
+            return
+        self.serving_starting = False
+        host = server.engine_host
+        self.debug_pane.note(f"── serving {host.describe()} at {server.url}/v1")
+        self.notify(f"{host.describe()} at {server.url}/v1 (LM Studio API at {server.url}/api/v0). F9 stops.",
+                    title="Serving", timeout=8)  # fmt: skip
+        self.refresh_status()
+
+    def _stop_serving(self) -> None:
+        server = self.serving
+        if server is None or self.serving_stopping:
+            return
+        self.serving_stopping = True  # a chat turn now waits; requests get 503 until the worker has ended
+        self.refresh_status()
+        threading.Thread(target=self._stop_serving_thread, args=(server,), name="tandem-stop-serving", daemon=True).start()
+
+    def _stop_serving_thread(self, server: ServerThread) -> None:
+        server.stop(timeout=None)  # returns once the host's worker has ended: the engine is the app's alone again
+        self._from_thread(self._serving_stopped, server)
+
+    def _serving_stopped(self, server: ServerThread) -> None:
+        if self.serving is not server:
+            return
+        self.serving, self.serving_stopping = None, False
+        self._show_host_events()
+        self.debug_pane.note(f"── stopped serving ({server.engine_host.served} requests served)")
+        self.notify(f"Stopped serving {server.url}", timeout=4)
+        self.refresh_status()
+
+    def _host_event(self, job: Job, item: object) -> None:
+        """The host's observer, on its worker thread, once per round: only enqueue (no Textual call here)."""
+        self.host_events.put((job, item))
+
+    def _show_host_events(self) -> None:
+        """Every host job's rounds in the debug pane, in the order the worker ran them: API requests under a
+        header line of their own, the app's replies under theirs. One batch per tick."""
+        pane = self.debug_pane
+        rounds: list[RoundEvent] = []
+        while True:
+            try:
+                job, item = self.host_events.get_nowait()
+            except queue.Empty:
+                break
+            key = id(job)  # the job is alive (the queue holds it) until its DONE is read: its id is its own
+            if key not in self._jobs_shown:
+                pane.add_rounds(rounds)
+                rounds = []
+                if isinstance(job, ChatJob) and job.turn is not None:
+                    header = job.turn.header
+                else:
+                    self.api_requests += 1
+                    header = f"── API request {self.api_requests}: {_request_summary(job)}"
+                pane.note(header)
+                self._jobs_shown.add(key)
+            if isinstance(item, RoundEvent):
+                rounds.append(item)
+                continue
+            pane.add_rounds(rounds)
+            rounds = []
+            if isinstance(item, Finished):
+                pane.note(item.stats.summary(), "bold cyan")
+            elif isinstance(item, JobFailed):
+                pane.note(f"failed: {item.error}", "bold red")
+            elif item is DONE:
+                self._jobs_shown.discard(key)
+        pane.add_rounds(rounds)
+        server = self.serving
+        figures = (server.engine_host.served, server.engine_host.queued) if server is not None else None
+        if figures != self._serving_figures:
+            self.refresh_status()
+
     # ---- status ---------------------------------------------------------------------------
     def _status_info(self) -> StatusInfo:
         from app.engine.backend import gpu_memory
 
         info = StatusInfo()
+        server = self.serving
+        if server is not None:
+            host = server.engine_host
+            self._serving_figures = (host.served, host.queued)
+            if self.serving_starting or self.serving_stopping:
+                info.serving = f"{'starting' if self.serving_starting else 'stopping'} the server"
+            else:
+                info.serving = f"{server.url}/v1 served {host.served} queued {host.queued}"
+        else:
+            self._serving_figures = None
         if self.engine is not None and self.spec is not None:
             info.main = f"{self.engine.main.name} {self.engine.main.info.quantization}"
             info.draft = describe_draft(self.spec.draft) if self.spec.draft != NO_DRAFT else "none"
@@ -432,6 +615,7 @@ class TandemApp(App[None]):
         yield SystemCommand("Toggle accepted-token view", "Color text from accepted drafts (F5)", self.action_toggle_accepted)
         yield SystemCommand("Settings", "Sampling, draft and hardware settings (F6)", self.action_settings)
         yield SystemCommand("Reopen a conversation", "Saved chat history (F7)", self.action_history)
+        yield SystemCommand("Serve the loaded pair", "Start or stop the OpenAI / LM Studio HTTP API (F9)", self.action_toggle_serving)
         yield SystemCommand("Stop the reply", "Cancel the reply being generated (Esc)", self.action_cancel_reply)
         yield SystemCommand("Key bindings", "Show every key (F1)", self.action_help)
 
@@ -440,6 +624,8 @@ class TandemApp(App[None]):
         return find_models(default_search_dirs(self.config.dirs))
 
     def action_pick_model(self) -> None:
+        if self._refuse_while_serving():
+            return
         threading.Thread(target=self._model_choices_thread, name="tandem-scan", daemon=True).start()
 
     def _model_choices_thread(self) -> None:
@@ -460,6 +646,8 @@ class TandemApp(App[None]):
         self.load_pair(choice, self.default_draft_for(choice))
 
     def action_pick_draft(self) -> None:
+        if self._refuse_while_serving():
+            return
         if self.spec is None:
             self.notify("Load a main model first (F2).", severity="warning")
             return
@@ -489,6 +677,9 @@ class TandemApp(App[None]):
             return
         old = self.config.settings
         needs_reload = any(getattr(old, name) != getattr(settings, name) for name in RELOAD_FIELDS)
+        if needs_reload and self.spec is not None and self.serving is not None:
+            self.notify("These settings reload the models: stop serving first (F9). Nothing was changed.", severity="warning")
+            return
         self.config.settings = settings
         if self._save_config():
             self.notify("Settings saved", timeout=3)
@@ -533,6 +724,14 @@ class TandemApp(App[None]):
         self.log_file.close()
         self.log_file = ConversationLog(Path(choice))  # new turns continue the same file
         self.notify(f"Reopened: {conversation.title}", timeout=3)
+
+
+def _request_summary(job: Job) -> str:
+    if job.messages:
+        text = next((m.content for m in reversed(job.messages) if m.role == "user"), job.messages[-1].content)
+    else:
+        text = job.prompt or ""
+    return text.replace("\n", " ")[:60]
 
 
 def run_tui(options: LaunchOptions) -> int:

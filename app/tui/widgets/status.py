@@ -22,6 +22,7 @@ class StatusInfo:
     vram: tuple[int, int] | None = None
     exact: bool | None = None  # output identical to plain decoding (the kernels' self-check)
     draft_off: bool = False  # the draft model cannot pay on this machine (why: the debug pane, F4)
+    serving: str = ""  # the API's URL and requests served and queued, while F9 serves
 
 
 def _gib(n: int) -> str:
@@ -45,6 +46,9 @@ class StatusBar(Widget):
         if info.state:
             text.append(f" {info.state} ", "reverse")
             text.append(" ")
+        if info.serving:  # early in the line: it must show on an 80-column terminal
+            text.append(info.serving, "bold magenta")
+            text.append("  ")
         text.append("main ", "dim")
         text.append(info.main, "bold")
         text.append("  draft ", "dim")
