@@ -44,8 +44,8 @@ server=$!
 for _ in $(seq 120); do curl -sf http://127.0.0.1:5099/health > /dev/null && break; sleep 0.5; done
 curl -sf http://127.0.0.1:5099/api/v0/chat/completions -H 'Content-Type: application/json' \
     -d '{"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8, "temperature": 0}' > served.json \
-    || { cat serve.err; kill "$server"; fail "the server did not answer"; }
-kill -INT "$server"; wait "$server" || true
+    || { cat serve.err; kill -TERM "$server"; fail "the server did not answer"; }
+kill -TERM "$server"; wait "$server" || true  # (a background job ignores SIGINT, and the bootloader passes that on)
 python3 - served.json <<'PY' || fail "the served reply is not what it should be"
 import json, sys
 reply = json.load(open(sys.argv[1]))
