@@ -59,6 +59,10 @@ class QueueFull(TandemError):
     pass
 
 
+class PairLocked(TandemError):
+    """A request for another pair on a host that serves an adopted one (the chat app's)."""
+
+
 @dataclass(frozen=True)
 class JobFailed:
     """A job ended without a reply: the error says why (a TandemError subclass: the server maps it to a status)."""
@@ -243,7 +247,7 @@ class EngineHost:
         same_draft = job.draft is None or job.draft == self.spec.draft or _same_file(job.draft, self.spec.draft)
         if not (same_main and same_draft):
             wanted = f"{Path(job.main).name if job.main else self.engine.main.name} with {describe_draft(job.draft or self.spec.draft)}"
-            raise TandemError(f"this server serves only the pair loaded in the Tandem app ({self.describe()}), "
+            raise PairLocked(f"this server serves only the pair loaded in the Tandem app ({self.describe()}), "
                               f"not {wanted}: pick that pair in the app")  # fmt: skip
         return self.engine
 

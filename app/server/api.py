@@ -29,7 +29,7 @@ from app.engine.errors import ContextOverflowError, IncompatibleDraftError, Mode
 from app.engine.events import Finished, RoundEvent
 from app.engine.loading import LOOKUP, NO_DRAFT
 from app.engine.speculative import CONTEXT_FULL, MAX_TOKENS
-from app.host import DONE, EngineHost, Job, JobFailed, QueueFull
+from app.host import DONE, EngineHost, Job, JobFailed, PairLocked, QueueFull
 from app.server.requests import BadRequest, Parsed, parse
 
 MAX_BODY = 4 << 20  # bytes: a chat far longer than any context, far shorter than a memory problem
@@ -279,6 +279,8 @@ def _kind(exc: TandemError) -> str:
 
 
 def failure(exc: TandemError) -> JSONResponse:
+    if isinstance(exc, PairLocked):  # the chat app decides what is loaded: the request cannot change it
+        return error(409, str(exc), "invalid_request_error")
     status = 400 if isinstance(exc, ContextOverflowError | IncompatibleDraftError) else 404 if isinstance(exc, ModelFileError) else 500
     return error(status, str(exc), _kind(exc))
 
