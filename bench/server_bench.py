@@ -99,11 +99,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     model_args: list[str] = []
+    draft_args: list[str] = []
     if args.pair == "real":
         main_path, draft_path = real_pair()
-        model_args = ["--model", str(main_path), "--draft", str(draft_path)]
+        model_args, draft_args = ["--model", str(main_path)], ["--draft", str(draft_path)]
     prompts = [p["prompt"] for p in load_prompts(None)]
-    modes = {"plain": ["--no-draft"], "speculative (default)": []}
+    modes = {"plain": ["--no-draft"], "speculative (default)": draft_args}
     print(f"machine: {machine()}; pair: {args.pair}; {args.threads} threads; {args.max_tokens} tokens per request, greedy")
     print("| mode | clients | requests | req/s | tok/s | TTFT p50 | TTFT p95 | total p50 | total p95 |")
     print("|---|---|---|---|---|---|---|---|---|")
