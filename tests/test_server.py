@@ -280,3 +280,12 @@ def test_stopping_a_host_cancels_queued_jobs(tiny) -> None:
     job = host.submit(Job(GenerationConfig(max_tokens=4), prompt="the cat"))
     host.stop()
     assert job.cancel.is_set() and events_of(job, timeout=1) == [] and host.queued == 0
+
+
+def test_a_continued_conversation_reuses_the_cached_prefix(tiny) -> None:
+    with running_server(tiny) as (base, _host, _):
+        first = httpx.post(f"{base}/api/v0/chat/completions", json={"messages": CHAT, "max_tokens": 16}, timeout=60).json()
+        turn = [*CHAT, first["choices"][0]["message"], {"role": "user", "content": "and the dog"}]
+        second = httpx.post(f"{base}/api/v0/chat/completions", json={"messages": turn, "max_tokens": 16}, timeout=60).json()
+        stats = second["stats"]
+        assert stats["prompt_tokens_evaluated"] < stats["prompt_tokens_count"] - first["stats"]["prompt_tokens_count"] // 2
