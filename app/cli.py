@@ -354,14 +354,14 @@ def run_headless(args: argparse.Namespace) -> int:
 
 
 def stream_reply(events, out) -> object:  # -> Finished
-    from app.engine.events import Finished
+    from app.engine.events import Finished, RoundEvent
 
     for event in events:
         if isinstance(event, Finished):
             out.write(event.tail + "\n")
             out.flush()
             return event
-        if event.text:
+        if isinstance(event, RoundEvent) and event.text:  # progress events (PromptProgress) print nothing
             out.write(event.text)
             out.flush()
     raise AssertionError("the engine always ends with a Finished event")

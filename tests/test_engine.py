@@ -514,3 +514,67 @@ def test_ctrl_c_inside_a_llama_cpp_callback_stops_the_load(tiny, capfd) -> None:
         Model(tiny.main, n_gpu_layers=0, progress=interrupted)
     assert "Exception ignored" not in capfd.readouterr().err
     Model(tiny.main, n_gpu_layers=0)  # nothing left pending: the next load is not interrupted
+
+
+def test_a_long_prompt_is_read_in_batches_with_progress_and_can_be_stopped(models, monkeypatch) -> None:
+    """A prompt whose reading takes a while (here: any, by setting the threshold to 0) is evaluated in
+    batches with a PromptProgress between them; the cancel is checked there, and what was read stays cached
+    for the next try. The reply is the one an unbatched read gives."""
+    import threading
+
+    from app.cli import stream_reply
+    from app.engine import speculative
+    from app.engine.events import PromptProgress
+
+    prompt = models["main"].tokenize(" ".join(PROMPTS) * 4)
+    assert len(prompt) > 64
+    config = GenerationConfig(max_tokens=8, sampler=GREEDY)
+    quiet = list(SpeculativeEngine(models["main"], None, n_ctx=512, n_threads=2).generate(prompt, config))
+    assert not any(isinstance(e, PromptProgress) for e in quiet)  # the tiny model reads it at once: nothing to say
+
+    monkeypatch.setattr(speculative, "PROMPT_PROGRESS_AFTER", 0.0)
+    engine = SpeculativeEngine(models["main"], None, n_ctx=512, n_threads=2)
+    engine.prompt_chunk = 16
+    events = list(engine.generate(prompt, config))
+    progress = [e for e in events if isinstance(e, PromptProgress)]
+    total = len(prompt) - 1
+    assert [p.done for p in progress] == list(range(16, total, 16)) and {p.total for p in progress} == {total}
+    assert all(p.elapsed > 0 and p.seconds_left >= 0 for p in progress)
+    assert all(isinstance(e, PromptProgress) for e in events[: len(progress)])  # all before the first round
+    assert events[-1].tokens == quiet[-1].tokens
+
+    cancel = threading.Event()
+    fresh = SpeculativeEngine(models["main"], None, n_ctx=512, n_threads=2)
+    fresh.prompt_chunk = 16
+    stopped = []
+    for event in fresh.generate(prompt, config, cancel):
+        stopped.append(event)
+        if isinstance(event, PromptProgress) and event.done == 32:
+            cancel.set()
+    assert stopped[-1].stats.stop_reason == speculative.CANCELLED and stopped[-1].tokens == ()
+    assert not any(isinstance(e, RoundEvent) for e in stopped)
+    assert len(fresh.main_ctx.tokens) == 32  # what was read stays cached
+    again = list(fresh.generate(prompt, config))
+    assert again[-1].stats.prompt_tokens_evaluated == len(prompt) - 32 and again[-1].tokens == quiet[-1].tokens
+    assert next(p.cached for p in again if isinstance(p, PromptProgress)) == 32
+
+    class Out(list):
+        write = list.append
+
+        def flush(self) -> None:
+            pass
+
+    out = Out()
+    assert stream_reply(iter(events), out) is events[-1]  # the CLI prints the text, not the progress
+    assert "".join(out) == events[-1].text + "\n"
+
+
+def test_a_self_draft_is_named_as_such(models, tmp_path: Path) -> None:
+    main = models["main"]
+    config = GenerationConfig(max_tokens=4, sampler=GREEDY)
+    same = SpeculativeEngine(main, main, n_ctx=256, n_threads=2)
+    assert list(same.generate(main.tokenize("the cat"), config))[-1].stats.draft_model == "tiny-main (self-draft)"
+    copy = tmp_path / "other.gguf"
+    copy.write_bytes(main.path.read_bytes())
+    other = SpeculativeEngine(main, Model(copy, n_gpu_layers=0), n_ctx=256, n_threads=2, lookup=True)
+    assert other.draft_name == "tiny-main (other.gguf) + prompt lookup"

@@ -315,13 +315,20 @@ class Context:
         """Like sync, but logits are not needed: a fully cached sequence costs nothing (new chat turns)."""
         return self._extend_from_common_prefix(tokens, min(len(self.tokens), len(tokens)))
 
-    def _extend_from_common_prefix(self, tokens: Sequence[int], limit: int) -> int:
+    def keep_common_prefix(self, tokens: Sequence[int], limit: int | None = None) -> int:
+        """Drop what follows the longest cached prefix of `tokens` (at most `limit` tokens kept); returns
+        how many are kept. The caller evaluates the rest (sync_prefix does it in one go)."""
+        limit = min(len(self.tokens), len(tokens)) if limit is None else limit
         keep = 0
         while keep < limit and self.tokens[keep] == tokens[keep]:
             keep += 1
         if not self.truncate(keep):  # a recurrent model: start over rather than continue from a wrong state
             self.clear()
             keep = 0
+        return keep
+
+    def _extend_from_common_prefix(self, tokens: Sequence[int], limit: int) -> int:
+        keep = self.keep_common_prefix(tokens, limit)
         self.decode(tokens[keep:])
         return len(tokens) - keep
 

@@ -1,4 +1,5 @@
-"""What the engine tells its consumers (CLI, TUI, benchmark): one event per round, one at the end.
+"""What the engine tells its consumers (CLI, TUI, benchmark): one event per round, one at the end, and
+progress while a long prompt is read.
 
 Stats use LM Studio's field names so numbers can be compared with its speculative-decoding stats.
 """
@@ -110,4 +111,20 @@ class Finished:
     stats: GenerationStats
 
 
-Event = RoundEvent | Finished
+@dataclass(frozen=True)
+class PromptProgress:
+    """The prompt is being read before the first token. Sent between the batches of a long prompt only when
+    reading it is expected to take a while (a reopened conversation, a model switch), so a UI can show it;
+    the generation's cancel is checked between those batches. Consumers that only stream text ignore it."""
+
+    done: int  # prompt tokens evaluated so far, of those that were not in the cache
+    total: int  # prompt tokens to evaluate (the cached prefix is not counted)
+    elapsed: float  # seconds spent reading so far
+    cached: int = 0  # prompt tokens reused from the cache
+
+    @property
+    def seconds_left(self) -> float:
+        return (self.total - self.done) * self.elapsed / self.done if self.done else 0.0
+
+
+Event = RoundEvent | Finished | PromptProgress

@@ -18,7 +18,7 @@ from app.engine.backend import Context, Model, draft_context
 from app.engine.compat import check_compatibility
 from app.engine.controller import Decision, DraftController
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError, TandemError
-from app.engine.events import Event, Finished, GenerationStats, RoundEvent
+from app.engine.events import Event, Finished, GenerationStats, PromptProgress, RoundEvent
 from app.engine.lookup import LookupDrafter
 from app.engine.probe import PLAIN_ONLY, DraftProfile, MainProfile, profile_draft, profile_main
 from app.engine.sampling import (
@@ -31,6 +31,12 @@ from app.engine.sampling import (
 )
 from app.engine.text import TextStream
 
+# A long prompt (a reopened conversation, one carried over to another model) is read in batches of this many
+# tokens on a CPU (where smaller batches cost no more per token), with the cancel checked between them; a GPU
+# reads whole n_batch batches. The first batch is small, so how long the rest will take is known early. Fixed
+# sizes, not timed ones: the same prompt is always split the same way (seeded runs repeat exactly).
+PROMPT_FIRST_CHUNK, PROMPT_CHUNK = 16, 64
+PROMPT_PROGRESS_AFTER = 0.5  # seconds: a prompt whose reading is expected to take longer sends PromptProgress
 SHADOW_TOKENS = 8  # the longest unused lookup proposal checked against what came (controller.observe)
 
 # LM Studio's stop reasons, so its users read ours the same way
@@ -157,6 +163,7 @@ class SpeculativeEngine:
             self.drafter = ModelDrafter(draft_context(draft, n_ctx, n_threads))
         self.lookup = LookupDrafter() if lookup else None
         self.n_ctx = self.main_ctx.n_ctx
+        self.prompt_chunk = PROMPT_CHUNK if main.on_cpu else self.main_ctx.n_batch
         kernels = self.main_profile.kernels
         # --exact: verify no batch wider than the self-check found bit-identical to one-token decoding
         self.exact_cap = None if kernels.exact or not exact else kernels.exact_up_to - 1
@@ -245,7 +252,10 @@ class SpeculativeEngine:
 
         # the last prompt token opens the first verify batch. The draft model is not fed the prompt here:
         # it catches up only when the controller first chooses it (a reply that never drafts never pays)
-        stats.prompt_tokens_evaluated = self.main_ctx.sync_prefix(tokens[:-1]) + 1
+        prefix = tokens[:-1]
+        kept = self.main_ctx.keep_common_prefix(prefix)
+        stats.prompt_tokens_evaluated = len(prefix) - kept + 1
+        yield from self._read_prompt(prefix, kept, cancel)  # stopped early by a cancel: the loop ends at once
 
         while not stop_reason:
             if cancel is not None and cancel.is_set():
@@ -350,6 +360,26 @@ class SpeculativeEngine:
         stats.mean_draft_length = sent / stats.rounds if stats.rounds else 0.0
         yield Finished(text="".join(released), tail=tail, tokens=tuple(reply), stats=stats)
 
+    def _read_prompt(self, prefix: list[int], kept: int, cancel: threading.Event | None) -> Iterator[PromptProgress]:
+        """Evaluate prefix[kept:] in batches of prompt_chunk, stopping early when cancelled. Progress goes out
+        between batches once reading looks like taking over PROMPT_PROGRESS_AFTER seconds."""
+        total = len(prefix) - kept
+        started = time.perf_counter()
+        done = 0
+        announced = False
+        while done < total:
+            if cancel is not None and cancel.is_set():
+                return
+            size = self.prompt_chunk if done else min(PROMPT_FIRST_CHUNK, self.prompt_chunk)
+            chunk = prefix[kept + done : kept + done + size]
+            self.main_ctx.decode(chunk)
+            done += len(chunk)
+            if done < total:
+                elapsed = time.perf_counter() - started
+                if announced or elapsed * total / done >= PROMPT_PROGRESS_AFTER:
+                    announced = True
+                    yield PromptProgress(done, total, elapsed, kept)
+
     def _check_shadow(self, tokens: list[int], controller: DraftController) -> None:
         """Judge lookup's unused proposal against the tokens that came since, as if it had been verified:
         evidence is recorded once the proposal is settled (a token differed, or all of it came true), so a
@@ -365,9 +395,16 @@ class SpeculativeEngine:
 
     @property
     def draft_name(self) -> str | None:
-        if self.drafter and self.lookup:
-            return f"{self.draft_model.name} + prompt lookup"
-        return self.draft_model.name if self.drafter else ("prompt lookup" if self.lookup else None)
+        if not self.drafter:
+            return "prompt lookup" if self.lookup else None
+        draft = self.draft_model
+        name = draft.name
+        if draft.path == self.main.path:
+            name += " (self-draft)"  # the main model's own file drafts for it
+        elif name == self.main.name:  # another file of the same model (the demo pair: F16 main, Q4_1 draft)
+            quant = draft.info.quantization
+            name += f" {quant}" if quant != self.main.info.quantization else f" ({draft.path.name})"
+        return f"{name} + prompt lookup" if self.lookup else name
 
     def _make_draft(
         self,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from app.engine.chat import ChatSession, Message
 from app.engine.errors import TandemError
-from app.engine.events import Event, Finished, RoundEvent
+from app.engine.events import Event, Finished, PromptProgress, RoundEvent
 from app.engine.speculative import CANCELLED, GenerationConfig
 from app.history import ConversationLog
 from app.host import DONE, EngineHost, Job, JobFailed
@@ -38,6 +38,7 @@ class Generation:
         self.cancel = threading.Event()
         self.started = time.perf_counter()
         self.thread = threading.Thread(target=self._run, name="tandem-generate", daemon=True)
+        self.ctx_tokens: int | None = None  # the main context's length when the turn ended (read on the engine thread)
 
     def start(self) -> None:
         self.log.user(self.user_text)
@@ -48,16 +49,20 @@ class Generation:
             for event in self.session.send(self.user_text, self.config, self.cancel):
                 if isinstance(event, RoundEvent):
                     self.log.assistant(event.text)
-                else:
+                elif isinstance(event, Finished):
+                    self.ctx_tokens = len(self.session.engine.main_ctx.tokens)
                     self.log.assistant(event.tail)
                     self.log.end(event.stats.as_dict(), cancelled=event.stats.stop_reason == CANCELLED)
-                self.events.put(event)
+                self.events.put(event)  # PromptProgress too: the app shows the prompt being read
         except TandemError as exc:
-            self.log.failed()
-            self.events.put(Failed(str(exc)))
+            self._failed(str(exc))
         except Exception as exc:  # never a traceback in the UI: say what failed, keep the conversation
-            self.log.failed()
-            self.events.put(Failed(f"generation failed: {type(exc).__name__}: {exc}"))
+            self._failed(f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _failed(self, message: str) -> None:
+        self.ctx_tokens = len(self.session.engine.main_ctx.tokens)
+        self.log.failed()
+        self.events.put(Failed(message))
 
     def drain(self) -> list[Event | Failed]:
         out: list[Event | Failed] = []
@@ -106,6 +111,7 @@ class HostGeneration:
         self._done = threading.Event()  # the host put the job's last item
         self._started = False
         self.header = f"── reply: {user_text[:60]}"  # the debug pane's line above its rounds (the app numbers it)
+        self.ctx_tokens: int | None = None  # the main context's length when the turn ended (read on the worker)
 
     def start(self) -> None:
         self._started = True
@@ -123,13 +129,17 @@ class HostGeneration:
         if isinstance(item, RoundEvent):
             self.log.assistant(item.text)
             self.events.put(item)
+        elif isinstance(item, PromptProgress):
+            self.events.put(item)
         elif isinstance(item, Finished):
+            self.ctx_tokens = len(self.session.engine.main_ctx.tokens)
             self.session.messages.append(Message("assistant", item.text))
             self.log.assistant(item.tail)
             self.log.end(item.stats.as_dict(), cancelled=item.stats.stop_reason == CANCELLED)
             self._ended = True
             self.events.put(item)
         elif isinstance(item, JobFailed):
+            self.ctx_tokens = len(self.session.engine.main_ctx.tokens)
             self._fail(str(item.error))
         elif item is DONE:
             if not self._ended:  # stopped while it waited behind an API request: it never started
