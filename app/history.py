@@ -31,6 +31,7 @@ class Conversation:
     path: Path
     messages: list[Message] = field(default_factory=list)
     cancelled: set[int] = field(default_factory=set)  # indexes of replies the user stopped
+    stats: dict[int, dict[str, object]] = field(default_factory=dict)  # a reply's index -> its end record (stats)
 
     @property
     def title(self) -> str:
@@ -144,8 +145,10 @@ def read_conversation(path: Path) -> Conversation:
         elif "end" in record:
             if messages and messages[-1].role == "user":  # a turn ended with no text at all
                 messages.append(Message("assistant", ""))
-            if isinstance(record["end"], dict) and record["end"].get("cancelled"):
-                conversation.cancelled.add(len(messages) - 1)
+            if isinstance(record["end"], dict):
+                conversation.stats[len(messages) - 1] = record["end"]
+                if record["end"].get("cancelled"):
+                    conversation.cancelled.add(len(messages) - 1)
         elif "failed" in record and messages and messages[-1].role == "user":
             messages.pop()
     return conversation

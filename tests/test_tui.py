@@ -14,10 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from textual.widgets import Label
 
 from app.config import default_config_path, load_config
 from app.engine import speculative
 from app.engine.chat import ChatSession
+from app.engine.events import PromptProgress
 from app.engine.probe import DraftProfile
 from app.engine.speculative import CANCELLED
 from app.history import HistoryStore
@@ -289,11 +291,28 @@ async def test_status_bar_says_why_the_draft_is_off_and_whether_output_is_exact(
         status = app.status_bar.render().plain
         assert "(off: cannot pay here, F4)" in status and " exact " in status
         assert f"ctx {len(app.engine.main_ctx.tokens)}/" in status
+        app.last_finished = None
         await send(pilot, app, "the dog")
-        assert f"ctx {len(app.engine.main_ctx.tokens)}/" in app.status_bar.render().plain
+        used = len(app.engine.main_ctx.tokens)
+        assert used > len(app.last_finished.tokens) and f"ctx {used}/" in app.status_bar.render().plain
         await pilot.press("f4")
         lines = [strip.text for strip in app.query_one(DebugPane).lines]
         assert any("draft model off" in line for line in lines)  # the reason, with its figures
+
+        await pilot.press("ctrl+n")  # nothing of the new chat is in the context
+        await until(pilot, lambda: not app.query(UserMessage))
+        assert " ctx 0/" in app.status_bar.render().plain
+        await pilot.press("f7")  # nor of a reopened one, until its next turn reads it
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+        await pilot.press(*"the cat", "enter")
+        await until(pilot, lambda: len(app.query(UserMessage)) == 2)
+        assert " ctx 0/" in app.status_bar.render().plain
+        app.last_finished = None
+        await send(pilot, app, "the mat")
+        used = len(app.engine.main_ctx.tokens)
+        assert used >= app.last_finished.stats.prompt_tokens_count - 1 and f"ctx {used}/" in app.status_bar.render().plain
+        await pilot.pause(2.1)  # the status bar's own refresh says the same
+        assert f"ctx {used}/" in app.status_bar.render().plain
 
 
 async def test_a_corrupt_config_is_left_alone_until_the_user_saves(home: Path) -> None:
@@ -343,10 +362,10 @@ async def start_serving(pilot, app: TandemApp) -> str:
 
 
 def served_url(app: TandemApp) -> str:
-    """The API's base URL as the status bar shows it."""
-    found = re.search(r"(http://127\.0\.0\.1:\d+)/v1 served", app.status_bar.render().plain)
+    """The API's base URL as the status bar shows it (whole, or as "API :port" where the line is short of room)."""
+    found = re.search(r"(?:http://127\.0\.0\.1)?:(\d+)(?:/v1)? served", app.status_bar.render().plain)
     assert found, app.status_bar.render().plain
-    return found.group(1)
+    return f"http://127.0.0.1:{found.group(1)}"
 
 
 async def test_f9_serves_the_loaded_pair_and_chat_shares_its_host(home: Path) -> None:
@@ -460,3 +479,206 @@ async def test_escape_stops_a_reply_that_runs_on_the_serving_host(home: Path, mo
         assert app.query(AssistantMessage).last().has_class("cancelled")
     saved = HistoryStore().conversations()[0]
     assert saved.cancelled == {1} and saved.messages[1].content == app.last_finished.text
+
+
+async def test_reading_a_reopened_conversation_shows_progress_and_esc_stops_it(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reopened chat is read again on its next turn (a new engine has none of it): the loading row and the
+    reply say how far, with an estimate, while it runs; Esc stops the reading, and the next turn goes on from
+    what was read. Made slow enough to watch: any prompt counts as long, read 16 tokens at a time, 0.3 s a batch."""
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, "the cat sat on the mat")
+        app.last_finished = None
+        await send(pilot, app, "the dog ran to the cat")
+
+    monkeypatch.setattr(speculative, "PROMPT_PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(speculative, "PROMPT_CHUNK", 16)
+    real_generate = speculative.SpeculativeEngine.generate
+
+    def paced_generate(self, *args, **kwargs):
+        for event in real_generate(self, *args, **kwargs):
+            if isinstance(event, PromptProgress):
+                time.sleep(0.3)
+            yield event
+
+    monkeypatch.setattr(speculative.SpeculativeEngine, "generate", paced_generate)
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press("f7")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+        await pilot.press("enter")
+        await until(pilot, lambda: len(app.query(UserMessage)) == 2)
+        await pilot.press(*"and then", "enter")
+        label = app.loading_row.query_one(Label)
+        await until(pilot, lambda: app.loading_row.display and "Reading the conversation: 16/" in str(label.content))
+        assert re.search(r"Reading the conversation: 16/\d+ tokens, about .+ left · Esc stops", str(label.content))
+        assert str(app.reply.border_subtitle).startswith("reading the conversation: 16/")
+        assert app.status_bar.render().plain.startswith(" reading ")
+        await until(pilot, lambda: app.reading is not None and app.reading.done >= 32)  # it moves on
+        assert f"Reading the conversation: {app.reading.done}/{app.reading.total} tokens" in str(label.content)
+        await pilot.press("escape")
+        await until(pilot, lambda: app.last_finished is not None and app.generation is None)
+        assert app.last_finished.stats.stop_reason == CANCELLED and not app.loading_row.display
+        read = len(app.engine.main_ctx.tokens)
+        assert 32 <= read < app.last_finished.stats.prompt_tokens_count - 1
+        reply = app.query(AssistantMessage).last()
+        assert "stopped while reading the conversation" in str(reply.border_subtitle) and reply.has_class("cancelled")
+        assert f"ctx {read}/" in app.status_bar.render().plain
+
+        monkeypatch.setattr(speculative, "PROMPT_PROGRESS_AFTER", 60.0)  # a quick read says nothing
+        app.last_finished = None
+        await send(pilot, app, "the end")
+        stats = app.last_finished.stats
+        assert stats.prompt_tokens_evaluated < stats.prompt_tokens_count - read + 16  # went on from what was read
+        assert stats.predicted_tokens_count > 0 and not app.loading_row.display
+        assert "tok/s" in str(app.query(AssistantMessage).last().border_subtitle)
+
+
+async def test_settings_open_on_the_first_field_and_say_what_is_wrong_in_words(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press("f6")
+        await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        await pilot.pause()
+        form = app.screen
+        assert app.focused is form.query_one("#set-temperature")
+        await pilot.press(*"0.5")  # the first keystrokes go into the first field (its old value selected)
+        assert form.query_one("#set-temperature").value == "0.5"
+        form.query_one("#set-draft_max").value = "100"
+        form.query_one("#set-top_k").value = "many"
+        await pilot.press("ctrl+s")
+        assert app.screen is form  # not saved: the reasons under their fields, the first bad one focused
+        errors = {name: str(form.query_one(f"#error-{name}", Label).content) for name in ("draft_max", "top_k", "min_p")}
+        assert errors == {"draft_max": "Draft max must be a whole number between 0 and 64",
+                          "top_k": "Top-k must be a whole number, at least 0", "min_p": ""}  # fmt: skip
+        assert form.query_one("#error-draft_max").display and not form.query_one("#error-min_p").display
+        assert form.query_one("#set-draft_max").has_class("-invalid")
+        assert app.focused is form.query_one("#set-top_k")
+        assert not any("'" in n.message or "draft_max" in n.message for n in app._notifications)
+        form.query_one("#set-top_k").value = "20"
+        await pilot.pause()
+        assert not form.query_one("#error-top_k").display  # a corrected value loses its reason
+        form.query_one("#set-draft_max").value = "4"
+        form.query_one("#set-draft_min").value = "6"
+        await pilot.press("ctrl+s")
+        assert app.screen is form
+        assert str(form.query_one("#error-draft_min", Label).content) == "Draft min must not be more than draft max (4)"
+        form.query_one("#set-draft_min").value = "2"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+        settings = app.config.settings
+        assert (settings.temperature, settings.top_k, settings.draft_max, settings.draft_min) == (0.5, 20, 4, 2)
+
+
+async def test_pickers_tell_quantizations_apart_and_a_main_model_gets_its_draft_back(home: Path) -> None:
+    """Two files of one model show their quantization; going to another main model and back brings back the
+    draft last used with it (a path typed on the command line and the picker's are the same model)."""
+    import llama_cpp
+
+    from tests import tiny_models
+
+    models = home / "models"
+    tiny_models.quantize(models / "main.gguf", models / "main-q8.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0)
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        assert app.spec.draft == str(models / "draft.gguf")
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+        labels = {Path(key).name: str(option.prompt).split("\n")[0] for key, option in picker_options(app).items() if key}
+        assert labels["main.gguf"].startswith("tiny-main · F32  (main.gguf)")
+        assert labels["main-q8.gguf"] == "tiny-main · Q8_0  (main-q8.gguf)"
+        await pilot.press(*"twin", "enter")
+        await until(pilot, lambda: app.spec.main.name == "twin.gguf" and not app.loading)
+        assert app.spec.draft == "lookup"  # nothing remembered for it
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+        await pilot.press(*"main.gguf", "enter")
+        await until(pilot, lambda: app.spec.main.name == "main.gguf" and not app.loading)
+        assert app.spec.draft == str(models / "draft.gguf")
+
+        from app.engine.demo import demo_paths
+
+        demo_main, demo_draft = demo_paths()
+        assert app.default_draft_for("") == app.default_draft_for(str(demo_main)) == str(demo_draft)
+        app.config.default_drafts[""] = "none"  # the demo pair was last used with no draft
+        assert app.default_draft_for(str(demo_main)) == "none"
+
+
+async def test_reopened_chats_keep_their_stats_and_tell_apart_in_the_list(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, "the cat sat")
+        first_note = str(app.query(AssistantMessage).last().border_subtitle)
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: not app.query(UserMessage))
+        app.last_finished = None
+        await send(pilot, app, "the cat sat")  # a second chat that starts alike
+        app.last_finished = None
+        await send(pilot, app, "hello world")
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: not app.query(UserMessage))
+
+        await pilot.press("f7")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+        shown = [str(option.prompt) for option in picker_options(app).values()]
+        assert len(shown) == 2 and all(text.startswith("the cat sat") for text in shown)
+        newest, oldest = shown
+        assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d · 4 messages · last: hello world", newest)
+        assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d · 2 messages · reply: ", oldest)
+        await pilot.press("down", "enter")  # the older one
+        await until(pilot, lambda: len(app.query(UserMessage)) == 1)
+        reply = app.query(AssistantMessage).last()
+        assert str(reply.border_subtitle) == first_note and "tok/s" in first_note  # its stats line is back
+
+
+async def test_page_keys_scroll_the_chat_while_typing(home: Path) -> None:
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        for i in range(6):
+            await app.chat_log.mount(UserMessage("\n".join(f"line {i}.{n}" for n in range(12))))
+        await pilot.pause()
+        app.chat_log.scroll_end(animate=False)
+        await pilot.pause()
+        await pilot.press(*"half a mess")
+        assert app.focused is app.prompt_box
+        bottom = app.chat_log.scroll_y
+        assert bottom > 0
+        await pilot.press("pageup")
+        await until(pilot, lambda: app.chat_log.scroll_y < bottom)
+        await pilot.press("pagedown")
+        await until(pilot, lambda: app.chat_log.scroll_y == bottom)
+        assert app.prompt_box.value == "half a mess" and app.focused is app.prompt_box
+
+
+async def test_palette_lists_tandems_commands_and_the_ready_toast_leaves_the_status_bar_clear(home: Path) -> None:
+    from textual.command import CommandPalette
+    from textual.widgets._toast import Toast
+
+    app = make_app(home)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await until(pilot, lambda: any(toast.region.height for toast in app.screen.query(Toast)))
+        ready = [n for n in app._notifications if n.title == "Ready"]
+        assert len(ready) == 1 and ready[0].timeout <= 3 and "tiny-main · F32 with draft.gguf" in ready[0].message
+        for toast in app.screen.query(Toast):
+            assert not toast.region.overlaps(app.status_bar.region)
+            assert not toast.region.overlaps(app.prompt_box.region)
+
+        titles = [command.title for command in app.get_system_commands(app.screen)]
+        assert titles[0] == "New chat" and "Quit" in titles
+        assert not {"Theme", "Change theme", "Screenshot", "Save screenshot", "Maximize", "Keys"} & set(titles)
+        await send(pilot, app, "the cat")
+        await pilot.press("ctrl+p")
+        await until(pilot, lambda: isinstance(app.screen, CommandPalette))
+        await pilot.press(*"new chat")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await until(pilot, lambda: not app.query(UserMessage))

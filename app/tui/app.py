@@ -12,7 +12,6 @@ import errno
 import queue
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,7 +26,7 @@ from app.config import Config, ConfigError, Settings, load_config, save_config
 from app.engine.catalog import ModelEntry, default_search_dirs, find_models
 from app.engine.chat import ChatSession, Message
 from app.engine.errors import TandemError
-from app.engine.events import Event, Finished, RoundEvent
+from app.engine.events import Event, Finished, PromptProgress, RoundEvent
 from app.engine.gguf_info import read_gguf_info
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
 from app.engine.speculative import CANCELLED, SpeculativeEngine
@@ -35,7 +34,7 @@ from app.engine.transcript import ReplyTranscript
 from app.history import ConversationLog, HistoryStore, read_conversation
 from app.host import DONE, EngineHost, Job, JobFailed
 from app.server import DEFAULT_HOST, DEFAULT_PORT, ServerThread
-from app.tui.choices import DEMO, Choice, draft_choices, model_choices
+from app.tui.choices import DEMO, conversation_choices, draft_choices, model_choices, model_label, quantization
 from app.tui.generation import ChatJob, Failed, Generation, HostGeneration, LiveStats
 from app.tui.pacing import BUDGET_SHARED, RefreshPacer, ui_budget
 from app.tui.screens.help import HelpScreen
@@ -70,8 +69,36 @@ def prefer_engine_thread() -> None:
     sys.setswitchinterval(0.0005)
 
 
+def reply_note(tokens: int, tokens_per_second: float, acceptance: float | None, cancelled: bool) -> str:
+    """A reply's stats line (under it, live or reopened): tokens, speed, accepted drafts."""
+    note = f"{'stopped · ' if cancelled else ''}{tokens} tokens · {tokens_per_second:.1f} tok/s"
+    if acceptance is not None:
+        note += f" · {acceptance:.0%} accepted"
+    return note
+
+
+def saved_reply_note(stats: dict[str, Any]) -> str:
+    """The stats line of a reply read back from the history file (its end record)."""
+    try:
+        acceptance = float(stats["acceptance_rate"]) if stats.get("draft_model") else None
+        return reply_note(int(stats["predicted_tokens_count"]), float(stats["tokens_per_second"]), acceptance,
+                          bool(stats.get("cancelled")))  # fmt: skip
+    except (KeyError, TypeError, ValueError):  # an older or hand-edited file: no line rather than a wrong one
+        return "stopped" if stats.get("cancelled") else ""
+
+
+def duration(seconds: float) -> str:
+    if seconds < 1.5:
+        return "a second"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min"
+
+
 class TandemApp(App[None]):
     CSS_PATH = "tandem.tcss"
+    # toasts sit above the prompt box, status bar and key hints (5 lines), not over the status figures
+    CSS = "ToastRack { margin-bottom: 5; }"
     TITLE = "Tandem"
     BINDINGS: ClassVar[list[Binding]] = [
         Binding("ctrl+q", "quit", "Quit", priority=True),
@@ -86,6 +113,8 @@ class TandemApp(App[None]):
         Binding("ctrl+n", "new_chat", "New chat", priority=True),
         Binding("f9", "toggle_serving", "Serve", priority=True),
         Binding("f1", "help", "Help"),
+        Binding("pageup", "scroll_chat(-1)", "Scroll the chat up", show=False),  # also while typing a message
+        Binding("pagedown", "scroll_chat(1)", "Scroll the chat down", show=False),
     ]
 
     def __init__(self, options: LaunchOptions):
@@ -102,6 +131,9 @@ class TandemApp(App[None]):
         self.reply: AssistantMessage | None = None
         self.transcript: ReplyTranscript | None = None
         self.live = LiveStats()
+        self.reading: PromptProgress | None = None  # the reply's prompt being read (before its first token)
+        self.turn_started = False  # an event of the reply in progress has come (its prompt is in the engine)
+        self.ctx_used = 0  # tokens of this conversation in the main context, as the engine thread left them
         self.colored = False
         self.loading = False
         self.history = HistoryStore(options.history_dir)
@@ -177,14 +209,21 @@ class TandemApp(App[None]):
 
     # ---- loading models -----------------------------------------------------------------
     def default_draft_for(self, main: str) -> str:
-        remembered = self.config.default_drafts.get(main)
-        if remembered:
-            return remembered
-        if main == DEMO:
-            from app.engine.demo import demo_paths
+        """The draft last used with this main model (LM Studio's per-model default draft), whichever way the
+        model was named (the demo choice, a relative or a resolved path); else the demo draft for the demo
+        main model, else prompt lookup."""
+        from app.engine.demo import demo_paths
 
-            return str(demo_paths()[1])
-        return LOOKUP
+        demo_main, demo_draft = demo_paths()
+        is_demo = main == DEMO or _same_file(main, demo_main)
+        keys = [main, _resolved(main)] if main != DEMO else [DEMO]
+        if is_demo:
+            keys += [DEMO, _resolved(str(demo_main))]
+        for key in keys:
+            remembered = self.config.default_drafts.get(key)
+            if remembered:
+                return remembered
+        return str(demo_draft) if is_demo else LOOKUP
 
     def load_pair(self, main: str, draft: str, by_user: bool = True) -> None:
         """Load on a thread; the current pair keeps working until the new one is ready. by_user:
@@ -260,6 +299,7 @@ class TandemApp(App[None]):
         self.loading_row.display = False
         previous, messages = self.engine, (self.session.messages if self.session else [])
         self.engine, self.spec, self.main_choice = engine, spec, main_choice
+        self.ctx_used = 0  # a new context: the conversation is read on the next turn (with progress)
         self.session = ChatSession(engine, system=self.config.settings.system or None)
         # the conversation carries over to the new pair (its tokens are evaluated on the next turn)
         self.session.messages += [m for m in messages if m.role != "system"]
@@ -267,10 +307,11 @@ class TandemApp(App[None]):
             previous.close()
         self.config.main = main_choice
         self.config.draft = spec.draft
-        self.config.default_drafts[main_choice] = spec.draft
+        # under the resolved path: a picker's path, a typed one and the demo's own file find it again
+        self.config.default_drafts[main_choice if main_choice == DEMO else _resolved(main_choice)] = spec.draft
         if by_user or not self.config_unreadable:
             self._save_config()
-        self.notify(f"{engine.main.name} with {describe_draft(spec.draft)}", title="Ready")
+        self.notify(f"{model_label(engine.main.info)} with {describe_draft(spec.draft)}", title="Ready", timeout=3)
         self.refresh_status()
 
     def _save_config(self) -> bool:
@@ -317,6 +358,7 @@ class TandemApp(App[None]):
         await chat.mount(self.reply)
         chat.scroll_end(animate=False)
         self.live = LiveStats()
+        self.reading, self.turn_started = None, False
         header = f"── reply {len(self.session.messages) // 2 + 1}: {text[:60]}"
         config = self.config.settings.generation_config()
         if self.serving is not None:  # the host's worker runs it, between API requests; its header comes in order
@@ -347,7 +389,13 @@ class TandemApp(App[None]):
         if not (done or self.pacer.due()):
             return
         events, self.pending = self.pending, []
+        self.turn_started = True
         rounds = [e for e in events if isinstance(e, RoundEvent)]
+        progress = [e for e in events if isinstance(e, PromptProgress)]
+        if progress and not rounds:
+            self._show_reading(progress[-1])
+        elif self.reading is not None and rounds:  # the first token: read (an end clears it in _reply_done)
+            self._reading_done()
         for event in rounds:
             self.transcript.add(event)
             self.live.add(event)
@@ -369,9 +417,12 @@ class TandemApp(App[None]):
         self.transcript.add(finished)
         stats = finished.stats
         cancelled = stats.stop_reason == CANCELLED
-        note = f"{'stopped · ' if cancelled else ''}{stats.predicted_tokens_count} tokens · {stats.tokens_per_second:.1f} tok/s"
-        if stats.draft_model:
-            note += f" · {stats.acceptance_rate:.0%} accepted"
+        note = reply_note(stats.predicted_tokens_count, stats.tokens_per_second,
+                          stats.acceptance_rate if stats.draft_model else None, cancelled)  # fmt: skip
+        read = self.reading
+        if cancelled and read is not None and not finished.tokens:  # stopped while the conversation was read
+            note = (f"stopped while reading the conversation ({read.done:,}/{read.total:,} tokens read; "
+                    "the next message goes on from there)")  # fmt: skip
         await self.reply.finish(finished.text, note, cancelled)
         if self.generation is not None and not self.generation.debug_from_host:
             self.debug_pane.note(stats.summary(), "bold cyan")
@@ -398,6 +449,10 @@ class TandemApp(App[None]):
     def _reply_done(self) -> None:
         generation = self.generation
         self.generation = None
+        if generation is not None and generation.ctx_tokens is not None:
+            self.ctx_used = generation.ctx_tokens
+        if self.reading is not None:
+            self._reading_done()
         self.last_reply_on_host = isinstance(generation, HostGeneration)
         if isinstance(generation, Generation):  # only the thread: nothing that keeps the engine alive
             self.reply_thread = generation.thread
@@ -406,6 +461,34 @@ class TandemApp(App[None]):
         if self.generation is not None:
             self.generation.cancel.set()
 
+    def _show_reading(self, progress: PromptProgress) -> None:
+        """The reply's prompt is being read (a reopened chat, another model): how far, how long, how to stop."""
+        first = self.reading is None
+        self.reading = progress
+        left = progress.seconds_left
+        what = f"reading the conversation: {progress.done:,}/{progress.total:,} tokens"
+        self.loading_row.display = True
+        self.loading_row.query_one(Label).update(f"{what.capitalize()}, about {duration(left)} left · Esc stops ")
+        self.loading_row.query_one(ProgressBar).update(progress=100 * progress.done / max(progress.total, 1))
+        if self.reply is not None:
+            self.reply.border_subtitle = what
+        if first:
+            self.refresh_status()
+
+    def _reading_done(self) -> None:
+        self.reading = None
+        if not self.loading:
+            self.loading_row.display = False
+        if self.reply is not None and self.generation is not None:
+            self.reply.border_subtitle = ""
+
+    def action_scroll_chat(self, direction: int) -> None:
+        """PageUp / PageDown scroll the chat wherever the focus is (typing a message included)."""
+        if direction < 0:
+            self.chat_log.scroll_page_up(animate=False)
+        else:
+            self.chat_log.scroll_page_down(animate=False)
+
     async def action_new_chat(self) -> None:
         if self.generation is not None:
             self.notify("A reply is streaming; Esc stops it first.", severity="warning")
@@ -413,6 +496,7 @@ class TandemApp(App[None]):
         await self.chat_log.remove_children()
         if self.engine is not None:
             self.session = ChatSession(self.engine, system=self.config.settings.system or None)
+        self.ctx_used = 0  # nothing of the new chat is in the context yet (what it can reuse, its first turn keeps)
         self.log_file.close()
         self.log_file = self.history.new_log()
         self.debug_pane.note("── new chat")
@@ -562,16 +646,19 @@ class TandemApp(App[None]):
         else:
             self._serving_figures = None
         if self.engine is not None and self.spec is not None:
-            info.main = f"{self.engine.main.name} {self.engine.main.info.quantization}"
+            info.main = f"{self.engine.main.name} {quantization(self.engine.main.info)}"
             info.draft = describe_draft(self.spec.draft) if self.spec.draft != NO_DRAFT else "none"
             info.ctx_size = self.engine.n_ctx
-            info.ctx_used = len(self.engine.main_ctx.tokens)
+            # while a turn runs, the context as the engine fills it; between turns, as the last turn of this
+            # conversation left it (a new or reopened chat: none of it until its first turn reads it)
+            live = self.generation is not None and self.turn_started
+            info.ctx_used = len(self.engine.main_ctx.tokens) if live else self.ctx_used
             info.vram = gpu_memory()
             info.exact = self.engine.exact_kernels or self.spec.draft == NO_DRAFT or bool(self.engine.blocked)
         if self.loading:
             info.state = "loading"
         elif self.generation is not None:
-            info.state = "generating"
+            info.state = "reading" if self.reading is not None else "generating"
             info.tokens_per_second = self.live.tokens_per_second
             info.acceptance = self.live.acceptance if self.live.sent else None
             info.draft_length = self.live.last_k if self.live.rounds else None
@@ -607,8 +694,8 @@ class TandemApp(App[None]):
         self.push_screen(HelpScreen(keys))
 
     def get_system_commands(self, screen: Screen):
-        yield from super().get_system_commands(screen)
-        yield SystemCommand("New chat", "Start a new conversation", self.action_new_chat)
+        """Tandem's own commands only (Textual's theme, screenshot and maximize ones mean nothing here)."""
+        yield SystemCommand("New chat", "Start a new conversation (Ctrl+N)", self.action_new_chat)
         yield SystemCommand("Pick main model", "Choose the main model (F2)", self.action_pick_model)
         yield SystemCommand("Pick draft", "Choose a draft model, prompt lookup or none (F3)", self.action_pick_draft)
         yield SystemCommand("Toggle debug pane", "Drafted vs accepted tokens per round (F4)", self.action_toggle_debug)
@@ -618,6 +705,7 @@ class TandemApp(App[None]):
         yield SystemCommand("Serve the loaded pair", "Start or stop the OpenAI / LM Studio HTTP API (F9)", self.action_toggle_serving)
         yield SystemCommand("Stop the reply", "Cancel the reply being generated (Esc)", self.action_cancel_reply)
         yield SystemCommand("Key bindings", "Show every key (F1)", self.action_help)
+        yield SystemCommand("Quit", "Quit Tandem (Ctrl+Q)", self.action_quit)
 
     # ---- pickers --------------------------------------------------------------------------
     def _scan(self) -> list[ModelEntry]:
@@ -690,11 +778,7 @@ class TandemApp(App[None]):
             self.load_pair(self.main_choice, self.spec.draft)
 
     def action_history(self) -> None:
-        conversations = self.history.conversations()
-        choices = []
-        for c in conversations:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.path.stat().st_mtime))
-            choices.append(Choice(str(c.path), c.title, f"{when} · {len(c.messages)} messages"))
+        choices = conversation_choices(self.history.conversations())
         self.push_screen(PickerScreen("Reopen a conversation", choices, str(self.log_file.path), "no saved conversations yet"),
                          self._history_chosen)  # fmt: skip
 
@@ -714,8 +798,10 @@ class TandemApp(App[None]):
             elif message.role == "assistant":
                 widget = AssistantMessage(title, message.content, colored=self.colored)
                 await chat.mount(widget)
+                stats = conversation.stats.get(index)
+                widget.border_subtitle = saved_reply_note(stats) if stats else ""
                 if index in conversation.cancelled:
-                    widget.border_subtitle = "stopped"
+                    widget.border_subtitle = widget.border_subtitle or "stopped"
                     widget.add_class("cancelled")
         chat.scroll_end(animate=False)
         if self.session is not None:
@@ -723,7 +809,21 @@ class TandemApp(App[None]):
             self.session.messages = system + [m for m in conversation.messages if m.role != "system"]
         self.log_file.close()
         self.log_file = ConversationLog(Path(choice))  # new turns continue the same file
+        self.ctx_used = 0  # read on its next turn (with progress), reusing what the context shares with it
         self.notify(f"Reopened: {conversation.title}", timeout=3)
+        self.refresh_status()
+
+
+def _resolved(path: str) -> str:
+    """A model path as one key whichever way it was written (relative, with ~, through a symlink)."""
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):
+        return path
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    return bool(str(a)) and _resolved(str(a)) == _resolved(str(b))
 
 
 def _request_summary(job: Job) -> str:

