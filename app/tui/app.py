@@ -8,6 +8,7 @@ serves, the app's own chat turns are host jobs too, so one worker thread runs ev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import queue
 import sys
@@ -260,15 +261,9 @@ class TandemApp(App[None]):
                 main_path = str(demo_main)
                 if draft and Path(draft) == demo_paths()[1]:
                     draft = str(demo_draft)
-            spec = EngineSpec(
-                main=Path(main_path),
-                draft=draft or LOOKUP,
-                gpu_layers=settings.gpu_layers,
-                draft_on_gpu=settings.draft_on_gpu,
-                ctx_size=settings.ctx_size,
-                threads=settings.threads,
-                exact=settings.exact,
-            )
+            from app.host import resolve_spec  # one place decides what a choice loads (CLI, server, app)
+
+            spec = resolve_spec(dataclasses.replace(self.config, settings=settings), main_path, draft or LOOKUP)
             engine = load_engine(spec, progress)
         except TandemError as exc:
             self._from_thread(self._load_failed, str(exc))
