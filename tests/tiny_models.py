@@ -72,9 +72,8 @@ def write_model(
     quant: gguf.GGMLQuantizationType | None = None,
 ) -> Path:
     """Write a llama-architecture GGUF; `quant` stores the matrices quantized (norms stay F32)."""
-    tokens, scores, types = vocabulary(words)
     n_vocab, n_embd = weights["token_embd.weight"].shape
-    assert n_vocab == len(tokens), (n_vocab, len(tokens))
+    assert n_vocab == len(vocabulary(words)[0]), n_vocab
     n_layer = sum(1 for k in weights if k.endswith("attn_q.weight"))
     n_ff = weights["blk.0.ffn_up.weight"].shape[0]
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -88,25 +87,8 @@ def write_model(
     writer.add_rope_dimension_count(n_embd // n_head)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(eos_id)
-    writer.add_unk_token_id(0)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_chat_template(CHATML)
-    for key, value in weights.items():
-        if quant is not None and value.ndim == 2:
-            writer.add_tensor(key, gguf.quants.quantize(value, quant), raw_dtype=quant)
-        else:
-            writer.add_tensor(key, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _add_vocabulary(writer, words, eos_id)
+    _write(writer, weights, quant)
     return path
 
 
@@ -166,7 +148,6 @@ def mamba_model(path: Path, seed: int = 9, n_embd: int = 64, n_layer: int = 2) -
             f"blk.{i}.ssm_d": np.ones(d_inner, dtype=np.float32),
             f"blk.{i}.ssm_out.weight": mat(n_embd, d_inner, scale=d_inner**-0.5),
         }
-    tokens, scores, types = vocabulary()
     writer = gguf.GGUFWriter(str(path), "mamba")
     writer.add_name("tiny-mamba")
     writer.add_context_length(1024)
@@ -180,20 +161,33 @@ def mamba_model(path: Path, seed: int = 9, n_embd: int = 64, n_layer: int = 2) -
     writer.add_ssm_time_step_rank(dt_rank)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_vocabulary(writer, WORDS, 2)
+    _write(writer, weights)
+    return path
+
+
+def _add_vocabulary(writer: gguf.GGUFWriter, words: list[str], eos_id: int) -> None:
+    tokens, scores, types = vocabulary(words)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    writer.add_eos_token_id(eos_id)
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHATML)
+
+
+def _write(writer: gguf.GGUFWriter, weights: dict[str, np.ndarray], quant: gguf.GGMLQuantizationType | None = None) -> None:
+    """The tensors (matrices quantized when `quant` is given; norms stay F32), then the file."""
     for key, value in weights.items():
-        writer.add_tensor(key, value)
+        if quant is not None and value.ndim == 2:
+            writer.add_tensor(key, gguf.quants.quantize(value, quant), raw_dtype=quant)
+        else:
+            writer.add_tensor(key, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path

@@ -29,6 +29,16 @@ class Failed:
     message: str
 
 
+def drain(events: queue.SimpleQueue) -> list[Event | Failed]:
+    """Everything queued so far (the UI timer takes a batch per tick, never one event per call)."""
+    out: list[Event | Failed] = []
+    while True:
+        try:
+            out.append(events.get_nowait())
+        except queue.Empty:
+            return out
+
+
 class Generation:
     debug_from_host = False  # the app feeds the debug pane from this reply's own events
 
@@ -65,12 +75,7 @@ class Generation:
         self.events.put(Failed(message))
 
     def drain(self) -> list[Event | Failed]:
-        out: list[Event | Failed] = []
-        while True:
-            try:
-                out.append(self.events.get_nowait())
-            except queue.Empty:
-                return out
+        return drain(self.events)
 
     @property
     def running(self) -> bool:
@@ -154,12 +159,7 @@ class HostGeneration:
         self.events.put(Failed(message))
 
     def drain(self) -> list[Event | Failed]:
-        out: list[Event | Failed] = []
-        while True:
-            try:
-                out.append(self.events.get_nowait())
-            except queue.Empty:
-                return out
+        return drain(self.events)
 
     @property
     def running(self) -> bool:
