@@ -418,6 +418,7 @@ def test_accepted_drafts_after_the_end_of_the_reply_are_not_counted_as_accepted(
             == stats.total_draft_tokens_count
         )
         assert sum(r.n_accepted for r in rounds) == stats.accepted_draft_tokens_count
+        assert sum(r.n_past_end for r in rounds) == stats.ignored_draft_tokens_count  # no confidence stop here
 
 
 def test_no_draft_is_made_when_what_is_left_of_the_reply_is_under_draft_min(models) -> None:

@@ -56,13 +56,14 @@ def round_lines(pane: DebugPane) -> list[str]:
 
 
 def event(
-    pieces: list[bytes], n_accepted: int, main: bytes = b"!", *, n_ignored: int = 0, ended: bool = False,
+    pieces: list[bytes], n_accepted: int, main: bytes = b"!", *, n_past_end: int = 0, ended: bool = False,
     decision: str = "expects 62% accepted: 1.31x plain", source: str = "model",
 ) -> RoundEvent:  # fmt: skip
     """A round as the engine reports it: `pieces` drafted, the first `n_accepted` kept, then the main model's token."""
     emitted = n_accepted + (0 if ended else 1)
     return RoundEvent(
-        drafted=tuple(range(100, 100 + len(pieces))), n_accepted=n_accepted, main_token=7, n_ignored=n_ignored,
+        drafted=tuple(range(100, 100 + len(pieces))), n_accepted=n_accepted, main_token=7, n_ignored=n_past_end,
+        n_past_end=n_past_end,
         tokens=tuple(range(emitted)), text="", draft_seconds=0.0021, verify_seconds=0.0052, draft_source=source,
         decision=decision, pieces=(*pieces, main),
     )  # fmt: skip
@@ -251,17 +252,17 @@ def test_one_line_at_any_width_never_cutting_the_verdict() -> None:
 
 def test_accepted_drafts_past_the_reply_end_are_not_a_rejection() -> None:
     # the reply ended inside the accepted drafts (a stop string): the two after it agreed but were ignored
-    past_end = event([b"a", b"b", b"c", b"d"], 2, b"e", n_ignored=2, ended=True)
+    past_end = event([b"a", b"b", b"c", b"d"], 2, b"e", n_past_end=2, ended=True)
     fate = fates(past_end)
     assert (fate.verdict, fate.accepted, fate.unused, fate.rejected, fate.discarded) == ("PASS", 2, 2, 0, 0)
     line = format_round(1, past_end, 100)
     assert " PASS " in line.plain and "end" in line.plain and not any(span.style and "strike" in str(span.style) for span in line.spans)
     # an end-of-generation token drafted and accepted: it is not in the reply's tokens
-    eog = event([b"a", b"", b"c"], 2, b"x", n_ignored=1, ended=True)
+    eog = event([b"a", b"", b"c"], 2, b"x", n_past_end=1, ended=True)
     eog = replace(eog, tokens=eog.tokens[:1])
     assert fates(eog).verdict == "PASS"
     # a rejection whose correction ends the reply (the main model's end-of-generation token): still a FAIL
-    rejected = event([b"a", b"b"], 1, b"", n_ignored=0, ended=True)
+    rejected = event([b"a", b"b"], 1, b"", n_past_end=0, ended=True)
     assert fates(rejected).verdict == "FAIL" and fates(rejected).rejected == 1
     assert fates(event([], 0, b"x", decision="plain 41 tok/s", source="none")).verdict == "----"
 
@@ -373,7 +374,7 @@ def scripted_generate(gate: threading.Event):
             texts.append(text)
             yield RoundEvent(
                 drafted=tuple(range(500, 500 + len(pieces))), n_accepted=accepted, main_token=9,
-                n_ignored=1 if ended else 0, tokens=tokens, text=text, draft_seconds=0.0004 * len(pieces),
+                n_ignored=1 if ended else 0, n_past_end=1 if ended else 0, tokens=tokens, text=text, draft_seconds=0.0004 * len(pieces),
                 verify_seconds=0.021 + 0.002 * len(pieces), draft_source=source, decision=decision,
                 pieces=(*pieces, main),
             )  # fmt: skip

@@ -16,7 +16,7 @@ class RoundEvent:
     drafted: tuple[int, ...]  # sent to the main model for verification
     n_accepted: int  # leading drafted tokens the main model agreed with
     main_token: int  # the main model's own token: a correction (rejection) or a bonus (all accepted)
-    n_ignored: int  # drafted but never sent (confidence stop, below --draft-min)
+    n_ignored: int  # drafted but never sent (confidence stop, below --draft-min), or accepted after the reply ended
     tokens: tuple[int, ...]  # emitted this round (accepted drafts + main token, cut at a stop)
     text: str  # text released this round (held back while it could be part of a stop string)
     draft_seconds: float
@@ -26,6 +26,9 @@ class RoundEvent:
     # the bytes of each drafted token, then of main_token: consumers show tokens without calling llama.cpp
     # (its token-to-piece buffer is the engine thread's), and without keeping the model alive
     pieces: tuple[bytes, ...] = ()
+    # of n_ignored, the drafts right after the n_accepted ones that the main model agreed with but the reply had
+    # ended before (an end-of-generation token, a stop string): neither accepted nor rejected
+    n_past_end: int = 0
 
     def drafted_piece(self, i: int) -> bytes:
         return self.pieces[i] if i < len(self.pieces) else b""

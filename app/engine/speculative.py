@@ -331,6 +331,7 @@ class SpeculativeEngine:
                 n_accepted=n_accepted,
                 main_token=main_token,
                 n_ignored=n_ignored,
+                n_past_end=past_end,
                 tokens=tuple(emitted),
                 text=text,
                 draft_seconds=t1 - t0,

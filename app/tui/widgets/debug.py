@@ -98,16 +98,11 @@ class Fates:
 
 def fates(event: RoundEvent) -> Fates:
     """The engine counts accepted drafts after the reply's end (an end-of-generation token, a stop string) as
-    ignored, not accepted: a round that ended inside its accepted drafts must not read as a rejection. The
-    event does not say how many of its ignored tokens those were: when the reply ended this round (the main
-    model's token is not in it), the gap between drafted and accepted is taken from the ignored count first.
-    A reply ended by the main model's own end-of-generation token (empty piece) after a rejection stays a FAIL."""
+    ignored, not accepted (`n_past_end`): a round that ended inside its accepted drafts is not a rejection."""
     n, a = len(event.drafted), event.n_accepted
     gap = n - a
     ended = len(event.tokens) <= a
-    unused = 0
-    if gap and ended and (len(event.tokens) < a or event.main_piece):
-        unused = min(gap, event.n_ignored)
+    unused = min(gap, event.n_past_end)
     rejected = 1 if gap > unused else 0
     return Fates(a, unused, rejected, gap - unused - rejected, ended)
 
