@@ -25,7 +25,7 @@ from pathlib import Path
 from app.config import Config
 from app.engine.chat import Message, tokenize_chat, tokenize_prompt
 from app.engine.errors import TandemError
-from app.engine.events import Event, Finished
+from app.engine.events import Finished
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
 from app.engine.speculative import GenerationConfig, SpeculativeEngine
 
@@ -39,17 +39,16 @@ def resolve_spec(config: Config, main: str | None = None, draft: str | None = No
     if draft is None:  # the configuration's draft belongs to the configuration's main model
         draft = config.draft if not main or main == config.main else ""
     main = main or config.main
-    chosen = draft
     if main:
-        draft_choice = chosen or config.default_drafts.get(main) or LOOKUP
+        draft_choice = draft or config.default_drafts.get(main) or LOOKUP
         main_path = Path(main)
     else:
         from app.engine.demo import ensure_demo_pair
 
-        if chosen not in ("", LOOKUP, NO_DRAFT):
-            read_gguf_info(chosen)
+        if draft not in ("", LOOKUP, NO_DRAFT):
+            read_gguf_info(draft)
         main_path, demo_draft = ensure_demo_pair()
-        draft_choice = chosen or str(demo_draft)
+        draft_choice = draft or str(demo_draft)
     s = config.settings
     return EngineSpec(main=main_path, draft=draft_choice, gpu_layers=s.gpu_layers, draft_on_gpu=s.draft_on_gpu,
                       ctx_size=s.ctx_size, threads=s.threads, exact=s.exact)  # fmt: skip
@@ -269,10 +268,3 @@ def _same_file(a: str, b: str) -> bool:
     except OSError:
         return a == b
 
-
-def events_of(job: Job, timeout: float | None = None) -> list[Event | JobFailed]:
-    """Everything a finished job produced (for callers that wait, such as tests)."""
-    out: list[Event | JobFailed] = []
-    while (item := job.events.get(timeout=timeout)) is not DONE:
-        out.append(item)
-    return out

@@ -23,11 +23,19 @@ from app.config import Config
 from app.engine.events import Finished
 from app.engine.sampling import SamplerSettings
 from app.engine.speculative import CANCELLED, GenerationConfig
-from app.host import EngineHost, Job, QueueFull, events_of
+from app.host import DONE, EngineHost, Job, QueueFull
 from app.server.api import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "user", "content": "the cat sat on the mat"}]
+
+
+def events_of(job: Job, timeout: float | None = None) -> list:
+    """Everything a finished job produced."""
+    out = []
+    while (item := job.events.get(timeout=timeout)) is not DONE:
+        out.append(item)
+    return out
 
 
 def config_for(tiny, **settings) -> Config:

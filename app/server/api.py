@@ -27,6 +27,7 @@ from app.engine.catalog import ModelEntry, default_search_dirs, find_models
 from app.engine.compat import metadata_compatibility
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError, ModelFileError, TandemError
 from app.engine.events import Finished, RoundEvent
+from app.engine.gguf_info import read_gguf_info
 from app.engine.loading import LOOKUP, NO_DRAFT
 from app.engine.speculative import CONTEXT_FULL, MAX_TOKENS
 from app.host import DONE, EngineHost, Job, JobFailed, PairLocked, QueueFull
@@ -66,7 +67,7 @@ class Catalog:
                 if str(entry.path) == name or entry.path.name == name:
                     return entry
             if Path(name).suffix == ".gguf" and Path(name).is_file():
-                self.entries[str(Path(name))] = ModelEntry(Path(name), _info(Path(name)))
+                self.entries[str(Path(name))] = ModelEntry(Path(name), read_gguf_info(Path(name)))
                 return self.entries[str(Path(name))]
             if attempt == 0:
                 self.refresh()  # a file added since the server started
@@ -77,12 +78,6 @@ class Catalog:
             if entry.path.resolve() == path.resolve():
                 return key
         return path.stem
-
-
-def _info(path: Path):
-    from app.engine.gguf_info import read_gguf_info
-
-    return read_gguf_info(path)
 
 
 def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | None = None) -> Starlette:
@@ -157,7 +152,7 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
                 raise BadRequest(f"draft model '{draft}' not found", "draft_model", 404, "not_found_error")
             main_path = Path(main) if main else (host.spec.main if host.spec else None)
             if main_path is not None and entry.info is not None:
-                verdict = metadata_compatibility(_info(main_path), entry.info)
+                verdict = metadata_compatibility(read_gguf_info(main_path), entry.info)
                 if not verdict.ok:
                     raise BadRequest(f"draft model '{draft}' cannot be used with {main_path.name}: {verdict.reason}", "draft_model")
             draft = str(entry.path)
