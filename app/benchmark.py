@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import sys
 from typing import TextIO
 
 from app.config import Config
@@ -21,6 +22,12 @@ RUNS = 3
 MAX_TOKENS = 128
 
 
+def _measuring(what: str, done: int, total: int) -> None:
+    """The first run of a model on this machine measures its kernels: said on stderr, the table stays clean."""
+    if done == total:
+        sys.stderr.write(f"tandem: {what}: done\n")
+
+
 def run_benchmark(config: Config, out: TextIO) -> int:
     from app.engine.chat import ChatSession
     from app.engine.events import Finished
@@ -28,7 +35,7 @@ def run_benchmark(config: Config, out: TextIO) -> int:
     from app.host import resolve_spec
 
     spec = resolve_spec(config)
-    engine = load_engine(spec)
+    engine = load_engine(spec, measuring=_measuring)
     settings = dataclasses.replace(config.settings, temperature=0.0, max_tokens=MAX_TOKENS, seed=0)
     k = max(1, min(settings.draft_max, 8))
     modes = {
@@ -38,8 +45,13 @@ def run_benchmark(config: Config, out: TextIO) -> int:
     }
     out.write(f"tandem benchmark: {engine.main.name} + {describe_draft(spec.draft)}, {settings.threads} threads, "
               f"greedy, {MAX_TOKENS} tokens, median of {RUNS}\n")  # fmt: skip
-    kernels = engine.main_profile.kernels
-    out.write(f"main-model kernels: {kernels.describe()}\n")
+    from app.engine.backends import backends
+
+    out.write(f"llama.cpp: {backends().describe()}\n")
+    for model in (engine.main, engine.draft_model):
+        if model is not None:
+            out.write(f"weights of {model.path.name}: {model.kernels.reason or model.kernels.name}\n")
+    out.write(f"main-model kernels: {engine.main_profile.kernels.describe()}\n")
     speculation = engine.speculation_state(modes["adaptive"].generation_config())
     if speculation:
         out.write(f"adaptive: {speculation}\n")

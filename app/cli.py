@@ -27,6 +27,26 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+class _Version(argparse.Action):
+    """tandem's version, llama.cpp's, and which of its builds runs here (the CPU variant, any GPU)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import llama_cpp
+
+        from app.engine.backend import init_backend
+        from app.engine.backends import backends
+        from app.engine.errors import TandemError
+
+        sys.stdout.write(f"tandem {__version__}\n")
+        try:
+            init_backend()
+            sys.stdout.write(f"llama.cpp {llama_cpp.__version__}: {backends().describe()}\n")
+        except TandemError as exc:
+            sys.stderr.write(f"tandem: error: {exc}\n")
+            raise SystemExit(EXIT_ERROR) from None
+        raise SystemExit(0)
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)
@@ -92,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chat with local GGUF models, sped up by speculative decoding. "
         "Without --prompt it opens the terminal chat app; with no --model it uses the demo pair.",
     )
-    p.add_argument("--version", action="version", version=f"tandem {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the version and the llama.cpp backends this machine gets, and exit")
 
     launcher = p.add_argument_group("launcher")
     launcher.add_argument("--config", metavar="FILE",
@@ -228,6 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("stdout", "stderr"):  # started with the stream closed (`>&-`): write nowhere, not crash
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the process)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from app.engine.kernels import TRIAL_FLAG
+
+    if argv[:1] == [TRIAL_FLAG]:  # a child trying one kernel placement (engine/kernels.py); not for users
+        from app.engine.kernels import trial_main
+
+        return trial_main(argv[1])
     args = parse_args(argv)
     from app.engine.errors import TandemError
 
@@ -326,7 +353,7 @@ def run_headless(args: argparse.Namespace) -> int:
 
     prompt_text = read_prompt(args)
     launch = launch_config(args)
-    engine = load_engine(resolve_spec(launch))
+    engine = load_engine(resolve_spec(launch), measuring=stderr_steps)
     config = launch.settings.generation_config(tuple(args.stop))
     if args.raw:
         events = engine.generate(tokenize_prompt(engine.main, prompt_text), config)
@@ -351,6 +378,14 @@ def run_headless(args: argparse.Namespace) -> int:
     sys.stderr.write(finished.stats.summary() + "\n")
     engine.close()
     return 0
+
+
+def stderr_steps(what: str, done: int, total: int) -> None:
+    """The first run of a model on a machine measures its kernels (seconds to minutes): say so on a terminal's
+    stderr, in one line that counts up (a script's stderr gets only the reply's stats line, or one error line)."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\rtandem: {what}: {done}/{total}" + ("\n" if done >= total else ""))
+        sys.stderr.flush()
 
 
 def stream_reply(events, out) -> object:  # -> Finished

@@ -31,7 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.engine.backend import Model, amx_cpu  # noqa: E402
+from app.engine import kernels  # noqa: E402
+from app.engine.backend import Model, amx_cpu, init_backend  # noqa: E402
+from app.engine.backends import backends  # noqa: E402
 from app.engine.chat import ChatSession, Message, format_chat, tokenize_prompt  # noqa: E402
 from app.engine.demo import ensure_demo_pair  # noqa: E402
 from app.engine.events import Finished  # noqa: E402
@@ -66,7 +68,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {'AMX' if amx_cpu() else 'no AMX'}, {os.cpu_count()} cores"
+    init_backend()
+    return f"{model}, {'AMX' if amx_cpu() else 'no AMX'}, {os.cpu_count()} cores, llama.cpp CPU backend {backends().cpu_variant}"
 
 
 def real_pair() -> tuple[Path, Path]:
@@ -109,7 +112,7 @@ def chat_ttft(main_path: Path, draft_path: Path | None, threads: int, runs: int,
     """Time to first token over a multi-turn chat: each turn re-renders the chat, both contexts keep their
     KV prefix. Plain (--no-draft) against the default (draft model + lookup, adaptive), runs alternating."""
     main_model = Model(main_path)
-    draft_model = Model(draft_path) if draft_path else None
+    draft_model = Model(draft_path, role="draft") if draft_path else None
     base = GenerationConfig(max_tokens=max_tokens, sampler=SamplerSettings(temperature=0.0))
     ttft: dict[str, list[list[float]]] = {"plain": [], "default": []}
     for _ in range(runs):
@@ -151,7 +154,7 @@ def run_speculative_simple(bin_dir: Path, main: Path, draft: Path, prompt_text: 
         "-p", prompt_text, "-n", str(args.max_tokens), "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0",
         "--spec-draft-p-min", "0", "-t", str(args.threads), "-td", str(args.threads), "--temp", "0", "-c", "4096",
     ]
-    if amx_cpu():  # llama.cpp's AMX kernels crash on a Q4_1 draft's batches (see backend.cpu_extra_buffers_allowed)
+    if amx_cpu():  # llama.cpp's AMX kernels crash on batches of quantized weights (see engine/kernels.py)
         cmd.append("--no-repack")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     m = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", out.stdout + out.stderr)
@@ -214,8 +217,11 @@ def main() -> int:
     if args.chat:
         chat_ttft(main_path, draft_path, args.threads, args.runs, args.max_tokens)
         return 0
-    main_model = Model(main_path, extra_buffers=False if args.exact else None)
-    draft_model = Model(draft_path) if draft_path else None
+    main_model = Model(main_path, kernels=kernels.PLAIN_CHOICE if args.exact else None)
+    draft_model = Model(draft_path, role="draft") if draft_path else None
+    for model in (main_model, draft_model):
+        if model is not None:
+            print(f"kernels for {model.path.name}: {model.kernels.reason}", flush=True)
     engines = {
         "model": SpeculativeEngine(main_model, draft_model, n_ctx=4096, n_threads=args.threads, lookup=True, exact=args.exact),
         "lookup": SpeculativeEngine(main_model, None, n_ctx=4096, n_threads=args.threads, lookup=True, exact=args.exact),

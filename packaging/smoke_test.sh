@@ -68,4 +68,24 @@ if command -v tmux > /dev/null; then
 else
     echo "== tmux not installed: TUI check skipped"
 fi
+# The one file holds llama.cpp's CPU backend for every x86-64 level and loads the one this CPU runs. Another CPU is
+# emulated with qemu-user: the frozen bootloader re-executes itself (natively, out of qemu's reach), so the program
+# runs from the venv it was frozen from, on the same libraries. The kernel trial's children would run natively
+# too: TANDEM_CPU_EXTRA_BUFFERS=1 takes llama.cpp's default placement instead.
+PY="$(dirname "$BINARY")/../.venv/bin/python"
+if command -v qemu-x86_64 > /dev/null && [ -x "$PY" ]; then
+    for cpu in Haswell Nehalem; do
+        echo "== the program on an emulated $cpu CPU (qemu-x86_64 -cpu $cpu)"
+        qemu-x86_64 -cpu "$cpu" "$PY" -m app --version 2>/dev/null | tail -1
+    done
+    draft_model=$(ls "$WORK"/home/.cache/tandem/models/*.Q4_1.gguf 2>/dev/null | head -1)
+    [ -n "$draft_model" ] || fail "the demo draft model was not fetched"
+    (cd "$(dirname "$PY")/../.." && env TANDEM_CPU_EXTRA_BUFFERS=1 HOME="$WORK/home" qemu-x86_64 -cpu Haswell "$PY" -m app \
+        --model "$draft_model" --no-draft --prompt "Say hi" -n 4 -t 2 -c 256 --temp 0 > "$WORK/haswell.txt" 2> "$WORK/haswell.err") \
+        || { grep -v "TCG doesn't support" "$WORK/haswell.err"; fail "no answer on an emulated Haswell CPU"; }
+    [ -s "$WORK/haswell.txt" ] || fail "an empty answer on an emulated Haswell CPU"
+    echo "   answered: $(head -c 60 "$WORK/haswell.txt" | tr '\n' ' ')"
+else
+    echo "== qemu-user or the venv missing: the emulated-CPU check skipped"
+fi
 echo "smoke test passed"

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from app.engine.backend import Context, Model
-from app.engine.probe import VERIFY_SIZES, _probe_tokens, measure_main, profile_main
+from app.engine.kernels import PLAIN_CHOICE
+from app.engine.probe import VERIFY_SIZES, measure_main, probe_tokens, profile_main
 from app.engine.sampling import SamplerSettings
 from app.engine.speculative import GenerationConfig, SpeculativeEngine
 from tests import tiny_models
@@ -30,7 +31,7 @@ def kquant(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def direct_comparison(model: Model, sizes: tuple[int, ...]) -> dict[int, float]:
     """Largest |logit| difference per batch size, batch against one token at a time (no probe code)."""
-    tokens = _probe_tokens(model, 8 + max(sizes) + 1)
+    tokens = probe_tokens(model, 8 + max(sizes) + 1)
     ctx = Context(model, 64, 2, n_batch=32)
     ctx.decode(tokens[:8])
     reference = []
@@ -46,9 +47,9 @@ def direct_comparison(model: Model, sizes: tuple[int, ...]) -> dict[int, float]:
     return differences
 
 
-@pytest.mark.parametrize("extra_buffers", [None, False], ids=["default-kernels", "exact-kernels"])
-def test_self_check_agrees_with_a_direct_comparison(kquant, extra_buffers) -> None:
-    model = Model(kquant[0], extra_buffers=extra_buffers)
+@pytest.mark.parametrize("choice", [None, PLAIN_CHOICE], ids=["default-kernels", "exact-kernels"])
+def test_self_check_agrees_with_a_direct_comparison(kquant, choice) -> None:
+    model = Model(kquant[0], kernels=choice)
     check = measure_main(model, 2).kernels
     direct = direct_comparison(model, VERIFY_SIZES)
     differing = [n for n, d in direct.items() if d > 0]
@@ -101,7 +102,7 @@ def greedy(engine: SpeculativeEngine, prompt: list[int], **config):
 
 @pytest.mark.parametrize("draft_max", [1, 4, 8])
 def test_exact_mode_is_token_identical_to_plain_on_a_k_quant_model(kquant, draft_max) -> None:
-    main = Model(kquant[0], extra_buffers=False)  # what load_engine does for --exact
+    main = Model(kquant[0], kernels=PLAIN_CHOICE)  # what load_engine does for --exact
     draft = Model(kquant[1])
     plain_engine = SpeculativeEngine(main, None, n_ctx=512, n_threads=2)
     engine = SpeculativeEngine(main, draft, n_ctx=512, n_threads=2, lookup=True, exact=True)

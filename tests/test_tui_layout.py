@@ -393,7 +393,7 @@ def steady(monkeypatch: pytest.MonkeyPatch, gate: threading.Event) -> None:
     """What differs between machines and runs held still: the reply, the kernel self-check, speeds, memory."""
     monkeypatch.setattr(speculative.SpeculativeEngine, "generate", scripted_generate(gate))
     kernels = KernelCheck(exact=True, max_difference=0.0, differing_sizes=[], exact_up_to=64)
-    monkeypatch.setattr(speculative, "profile_main", lambda model, n_threads: MainProfile(kernels, {1: 0.001, 2: 0.0011, 5: 0.0013}))
+    monkeypatch.setattr(speculative, "profile_main", lambda model, n_threads, **_: MainProfile(kernels, {1: 0.001, 2: 0.0011, 5: 0.0013}))
     monkeypatch.setattr(LiveStats, "tokens_per_second", property(lambda self: 37.5))
     monkeypatch.setattr(status_module, "process_memory", lambda: 512 * 2**20)
     monkeypatch.setattr("app.engine.backend.gpu_memory", lambda: None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -20,8 +19,10 @@ import llama_cpp
 import numpy as np
 import psutil
 
+from app.engine import backends, kernels
 from app.engine.errors import ContextOverflowError, ModelFileError, TandemError
 from app.engine.gguf_info import GGUFInfo, read_gguf_info
+from app.engine.kernels import KernelChoice
 
 _init_lock = threading.Lock()
 _initialised = False
@@ -58,6 +59,7 @@ def init_backend() -> None:
     with _init_lock:
         if not _initialised:
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            backends.load()  # the CPU build that fits this CPU, and any GPU/RPC backend (backends.py)
             llama_cpp.llama_backend_init()
             _initialised = True
 
@@ -73,30 +75,25 @@ def _last_llama_error() -> str:
 
 @functools.cache
 def amx_cpu() -> bool:
-    """llama.cpp was built with, and runs on, Intel AMX (Xeon Sapphire Rapids and later)."""
+    """llama.cpp's loaded CPU backend uses Intel AMX (Xeon Sapphire Rapids and later)."""
     init_backend()
-    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+    return backends.backends().amx
 
 
-def cpu_extra_buffers_allowed(float_weights: bool) -> bool:
-    """Whether llama.cpp may put a model's weights in the CPU's "extra" buffer types (AMX, repacked).
-
-    On AMX CPUs llama.cpp's AMX kernels crash or compute garbage on quantized weights in batches of 2+
-    tokens (ggml-org/llama.cpp#20824 with Q4_K, #16315 with Q4_0/Q4_1; the demo draft is Q4_1).
-    Float weights are fine there (AVX-512 kernels, batch-invariant: tested on the demo main model),
-    and faster: one token 2% faster, a verify batch of 3 tokens 1.27x one token instead of 1.61x.
-    A quantized draft still uses the AMX kernels, one token at a time (SingleTokenContext).
-    TANDEM_CPU_EXTRA_BUFFERS=1 or 0 overrides the choice.
-    """
-    forced = os.environ.get("TANDEM_CPU_EXTRA_BUFFERS")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return not amx_cpu() or float_weights
+def choose_kernels(path: Path, n_gpu_layers: int, n_threads: int, role: str,
+                   progress: Callable[[int, int], None] | None = None) -> KernelChoice:  # fmt: skip
+    """Where this model's weights go (kernels.py): measured on this CPU, llama.cpp's default on a GPU."""
+    init_backend()
+    if n_gpu_layers != 0 and supports_gpu_offload():
+        return kernels.DEFAULT
+    return kernels.forced() or kernels.cached_choice(path, n_threads, role, progress)
 
 
 def supports_gpu_offload() -> bool:
+    """A GPU is there to take layers. (llama.cpp's llama_supports_gpu_offload also says yes for a build that
+    merely has the RPC backend, with no worker attached: no layer would go anywhere.)"""
     init_backend()
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    return backends.has_gpu()
 
 
 class Model:
@@ -107,7 +104,8 @@ class Model:
         path: str | os.PathLike[str],
         n_gpu_layers: int = 0,
         progress: Callable[[float], None] | None = None,
-        extra_buffers: bool | None = None,  # None: cpu_extra_buffers_allowed()
+        kernels: KernelChoice | None = None,  # None: measured on this CPU (choose_kernels), cached
+        role: str = "main",  # or "draft": a draft may run on kernels safe only one token at a time
     ):
         self.info: GGUFInfo = read_gguf_info(path)
         self.path = Path(path).expanduser().resolve()
@@ -116,8 +114,10 @@ class Model:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
         self.n_gpu_layers = n_gpu_layers
-        self.extra_buffers = cpu_extra_buffers_allowed(self.info.float_weights) if extra_buffers is None else extra_buffers
-        params.use_extra_bufts = self.extra_buffers
+        self.kernels = kernels or choose_kernels(self.path, n_gpu_layers, os.cpu_count() or 1, role)
+        params.use_extra_bufts, overrides = kernels_placement(self.info, self.kernels)
+        if overrides is not None:
+            params.tensor_buft_overrides = ctypes.addressof(overrides)  # kept alive by `overrides` until the load returns
         def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
             try:
                 if progress is not None:
@@ -214,6 +214,8 @@ class Context:
 
     def __init__(self, model: Model, n_ctx: int, n_threads: int, n_batch: int = 512):
         self.model = model
+        if model.on_cpu:  # no batch wider than the kernel trial checked (kernels.WIDEST): as cheap per token on a CPU
+            n_batch = min(n_batch, kernels.WIDEST)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
@@ -334,12 +336,13 @@ class Context:
 
 
 class SingleTokenContext(Context):
-    """A context that evaluates every batch one token at a time: a draft model's on an AMX CPU.
+    """A context that evaluates every batch one token at a time: a draft model's whose fastest kernels are
+    safe only that way (kernels.choose).
 
-    There llama.cpp's AMX kernels run a Q4_1 draft token twice as fast as its plain CPU kernels
-    (5.3 vs 11 ms for the demo draft, 2 threads) but crash on batches of 2+ tokens (see
-    cpu_extra_buffers_allowed). A draft decodes one or two tokens per round, and even a prompt is
-    cheaper token by token through AMX than batched without it (7.3 ms per token at any batch size).
+    On AMX CPUs llama.cpp's AMX kernels ran a Q4_1 draft token twice as fast as its plain CPU kernels
+    (5.3 vs 11 ms for the demo draft, 2 threads) but crash on batches of 2+ tokens. A draft decodes one
+    or two tokens per round, and even a prompt was cheaper token by token through AMX than batched
+    without it (7.3 ms per token at any batch size).
     """
 
     def decode(self, tokens: Sequence[int], all_logits: bool = False) -> None:
@@ -349,35 +352,17 @@ class SingleTokenContext(Context):
             super().decode([token])
 
 
-def amx_draft_applies(on_cpu: bool, float_weights: bool) -> bool:
-    """Whether a draft model should run on llama.cpp's AMX kernels, one token at a time."""
-    return on_cpu and not float_weights and amx_cpu() and os.environ.get("TANDEM_CPU_EXTRA_BUFFERS") != "0"
-
-
 def draft_context(model: Model, n_ctx: int, n_threads: int) -> Context:
-    """The context a draft model decodes in: through AMX, token by token, where that applies."""
-    if not amx_draft_applies(model.on_cpu, model.info.float_weights):
-        return Context(model, n_ctx, n_threads)
-    if not model.extra_buffers:  # loaded for batches: load it again with the AMX buffers
-        model = Model(model.path, n_gpu_layers=0, extra_buffers=True)
-    return SingleTokenContext(model, n_ctx, n_threads)
+    """The context a draft model decodes in: token by token where its kernels are safe only that way."""
+    return Context(model, n_ctx, n_threads) if model.kernels.batches else SingleTokenContext(model, n_ctx, n_threads)
 
 
-_GPU_DEVICE_TYPES = (1, 2)  # ggml_backend_dev_type: GPU and integrated GPU (0 is CPU, 3 accelerators)
-
-
-@functools.cache
-def _ggml_library() -> ctypes.CDLL:
-    """libggml, already loaded by libllama: its device API is not wrapped by llama-cpp-python."""
-    lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
-    names = {"win32": "ggml.dll", "darwin": "libggml.dylib"}
-    ggml = ctypes.CDLL(str(lib_dir / names.get(sys.platform, "libggml.so")))
-    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-    return ggml
+def kernels_placement(info: GGUFInfo, choice: KernelChoice) -> tuple[bool, ctypes.Array | None]:
+    """llama.cpp's use_extra_bufts and tensor_buft_overrides for a kernel choice."""
+    if choice.bufts == kernels.DEFAULT.bufts:
+        return True, None
+    overrides = kernels.overrides(info, choice.bufts) if choice.bufts else None
+    return overrides is None and bool(choice.bufts), overrides
 
 
 def gpu_memory() -> tuple[int, int] | None:
@@ -385,14 +370,6 @@ def gpu_memory() -> tuple[int, int] | None:
     if not supports_gpu_offload():
         return None
     try:
-        ggml = _ggml_library()
-        used = total = 0
-        for i in range(ggml.ggml_backend_dev_count()):
-            device = ggml.ggml_backend_dev_get(i)
-            if ggml.ggml_backend_dev_type(device) in _GPU_DEVICE_TYPES:
-                free, size = ctypes.c_size_t(), ctypes.c_size_t()
-                ggml.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(size))
-                used, total = used + size.value - free.value, total + size.value
-        return (used, total) if total else None
+        return backends.gpu_memory()
     except (OSError, AttributeError):
         return None

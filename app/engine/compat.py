@@ -124,6 +124,14 @@ def check_compatibility(main: Model, draft: Model) -> Compatibility:
     return compare_vocabularies(model_vocabulary(main), model_vocabulary(draft))
 
 
+def require_compatible(main_name: str, draft_name: str, compat: Compatibility) -> None:
+    """The one sentence for an incompatible pair, whether judged from headers (before loading) or loaded models."""
+    from app.engine.errors import IncompatibleDraftError
+
+    if not compat.ok:
+        raise IncompatibleDraftError(f"draft {draft_name} cannot be used with {main_name}: {compat.reason}")
+
+
 def metadata_compatibility(main: GGUFInfo, draft: GGUFInfo) -> Compatibility:
     """The same rule from GGUF headers alone (no weights loaded): what the pickers show."""
     return compare_vocabularies(gguf_vocabulary(main), gguf_vocabulary(draft))

@@ -32,6 +32,7 @@ MAX_PROBE_INTERVAL = 256
 CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up after idling is paid back (or what is left of the reply)
 CATCH_UP_BATCH = 3  # a draft context evaluating more tokens than this in one sync is catching up (a new prompt, idling)
 REVIEW_EVERY = 16  # rounds between re-checks of which sources could pay at all
+STALE_RATIO = 0.75  # a live time under this fraction of the probe's: the probe was timed on a busy machine
 CATCHES_UP = {"model"}  # sources whose fully accepted draft leaves its last token to evaluate next round
 STREAKY = {"lookup"}  # sources whose acceptance runs in streaks (see SourceState)
 # sources that cost nothing to ask: what they would have proposed is checked against the tokens that came
@@ -57,15 +58,19 @@ class VerifyCost:
 
     samples: dict[int, float] = field(default_factory=dict)  # x -> seconds (EMA), this session
     prior: dict[int, float] = field(default_factory=dict)  # x -> seconds, from the probe
+    # x -> how many samples in a row came in under STALE_RATIO of the prior (the engine re-times a stale probe)
+    runs: dict[int, int] = field(default_factory=dict)
     _known: dict[int, float] | None = None  # prior (scaled) and samples merged; None: to be rebuilt
 
     def add(self, x: int, seconds: float) -> None:
         old = self.samples.get(x)
         self.samples[x] = seconds if old is None else 0.7 * old + 0.3 * seconds
         self._known = None  # rebuilt when a size without its own sample is asked for (not in plain rounds)
+        probed = self.prior.get(x)
+        self.runs[x] = self.runs.get(x, 0) + 1 if probed and seconds < STALE_RATIO * probed else 0
 
     def set_prior(self, prior: dict[int, float]) -> None:
-        self.prior, self._known = prior, None
+        self.prior, self._known, self.runs = prior, None, {}
 
     @property
     def scale(self) -> float:

@@ -67,6 +67,7 @@ class GenerationStats:
     exact: bool = True
     exact_check: str = ""  # the self-check's finding, in words
     speculation: str = ""  # what drafting did or could not do here, and why (e.g. a draft model that cannot pay)
+    backend: str = ""  # which llama.cpp build runs here and where each model's weights live (kernels.py)
 
     @property
     def acceptance_rate(self) -> float:

@@ -27,6 +27,13 @@ _STRING, _ARRAY = 8, 9
 _MAX_ARRAY_KEPT = 64
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ggml_type: int  # ggml_type (GGMLQuantizationType's value)
+    dims: tuple[int, ...]  # ne0, ne1, ...: ggml's order
+
+
 @dataclass
 class GGUFInfo:
     path: Path
@@ -38,6 +45,7 @@ class GGUFInfo:
     n_tensors: int = 0
     n_params: int = 0
     tensor_types: set[str] = field(default_factory=set)  # every tensor's type, e.g. {"F32", "Q4_1"}
+    tensors: list[TensorInfo] = field(default_factory=list)
 
     @property
     def architecture(self) -> str:
@@ -203,6 +211,7 @@ def _parse(cur: _Cursor, size: int) -> GGUFInfo:
             tensor_type = GGMLQuantizationType(ggml_type)
             block, type_size = GGML_QUANT_SIZES[tensor_type]
             info.tensor_types.add(tensor_type.name)
+            info.tensors.append(TensorInfo(name, ggml_type, tuple(dims)))
         except (ValueError, KeyError) as exc:
             raise ModelFileError(f"{cur.path}: tensor '{name}' has a tensor type ({ggml_type}) this build does not know") from exc
         data_end = max(data_end, offset + n_elements // block * type_size)

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.engine.backend import Model, amx_draft_applies, supports_gpu_offload
+from app.engine import kernels
+from app.engine.backend import Model, choose_kernels, supports_gpu_offload
+from app.engine.compat import metadata_compatibility, require_compatible
 from app.engine.gguf_info import read_gguf_info
 from app.engine.probe import PLAIN_ONLY, MainProfile
 from app.engine.speculative import SpeculativeEngine
@@ -19,6 +21,8 @@ from app.engine.speculative import SpeculativeEngine
 NO_DRAFT, LOOKUP = "none", "lookup"
 
 LoadProgress = Callable[[str, float], None]  # (what is loading, fraction done)
+# the once-per-machine measurements (kernel trials, the self-check): (what is measured, steps done, steps in all)
+StepProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -49,36 +53,43 @@ def load_engine(
     progress: LoadProgress | None = None,
     reuse_main: Model | None = None,  # the main model already loaded for `spec` (only the draft changes)
     main_profile: MainProfile | None = None,
+    measuring: StepProgress | None = None,  # default: reported through `progress`
 ) -> SpeculativeEngine:
     """Load the pair described by `spec`. Raises a TandemError subclass with a readable reason."""
-    read_gguf_info(spec.main)  # both headers checked before either model loads: fail fast, fail clearly
+    main_info = read_gguf_info(spec.main)  # both headers checked before either model loads: fail fast, fail clearly
     draft_info = read_gguf_info(spec.draft_path) if spec.draft_path is not None else None
+    if draft_info is not None:  # before any kernel trial or load: an incompatible draft costs nothing
+        require_compatible(spec.main.name, draft_info.path.name, metadata_compatibility(main_info, draft_info))
 
     def report(name: str) -> Callable[[float], None] | None:
         return None if progress is None else (lambda fraction: progress(name, fraction))
 
-    # --exact: plain CPU buffers, whose kernels compute a row the same way at any batch size (the repacked
-    # ones do not); the engine's self-check confirms it or turns drafting off
-    main = reuse_main or Model(
-        spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name), extra_buffers=False if spec.exact else None
-    )
+    if measuring is None and progress is not None:
+        measuring = lambda what, done, total: progress(f"{what} {done}/{total}", done / max(total, 1))  # noqa: E731
+
+    def steps(what: str) -> Callable[[int, int], None] | None:
+        return None if measuring is None else (lambda done, total: measuring(what, done, total))
+
+    main = reuse_main
+    if main is None:
+        # --exact: plain memory, whose kernels compute a row the same way at any batch size (the repacked ones
+        # do not); the engine's self-check confirms it or turns drafting off. Otherwise measured (kernels.py).
+        choice = kernels.PLAIN_CHOICE if spec.exact else choose_kernels(
+            spec.main, spec.gpu_layers, spec.threads, "main", steps(f"{spec.main.name}: trying this CPU's kernels"))
+        main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name), kernels=choice)
     draft = None
     if draft_info is not None:
         on_cpu = not spec.draft_on_gpu or not supports_gpu_offload()
-        draft = Model(
-            draft_info.path,
-            n_gpu_layers=0 if on_cpu else -1,
-            progress=report(draft_info.path.name),
-            # where the draft will run token by token on AMX, load it that way once (see draft_context)
-            extra_buffers=True if amx_draft_applies(on_cpu, draft_info.float_weights) else None,
-        )
-    if progress is not None:  # the kernel probe (probe.py) takes seconds the first time on a machine, then nothing
-        progress(f"{spec.main.name}: kernel self-check", 0.0)
+        layers = 0 if on_cpu else -1
+        choice = choose_kernels(draft_info.path, layers, spec.threads, "draft", steps(f"{draft_info.path.name}: trying this CPU's kernels"))
+        draft = Model(draft_info.path, n_gpu_layers=layers, progress=report(draft_info.path.name), kernels=choice, role="draft")
+    check = steps(f"{spec.main.name}: measuring this CPU's kernels (once), batch sizes")
     try:
         # prompt lookup rides along with a draft model (the controller picks per round) and stands in when there is none
         return SpeculativeEngine(
             main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=spec.draft != NO_DRAFT, exact=spec.exact,
             main_profile=None if main_profile is PLAIN_ONLY else main_profile,  # a plain-only engine never probed
+            progress=check,
         )  # fmt: skip
     except BaseException:
         if reuse_main is None:

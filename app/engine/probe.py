@@ -14,6 +14,15 @@ AVX2/AVX-512, AMX on Xeons, llamafile's sgemm, GPU kernels), and they differ in 
 
 Both cost a few seconds once per model file, llama.cpp build, CPU and settings; the results live in the
 user cache (`$TANDEM_CACHE_DIR`, else the platform's cache folder), so later launches start instantly.
+
+How far the logits can move matters as much as whether they move: a speculative reply's cache is written by
+verify batches all along, so differences add up with depth. The check therefore also reads DEPTH tokens
+both ways, one at a time and in verify batches of every width in turn, and the bound it reports
+(max_difference) is the largest difference seen anywhere along that run, as deep as a chat's reply.
+
+A timing taken while the machine was busy would mislead every later launch: a cached curve that is not
+plausible (dearer for fewer tokens beyond noise) is measured again, and so is one that live decoding
+contradicts for a sustained stretch (SpeculativeEngine.check_profile).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,9 +48,15 @@ PROBE_TEXT = (
 )
 PREFIX = 8  # tokens cached before the checked positions: a verify batch never starts at an empty cache
 VERIFY_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 16, 17)  # up to 16 drafted tokens + the last one
+# the depth run: a reply's worth of tokens whose cache is written by verify batches (see the module doc)
+DEPTH = 96
 DRAFT_TOKENS = 6  # single-token draft evaluations timed
 CATCH_UP = 32  # tokens of a batched draft catch-up timed
-PROBE_VERSION = 2  # bump when what is measured changes: old cache entries are then ignored
+PROBE_VERSION = 3  # bump when what is measured changes: old cache entries are then ignored
+# a verify curve whose cost falls by more than this when the batch grows was timed on a busy machine
+# (measured curves dip by up to 15%: 12 tokens 9.78x one, 16 tokens 8.30x on an AMD EPYC, repacked kernels)
+PLAUSIBLE_DIP = 0.7
+Progress = Callable[[int, int], None]  # (steps done, steps in all)
 
 
 @dataclass
@@ -79,6 +95,16 @@ class MainProfile:
     def ratio(self, n: int) -> float:
         return self.verify_seconds[n] / self.verify_seconds[1]
 
+    @property
+    def plausible(self) -> bool:
+        """No batch measured much cheaper than a narrower one: a curve timed on a quiet machine."""
+        dearest = 0.0
+        for n in sorted(self.verify_seconds):
+            if self.verify_seconds[n] < PLAUSIBLE_DIP * dearest:
+                return False
+            dearest = max(dearest, self.verify_seconds[n])
+        return True
+
 
 @dataclass
 class DraftProfile:
@@ -95,27 +121,29 @@ def cache_path() -> Path:
     return Path(root) / "probes.json"
 
 
-def _file_identity(path: Path) -> dict[str, object]:
+def file_identity(path: Path) -> dict[str, object]:
     st = path.stat()
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _key(kind: str, model: Model, n_threads: int, extra: dict[str, object]) -> str:
+def cache_key(identity: dict[str, object]) -> str:
+    """A cache key: what was measured, with this llama.cpp build and this machine's CPU backend."""
     identity = {
-        "kind": kind,
+        **identity,
         "version": PROBE_VERSION,
-        "file": _file_identity(model.path),
         "llama_cpp": llama_cpp.__version__,
         "system": llama_cpp.llama_print_system_info().decode(errors="replace"),
-        "extra_buffers": model.extra_buffers,
-        "gpu_layers": model.n_gpu_layers,
-        "threads": n_threads,
-        **extra,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _load_cache() -> dict[str, dict]:
+def _key(kind: str, model: Model, n_threads: int, extra: dict[str, object]) -> str:
+    identity = {"kind": kind, "file": file_identity(model.path), "kernels": list(model.kernels.bufts),
+                "single_token": not model.kernels.batches, "gpu_layers": model.n_gpu_layers, "threads": n_threads}  # fmt: skip
+    return cache_key({**identity, **extra})
+
+
+def load_cache() -> dict[str, dict]:
     try:
         data = json.loads(cache_path().read_text())
         return data if isinstance(data, dict) else {}
@@ -123,10 +151,10 @@ def _load_cache() -> dict[str, dict]:
         return {}
 
 
-def _store(key: str, value: dict) -> None:
+def store(key: str, value: dict) -> None:
     """Best effort: a cache that cannot be written costs a re-measurement next launch, never an error."""
     path = cache_path()
-    data = _load_cache()
+    data = load_cache()
     data[key] = value
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -137,7 +165,7 @@ def _store(key: str, value: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _probe_tokens(model: Model, n: int) -> list[int]:
+def probe_tokens(model: Model, n: int) -> list[int]:
     tokens = model.tokenize(PROBE_TEXT, add_special=False, parse_special=False)
     tokens = [t for t in tokens if not model.is_eog(t)] or [max(model.bos, 0)]
     while len(tokens) < n:
@@ -145,27 +173,72 @@ def _probe_tokens(model: Model, n: int) -> list[int]:
     return tokens[:n]
 
 
-def profile_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_SIZES) -> MainProfile:
-    """Exactness and verify cost of `model` on this machine (cached)."""
-    key = _key("main", model, n_threads, {"sizes": list(sizes)})
-    cached = _load_cache().get(key)
+def _main_key(model: Model, n_threads: int, sizes: tuple[int, ...]) -> str:
+    return _key("main", model, n_threads, {"sizes": list(sizes)})
+
+
+def _store_main(key: str, profile: MainProfile) -> None:
+    store(key, {"kernels": asdict(profile.kernels), "verify_seconds": profile.verify_seconds, "measured": time.time()})
+
+
+def profile_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_SIZES, progress: Progress | None = None) -> MainProfile:
+    """Exactness and verify cost of `model` on this machine (cached; an implausible cached curve is measured again)."""
+    key = _main_key(model, n_threads, sizes)
+    cached = load_cache().get(key)
     if cached:
         try:
-            return MainProfile(KernelCheck(**cached["kernels"]), {int(n): s for n, s in cached["verify_seconds"].items()})
+            profile = MainProfile(KernelCheck(**cached["kernels"]), {int(n): s for n, s in cached["verify_seconds"].items()})
+            if profile.plausible:
+                return profile
         except (KeyError, TypeError, ValueError):
             pass
-    profile = measure_main(model, n_threads, sizes)
-    _store(key, {"kernels": asdict(profile.kernels), "verify_seconds": profile.verify_seconds, "measured": time.time()})
+    profile = measure_main(model, n_threads, sizes, progress)
+    if profile.plausible:  # a busy machine's curve is used this once, not kept
+        _store_main(key, profile)
     return profile
 
 
-def measure_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_SIZES) -> MainProfile:
+def retime_main(model: Model, n_threads: int, profile: MainProfile, sizes: tuple[int, ...] = VERIFY_SIZES) -> MainProfile:
+    """The verify curve timed again (the kernels' check is unchanged by load), replacing the cached one."""
+    ctx = Context(model, n_ctx=PREFIX + max(sizes) + 8, n_threads=n_threads, n_batch=max(max(sizes), PREFIX))
+    try:
+        tokens = probe_tokens(model, PREFIX + max(sizes))
+        ctx.decode(tokens[:PREFIX])
+        seconds = {n: _time_batch(ctx, tokens[PREFIX : PREFIX + n], runs=3) for n in sizes}
+    finally:
+        ctx.close()
+    fresh = MainProfile(profile.kernels, seconds)
+    if fresh.plausible:
+        _store_main(_main_key(model, n_threads, sizes), fresh)
+    return fresh
+
+
+def _time_batch(ctx: Context, tokens: list[int], runs: int) -> float:
+    timings = []
+    for _ in range(runs):
+        ctx.truncate(PREFIX)
+        started = time.perf_counter()
+        ctx.decode(tokens, all_logits=True)
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
+def measure_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_SIZES, progress: Progress | None = None) -> MainProfile:
     longest = max(sizes)
-    tokens = _probe_tokens(model, PREFIX + longest + 1)
-    ctx = Context(model, n_ctx=PREFIX + longest + 8, n_threads=n_threads, n_batch=max(longest, PREFIX))
+    depth = max(DEPTH, longest + 1)
+    tokens = probe_tokens(model, PREFIX + depth)
+    ctx = Context(model, n_ctx=PREFIX + depth + 8, n_threads=n_threads, n_batch=max(longest, PREFIX))
+    steps, done = len(sizes) + 1, 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, steps)
+
     try:
         ctx.decode(tokens[:PREFIX])
-        reference = []  # the logits of one-token decoding at positions PREFIX .. PREFIX + longest
+        reference = []  # the logits of one-token decoding at positions PREFIX .. PREFIX + depth - 1
         singles = []
         for token in tokens[PREFIX:]:
             started = time.perf_counter()
@@ -174,6 +247,7 @@ def measure_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_S
             reference.append(ctx.logits()[0].copy())
         reference_rows = np.stack(reference)
         seconds = {1: statistics.median(singles[1:])}  # the first one warms caches up
+        step()
         max_difference, differing = 0.0, []
         for n in sizes:
             if n == 1:
@@ -194,28 +268,45 @@ def measure_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_S
                         differing.append(n)
                         max_difference = max(max_difference, difference)
             seconds[n] = min(timings)
+            step()
+        if differing:  # how far apart the logits drift when every batch writes the cache, as in a reply
+            max_difference = max(max_difference, _depth_difference(ctx, tokens, reference_rows, [n for n in sizes if n > 1]))
+        step()
         exact_up_to = min(differing) - 1 if differing else max(sizes)
         return MainProfile(KernelCheck(not differing, max_difference, differing, exact_up_to), seconds)
     finally:
         ctx.close()
 
 
+def _depth_difference(ctx: Context, tokens: list[int], reference_rows: np.ndarray, widths: list[int]) -> float:
+    """The largest logit difference along DEPTH tokens read in verify batches of each width in turn."""
+    ctx.truncate(PREFIX)
+    position, largest, turn = 0, 0.0, 0
+    while position < len(reference_rows):
+        n = min(widths[turn % len(widths)], len(reference_rows) - position)
+        turn += 1
+        ctx.decode(tokens[PREFIX + position : PREFIX + position + n], all_logits=True)
+        largest = max(largest, float(np.max(np.abs(ctx.logits() - reference_rows[position : position + n]))))
+        position += n
+    return largest
+
+
 def profile_draft(model: Model, n_threads: int) -> DraftProfile:
     """What a draft-model evaluation costs on this machine (cached)."""
     key = _key("draft", model, n_threads, {})
-    cached = _load_cache().get(key)
+    cached = load_cache().get(key)
     if cached:
         try:
             return DraftProfile(float(cached["token_seconds"]), float(cached["catch_up_seconds"]))
         except (KeyError, TypeError, ValueError):
             pass
     profile = measure_draft(model, n_threads)
-    _store(key, {**asdict(profile), "measured": time.time()})
+    store(key, {**asdict(profile), "measured": time.time()})
     return profile
 
 
 def measure_draft(model: Model, n_threads: int) -> DraftProfile:
-    tokens = _probe_tokens(model, CATCH_UP + DRAFT_TOKENS + 1)
+    tokens = probe_tokens(model, CATCH_UP + DRAFT_TOKENS + 1)
     ctx = draft_context(model, n_ctx=CATCH_UP + DRAFT_TOKENS + 16, n_threads=n_threads)
     try:
         ctx.decode(tokens[:1])  # warm-up

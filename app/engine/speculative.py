@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.engine.backend import Context, Model, draft_context
-from app.engine.compat import check_compatibility
+from app.engine.backends import backends
+from app.engine.compat import check_compatibility, require_compatible
 from app.engine.controller import Decision, DraftController
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError, TandemError
 from app.engine.events import Event, Finished, GenerationStats, PromptProgress, RoundEvent
 from app.engine.lookup import LookupDrafter
-from app.engine.probe import PLAIN_ONLY, DraftProfile, MainProfile, profile_draft, profile_main
+from app.engine.probe import PLAIN_ONLY, DraftProfile, MainProfile, Progress, profile_draft, profile_main, retime_main
 from app.engine.sampling import (
     Confidence,
     PenaltyWindow,
@@ -38,6 +39,10 @@ from app.engine.text import TextStream
 PROMPT_FIRST_CHUNK, PROMPT_CHUNK = 16, 64
 PROMPT_PROGRESS_AFTER = 0.5  # seconds: a prompt whose reading is expected to take longer sends PromptProgress
 SHADOW_TOKENS = 8  # the longest unused lookup proposal checked against what came (controller.observe)
+# the probe's verify curve is timed again when this many one-token rounds in a row ran well under its time
+# (controller.STALE_RATIO): it was timed on a busy machine. (Slower live figures are a deep cache or a machine busy now: the
+# controller scales the curve by them, VerifyCost.scale, and the curve's shape stays right.)
+STALE_AFTER = 16
 
 # LM Studio's stop reasons, so its users read ours the same way
 EOS, STOP_STRING, MAX_TOKENS, CONTEXT_FULL, CANCELLED = (
@@ -129,6 +134,7 @@ class SpeculativeEngine:
         exact: bool = False,
         main_profile: MainProfile | None = None,  # measured (or cached) when not given
         draft_profile: DraftProfile | None = None,
+        progress: Progress | None = None,  # the self-check's steps, when it runs (not cached yet)
     ):
         n_ctx = min(n_ctx, main.n_ctx_train) if main.n_ctx_train > 0 else n_ctx
         # a recurrent main model cannot roll rejected drafts back: it decodes plainly, exact by construction
@@ -148,14 +154,11 @@ class SpeculativeEngine:
         self.draft_model = draft
         self.drafter: ModelDrafter | None = None
         if draft is not None:
-            compat = check_compatibility(main, draft)
-            if not compat.ok:
-                raise IncompatibleDraftError(
-                    f"draft {draft.path.name} cannot be used with {main.path.name}: {compat.reason}"
-                )
+            require_compatible(main.path.name, draft.path.name, check_compatibility(main, draft))
         if main_profile is None:
-            main_profile = profile_main(main, n_threads) if draft is not None or lookup else PLAIN_ONLY
+            main_profile = profile_main(main, n_threads, progress=progress) if draft is not None or lookup else PLAIN_ONLY
         self.main_profile = main_profile
+        self.n_threads = n_threads
         self.main_ctx = Context(main, n_ctx, n_threads)
         self.draft_profile: DraftProfile | None = None
         if draft is not None:
@@ -231,7 +234,7 @@ class SpeculativeEngine:
         settings = config.sampler
         uniforms = PositionalUniforms(settings.seed)  # one number per position: seeded runs repeat exactly
         penalty = PenaltyWindow(settings)
-        stats = GenerationStats(draft_model=self.draft_name)
+        stats = GenerationStats(draft_model=self.draft_name, backend=self.backend)
         stats.speculation = self.speculation_state(config)
         controller = self.controller(*self._bounds(config)) if config.adaptive else None
         stats.prompt_tokens_count = len(prompt)
@@ -359,7 +362,15 @@ class SpeculativeEngine:
             stats.tokens_per_second = len(reply) / stats.generation_time
         sent = sum(n * c for n, c in stats.draft_length_histogram.items())
         stats.mean_draft_length = sent / stats.rounds if stats.rounds else 0.0
+        if controller is not None and self._profile_is_stale(controller):
+            self.main_profile = retime_main(self.main, self.n_threads, self.main_profile)
+            for ctl in self._controllers.values():
+                ctl.verify_cost.set_prior({n - 1: s for n, s in self.main_profile.verify_seconds.items()})
         yield Finished(text="".join(released), tail=tail, tokens=tuple(reply), stats=stats)
+
+    def _profile_is_stale(self, controller: DraftController) -> bool:
+        """Live one-token rounds have run well under the probe's time for a sustained stretch (STALE_AFTER)."""
+        return self.main_profile is not PLAIN_ONLY and controller.verify_cost.runs.get(0, 0) >= STALE_AFTER
 
     def _read_prompt(self, prefix: list[int], kept: int, cancel: threading.Event | None) -> Iterator[PromptProgress]:
         """Evaluate prefix[kept:] in batches of prompt_chunk, stopping early when cancelled. Progress goes out
@@ -393,6 +404,15 @@ class SpeculativeEngine:
         if n < len(came) or n == len(proposal):
             controller.observe("lookup", n, n + (n < len(proposal)))
             self._shadow = None
+
+    @property
+    def backend(self) -> str:
+        """Which llama.cpp CPU build runs here, and where each model's weights live (kernels.py)."""
+        parts = [f"CPU {backends().cpu_variant}", *backends().accelerators, f"main weights {self.main.kernels.name}"]
+        if self.draft_model is not None:
+            draft = self.draft_model.kernels
+            parts.append(f"draft weights {draft.name}" + ("" if draft.batches else " (one token at a time)"))
+        return ", ".join(parts)
 
     @property
     def draft_name(self) -> str | None:

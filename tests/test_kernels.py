@@ -1,0 +1,215 @@
+"""The llama.cpp build that fits this CPU, weight placement chosen by trial, and measurements that heal.
+
+These run on whatever machine runs the tests (an AMX Xeon, an AVX-512 EPYC...): they check what llama.cpp
+offers there, never a fixed answer for one CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.engine import backends, kernels, probe
+from app.engine.backend import Context, Model, init_backend
+from app.engine.kernels import KernelChoice, Trial
+from app.engine.loading import EngineSpec, load_engine
+from app.engine.sampling import SamplerSettings
+from app.engine.speculative import GenerationConfig, SpeculativeEngine
+from tests import tiny_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kquant(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models.k_quant_model(tmp_path_factory.mktemp("kernels"))
+
+
+def _score(path: Path) -> int:
+    lib = ctypes.CDLL(str(path))
+    lib.ggml_backend_score.restype = ctypes.c_int
+    return lib.ggml_backend_score()
+
+
+def test_the_cpu_backend_loaded_is_the_best_for_this_cpu() -> None:
+    init_backend()
+    variants = sorted(backends.library_dir().glob("libggml-cpu-*.so"))
+    if not variants:
+        pytest.skip("a build with its CPU backend linked in (not the Makefile's)")
+    scores = {p.name.removeprefix("libggml-cpu-").removesuffix(".so"): _score(p) for p in variants}
+    best = max(scores, key=scores.__getitem__)
+    assert scores["x64"] > 0  # the baseline runs on any x86-64 CPU
+    assert backends.backends().cpu_variant == best, scores
+    flags = Path("/proc/cpuinfo").read_text()
+    if " avx2 " in flags:
+        assert "AVX2" in backends.backends().features
+
+
+def test_version_names_the_backend_in_use() -> None:
+    out = subprocess.run([sys.executable, "-m", "app", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    init_backend()
+    assert re.search(rf"CPU backend {re.escape(backends.backends().cpu_variant)} on ", out.stdout), out.stdout
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="qemu-user not installed (Debian: qemu-user)")
+@pytest.mark.parametrize("cpu,variant", [("Haswell", "haswell"), ("Nehalem", "sse42")])
+def test_an_older_cpu_gets_its_own_build_and_answers(tiny, cpu, variant) -> None:
+    """Emulated (qemu-user): an AVX2 laptop CPU and a pre-AVX one get the variant built for them, and answer."""
+    python = Path(sys.prefix) / "bin" / "python"  # the venv's launcher: it finds the venv under qemu too
+    # the kernel trial's children would run natively, outside the emulation: force llama.cpp's default placement
+    env = {**os.environ, "TANDEM_CPU_EXTRA_BUFFERS": "1"}
+    args = ["-m", "app", "--model", str(tiny.main), "--draft", str(tiny.draft), "--prompt", "hi", "-n", "4", "-t", "2", "-c", "256",
+            "--temp", "0", "--json"]  # fmt: skip
+    out = subprocess.run(["qemu-x86_64", "-cpu", cpu, str(python), *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    reply = json.loads(out.stdout)
+    assert reply["tokens"] and f"CPU {variant}" in reply["stats"]["backend"], reply["stats"]
+
+
+# --- the choice ---------------------------------------------------------------------------------------
+
+AMX, REPACK, PLAIN = ("AMX", "CPU_REPACK"), ("CPU_REPACK",), ()
+
+
+def trial(bufts, token_ms, eight_ms=None, failure="") -> Trial:
+    widths = {8: eight_ms / 1000} if eight_ms else {}
+    return Trial(bufts, token_ms / 1000, widths, sorted(widths), failure)
+
+
+def test_the_fastest_safe_placement_is_chosen() -> None:
+    trials = [trial(AMX, 50, failure="crashed (signal 11) on a batch of 2 tokens"), trial(REPACK, 70, 200), trial(PLAIN, 90, 300)]
+    choice = kernels.choose(trials, "main")
+    assert choice.bufts == REPACK and choice.batches
+    assert "amx" in choice.reason and "crashed" in choice.reason  # the reason names what was ruled out
+
+
+def test_a_tie_on_one_token_is_settled_by_the_verify_batch() -> None:
+    assert kernels.choose([trial(REPACK, 70, 250), trial(PLAIN, 70.5, 200)], "main").bufts == PLAIN
+    assert kernels.choose([trial(REPACK, 60, 250), trial(PLAIN, 70, 200)], "main").bufts == REPACK
+
+
+def test_a_draft_may_run_one_token_at_a_time_on_the_fastest_kernels() -> None:
+    single_only = trial(AMX, 5.3, failure="crashed (signal 11) on a batch of 2 tokens")
+    single_only.token_seconds = 0.0053
+    trials = [single_only, trial(REPACK, 11, 40), trial(PLAIN, 11, 45)]
+    assert kernels.choose(trials, "main").bufts == REPACK  # a main model verifies batches: never
+    draft = kernels.choose(trials, "draft")
+    assert draft.bufts == AMX and not draft.batches
+
+
+def test_nothing_sound_falls_back_to_plain_memory_and_says_why() -> None:
+    choice = kernels.choose([trial(AMX, 0, failure="crashed (signal 4) on loading")], "main")
+    assert choice.bufts == PLAIN and "crashed (signal 4)" in choice.reason
+
+
+def test_a_crashing_trial_is_read_as_far_as_it_got(monkeypatch, tmp_path) -> None:
+    """A child that dies (as llama.cpp's AMX kernels do on some batches) costs only itself."""
+    script = (
+        "import json, os, signal, sys\n"
+        "for w, s in [(1, 0.01), (2, 0.015), (3, 0.02)]:\n"
+        "    print(json.dumps({'width': w, 'seconds': s}), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGSEGV)\n"
+    )
+    monkeypatch.setattr(kernels, "_self_command", lambda: [sys.executable, "-c", script])
+    result = kernels.trial(tmp_path / "any.gguf", AMX, 2)
+    assert result.token_seconds == 0.01 and result.safe_widths == [2, 3]
+    assert result.failure == "crashed (signal 11) on a batch of 4 tokens" and not result.batches
+
+
+def test_a_real_trial_on_this_cpu(kquant, monkeypatch, tmp_path) -> None:
+    """Every candidate this CPU offers is tried in a child; the choice decodes every width safely, and is cached."""
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    init_backend()
+    if len(kernels.candidates()) <= 1:
+        pytest.skip("this CPU's backend offers no weight placement but plain memory")
+    choice = kernels.cached_choice(kquant, 2, "main")
+    entry = next(iter(probe.load_cache().values()))
+    assert [tuple(t["bufts"]) for t in entry["trials"]] == kernels.candidates()
+    assert any(t["token_seconds"] > 0 for t in entry["trials"])
+    model = Model(kquant, kernels=choice)
+    ctx = Context(model, 128, 2)
+    ctx.decode(model.tokenize("the cat sat on the mat and the dog " * 3)[:40], all_logits=True)
+    assert ctx.logits().shape[0] == 40
+
+    def measured_again(*_args, **_kwargs):
+        raise AssertionError("measured again although cached")
+
+    monkeypatch.setattr(kernels, "measure", measured_again)
+    assert kernels.cached_choice(kquant, 2, "main") == choice
+
+
+def test_repacked_without_amx_puts_weights_where_it_says(kquant) -> None:
+    init_backend()
+    offered = kernels.extra_buffer_types()
+    if "CPU_REPACK" not in offered:
+        pytest.skip("this CPU's backend has no repacked kernels")
+    info = Model(kquant, kernels=kernels.PLAIN_CHOICE).info
+    names = kernels.supported_tensors(info, "CPU_REPACK")
+    assert names and all(not n.startswith("token_embd") for n in names)
+    patterns = [re.compile(p) for p in kernels._name_patterns(names)]
+    for tensor in info.tensors:
+        assert any(p.search(tensor.name) for p in patterns) == (tensor.name in names)
+    from app.engine import backend
+
+    Model(kquant, kernels=KernelChoice(REPACK))
+    log = "".join(backend._log_tail)
+    assert "CPU_REPACK" in log and "AMX model buffer" not in log
+
+
+# --- measurements that heal ------------------------------------------------------------------------------
+
+
+def test_an_implausible_cached_curve_is_measured_again(kquant, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    model = Model(kquant)
+    first = probe.profile_main(model, 2)
+    assert first.plausible
+    busy = dict(first.verify_seconds)
+    busy[8], busy[9] = busy[1] * 12, busy[1] * 4  # 9 tokens far cheaper than 8: timed while something else ran
+    key = probe._main_key(model, 2, probe.VERIFY_SIZES)
+    probe.store(key, {"kernels": probe.asdict(first.kernels), "verify_seconds": busy})
+    assert not probe.MainProfile(first.kernels, busy).plausible
+    again = probe.profile_main(model, 2)
+    assert again.plausible and probe.load_cache()[key]["verify_seconds"] != {str(n): s for n, s in busy.items()}
+
+
+def test_a_curve_timed_under_load_is_replaced_within_one_reply(kquant, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    model = Model(kquant)
+    quiet = probe.profile_main(model, 2)
+    slowed = {n: s * 3 for n, s in quiet.verify_seconds.items()}  # a plausible shape, three times too slow
+    key = probe._main_key(model, 2, probe.VERIFY_SIZES)
+    probe.store(key, {"kernels": probe.asdict(quiet.kernels), "verify_seconds": slowed})
+    engine = SpeculativeEngine(model, None, n_ctx=512, n_threads=2, lookup=True)
+    assert engine.main_profile.verify_seconds == slowed  # plausible, so used as cached
+    prompt = model.tokenize("alpha beta gamma delta " * 4)
+    config = GenerationConfig(max_tokens=60, sampler=SamplerSettings(temperature=0.0), draft_max=0)
+    list(engine.generate(prompt, config))
+    assert engine.main_profile.verify_seconds[1] < 0.75 * slowed[1]
+    stored = probe.load_cache()[key]["verify_seconds"]
+    assert float(stored["1"]) == engine.main_profile.verify_seconds[1]
+
+
+def test_first_measurements_report_their_progress(kquant, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    steps: list[tuple[str, int, int]] = []
+    engine = load_engine(EngineSpec(main=kquant, threads=2, ctx_size=256), measuring=lambda *step: steps.append(step))
+    engine.close()
+    trials = [s for s in steps if "trying this CPU's kernels" in s[0]]
+    checks = [s for s in steps if "measuring this CPU's kernels" in s[0]]
+    assert trials[-1][1:] == (len(kernels.candidates()), len(kernels.candidates())) or len(kernels.candidates()) <= 1
+    # the self-check, step by step: one-token decoding, each verify width, the reply-deep run
+    assert [done for _, done, _ in checks] == list(range(1, len(probe.VERIFY_SIZES) + 2))
+    assert checks[-1][2] == len(probe.VERIFY_SIZES) + 1
+    steps.clear()  # cached now: a second launch measures nothing
+    load_engine(EngineSpec(main=kquant, threads=2, ctx_size=256), measuring=lambda *step: steps.append(step)).close()
+    assert steps == []
