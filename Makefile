@@ -28,6 +28,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(BACKENDS_CMAKE)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip uninstall --quiet --yes llama-cpp-python  # a venv made by an older recipe: its build goes too
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) -DCMAKE_PROJECT_llama_cpp_INCLUDE=$(CURDIR)/$(BACKENDS_CMAKE)" \
 		$(PY) -m pip install -e '.[dev]'
 	touch $@

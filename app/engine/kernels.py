@@ -81,6 +81,7 @@ class Trial:
     width_seconds: dict[int, float] = field(default_factory=dict)
     safe_widths: list[int] = field(default_factory=list)  # batch widths that ran and gave sound rows
     failure: str = ""  # why it stopped early (a crash, garbage rows), or ""
+    cpu_share: float = 1.0  # the child's share of its threads' CPU time while timed (probe.CpuShare)
 
     @property
     def batches(self) -> bool:
@@ -194,23 +195,25 @@ def run_trial(path: str, bufts: tuple[str, ...], n_threads: int, out=sys.stdout)
     """The child's side: load `path` with `bufts`, then print one JSON line per width that ran soundly
     (the parent reads as far as the child got, whether it ends or crashes)."""
     from app.engine.backend import Context, Model
-    from app.engine.probe import probe_tokens
+    from app.engine.probe import CpuShare, probe_tokens
 
     def say(**record: object) -> None:
         out.write(json.dumps(record) + "\n")
         out.flush()
 
     model = Model(path, n_gpu_layers=0, kernels=KernelChoice(bufts))
+    say(stage="loaded")
     tokens = probe_tokens(model, PREFIX + WIDEST)
     ctx = Context(model, n_ctx=PREFIX + WIDEST + 8, n_threads=n_threads, n_batch=WIDEST)
-    ctx.decode(tokens[:PREFIX])
     reference, singles = [], []
-    for token in tokens[PREFIX : PREFIX + max(VERIFY_WIDTHS)]:
-        started = time.perf_counter()
-        ctx.decode([token], all_logits=True)
-        singles.append(time.perf_counter() - started)
-        reference.append(ctx.logits()[0].copy())
-    say(width=1, seconds=statistics.median(singles[1:]))
+    with CpuShare(n_threads) as cpu:  # one token at a time first: kernels that fail only on batches still serve a draft
+        for i, token in enumerate(tokens[: PREFIX + max(VERIFY_WIDTHS)]):
+            started = time.perf_counter()
+            ctx.decode([token], all_logits=True)
+            if i >= PREFIX:
+                singles.append(time.perf_counter() - started)
+                reference.append(ctx.logits()[0].copy())
+    say(width=1, seconds=statistics.median(singles[1:]), cpu_share=cpu.share)
     for width in (*VERIFY_WIDTHS, *PROMPT_WIDTHS):
         timings = []
         for _ in range(2 if width in TIMED_WIDTHS else 1):
@@ -242,10 +245,10 @@ def _self_command() -> list[str]:
 
 def trial(path: Path, bufts: tuple[str, ...], n_threads: int) -> Trial:
     """Run one candidate in a child process and read what it got through."""
-    result = Trial(bufts)
+    result, loaded = Trial(bufts), False
     command = [*_self_command(), TRIAL_FLAG, json.dumps({"path": str(path), "bufts": list(bufts), "threads": n_threads})]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=TRIAL_TIMEOUT, env={**os.environ, "TANDEM_KERNELS": "trial"})
+        done = subprocess.run(command, capture_output=True, text=True, timeout=TRIAL_TIMEOUT)
     except subprocess.TimeoutExpired:
         result.failure = f"no answer within {TRIAL_TIMEOUT:.0f} s"
         return result
@@ -255,20 +258,22 @@ def trial(path: Path, bufts: tuple[str, ...], n_threads: int) -> Trial:
         except ValueError:
             continue
         if not isinstance(record, dict) or "width" not in record:
+            loaded = loaded or (isinstance(record, dict) and record.get("stage") == "loaded")
             continue
         if record.get("failure"):
             result.failure = f"batches of {record['width']}: {record['failure']}"
             return result
         width, seconds = int(record["width"]), float(record["seconds"])
         if width == 1:
-            result.token_seconds = seconds
+            result.token_seconds, result.cpu_share = seconds, float(record.get("cpu_share", 1.0))
         else:
             result.safe_widths.append(width)
             result.width_seconds[width] = seconds
     if done.returncode != 0:
         tried = len(result.safe_widths) + 2
         what = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
-        stage = "loading" if not result.token_seconds else f"a batch of {(*VERIFY_WIDTHS, *PROMPT_WIDTHS)[tried - 2]} tokens"
+        stage = ("loading" if not loaded else "one token") if not result.token_seconds else \
+            f"a batch of {(*VERIFY_WIDTHS, *PROMPT_WIDTHS)[tried - 2]} tokens"
         result.failure = f"crashed ({what}) on {stage}"
     return result
 
@@ -338,7 +343,8 @@ def cached_choice(path: Path, n_threads: int, role: str, progress: Callable[[int
         except (KeyError, TypeError):
             pass
     choice, trials = measure(path, n_threads, role, progress)
-    if any(t.usable for t in trials):  # a machine that could not run any trial is not one to remember
+    # a machine that could not run any trial, or was busy with other work meanwhile, is not one to remember
+    if any(t.usable for t in trials) and all(t.cpu_share >= probe.QUIET_SHARE for t in trials if t.usable):
         probe.store(key, {**asdict(choice), "trials": [asdict(t) for t in trials], "measured": time.time()})
     return choice
 

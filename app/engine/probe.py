@@ -57,6 +57,32 @@ PROBE_VERSION = 3  # bump when what is measured changes: old cache entries are t
 # (measured curves dip by up to 15%: 12 tokens 9.78x one, 16 tokens 8.30x on an AMD EPYC, repacked kernels)
 PLAUSIBLE_DIP = 0.7
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
+# a measurement in which this process got less than this share of its threads' CPU time ran beside other
+# work (a busy machine): used once, never cached. Quiet, llama.cpp's threads get 0.9-1.0 of theirs.
+QUIET_SHARE = 0.6
+
+
+class CpuShare:
+    """The share of its threads' CPU time this process got over a stretch of decoding (CLOCK_PROCESS_CPUTIME
+    counts every thread): well under 1 means other programs took the cores, and timings are theirs as much as
+    ours. Meaningless for a model on a GPU, which works while the CPU waits."""
+
+    def __init__(self, n_threads: int):
+        self.n_threads = max(1, min(n_threads, os.cpu_count() or 1))
+        self.share = 1.0
+
+    def __enter__(self) -> CpuShare:
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        wall = time.perf_counter() - self._wall
+        if wall > 0:
+            self.share = (time.process_time() - self._cpu) / (wall * self.n_threads)
+
+    @property
+    def quiet(self) -> bool:
+        return self.share >= QUIET_SHARE
 
 
 @dataclass
@@ -91,6 +117,7 @@ class KernelCheck:
 class MainProfile:
     kernels: KernelCheck
     verify_seconds: dict[int, float]  # batch size -> seconds (the fastest of the timed runs)
+    quiet: bool = True  # measured with the CPU to itself (CpuShare); a busy machine's figures are not cached
 
     def ratio(self, n: int) -> float:
         return self.verify_seconds[n] / self.verify_seconds[1]
@@ -193,7 +220,7 @@ def profile_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_S
         except (KeyError, TypeError, ValueError):
             pass
     profile = measure_main(model, n_threads, sizes, progress)
-    if profile.plausible:  # a busy machine's curve is used this once, not kept
+    if profile.plausible and profile.quiet:  # a busy machine's curve is used this once, not kept
         _store_main(key, profile)
     return profile
 
@@ -204,11 +231,12 @@ def retime_main(model: Model, n_threads: int, profile: MainProfile, sizes: tuple
     try:
         tokens = probe_tokens(model, PREFIX + max(sizes))
         ctx.decode(tokens[:PREFIX])
-        seconds = {n: _time_batch(ctx, tokens[PREFIX : PREFIX + n], runs=3) for n in sizes}
+        with CpuShare(n_threads) as cpu:
+            seconds = {n: _time_batch(ctx, tokens[PREFIX : PREFIX + n], runs=3) for n in sizes}
     finally:
         ctx.close()
-    fresh = MainProfile(profile.kernels, seconds)
-    if fresh.plausible:
+    fresh = MainProfile(profile.kernels, seconds, quiet=cpu.quiet or not model.on_cpu)
+    if fresh.plausible and fresh.quiet:
         _store_main(_main_key(model, n_threads, sizes), fresh)
     return fresh
 
@@ -240,11 +268,12 @@ def measure_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_S
         ctx.decode(tokens[:PREFIX])
         reference = []  # the logits of one-token decoding at positions PREFIX .. PREFIX + depth - 1
         singles = []
-        for token in tokens[PREFIX:]:
-            started = time.perf_counter()
-            ctx.decode([token], all_logits=True)
-            singles.append(time.perf_counter() - started)
-            reference.append(ctx.logits()[0].copy())
+        with CpuShare(n_threads) as cpu:
+            for token in tokens[PREFIX:]:
+                started = time.perf_counter()
+                ctx.decode([token], all_logits=True)
+                singles.append(time.perf_counter() - started)
+                reference.append(ctx.logits()[0].copy())
         reference_rows = np.stack(reference)
         seconds = {1: statistics.median(singles[1:])}  # the first one warms caches up
         step()
@@ -273,7 +302,8 @@ def measure_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_S
             max_difference = max(max_difference, _depth_difference(ctx, tokens, reference_rows, [n for n in sizes if n > 1]))
         step()
         exact_up_to = min(differing) - 1 if differing else max(sizes)
-        return MainProfile(KernelCheck(not differing, max_difference, differing, exact_up_to), seconds)
+        quiet = cpu.quiet or not model.on_cpu
+        return MainProfile(KernelCheck(not differing, max_difference, differing, exact_up_to), seconds, quiet)
     finally:
         ctx.close()
 

@@ -238,7 +238,7 @@ class TandemApp(App[None]):
         if self._refuse_while_serving():
             return
         self.loading = True
-        self._show_loading(f"preparing {Path(main).name if main else 'the demo pair'}", 0.0)
+        self._show_loading(f"Preparing {Path(main).name if main else 'the demo pair'}", 0.0)
         self.refresh_status()
         settings = self.config.settings
         args = (main, draft, settings, by_user)
@@ -248,23 +248,27 @@ class TandemApp(App[None]):
         last = [-1.0]
 
         def progress(what: str, fraction: float) -> None:
-            if fraction - last[0] >= 0.02 or fraction >= 1.0:  # a few dozen UI updates per load, not thousands
+            if abs(fraction - last[0]) >= 0.02 or fraction in (0.0, 1.0):  # dozens of UI updates per load, not thousands
                 last[0] = fraction
                 self._from_thread(self._show_loading, what, fraction)
+
+        def loading(what: str, fraction: float) -> None:
+            progress(f"Loading {what}", fraction)
 
         try:
             main_path = main
             if main == DEMO:
                 from app.engine.demo import demo_paths, ensure_demo_pair
 
-                demo_main, demo_draft = ensure_demo_pair(lambda what, done, total: progress(what, done / total if total else 0.0))
+                demo_main, demo_draft = ensure_demo_pair(lambda what, done, total: loading(what, done / total if total else 0.0))
                 main_path = str(demo_main)
                 if draft and Path(draft) == demo_paths()[1]:
                     draft = str(demo_draft)
             from app.host import resolve_spec  # one place decides what a choice loads (CLI, server, app)
 
             spec = resolve_spec(dataclasses.replace(self.config, settings=settings), main_path, draft or LOOKUP)
-            engine = load_engine(spec, progress)
+            # the first run of a model on this machine measures its kernels: say so, step by step
+            engine = load_engine(spec, loading, measuring=lambda what, done, total: progress(f"{what}: {done}/{total}", done / total))
         except TandemError as exc:
             self._from_thread(self._load_failed, str(exc))
         except Exception as exc:  # never a traceback: the previous models stay loaded
@@ -279,7 +283,7 @@ class TandemApp(App[None]):
 
     def _show_loading(self, what: str, fraction: float) -> None:
         self.loading_row.display = True
-        self.loading_row.query_one(Label).update(f"Loading {what} ")
+        self.loading_row.query_one(Label).update(f"{what} ")
         self.loading_row.query_one(ProgressBar).update(progress=fraction * 100)
 
     def _load_failed(self, message: str) -> None:
@@ -306,6 +310,7 @@ class TandemApp(App[None]):
         self.config.default_drafts[main_choice if main_choice == DEMO else _resolved(main_choice)] = spec.draft
         if by_user or not self.config_unreadable:
             self._save_config()
+        self.debug_pane.note(f"── llama.cpp {engine.backend}")
         self.notify(f"{model_label(engine.main.info)} with {describe_draft(spec.draft)}", title="Ready", timeout=3)
         self.refresh_status()
 
