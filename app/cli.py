@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-queue", type=_positive_int, default=16, metavar="N",
                         help="requests that may wait for the engine; more are answered 503 (default 16)")
     server.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every API request")
+    server.add_argument("--any-model-path", action="store_true",
+                        help="let requests load any GGUF file on this machine by its path (default: only the model folders' files)")
     return p
 
 
@@ -268,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.serve:
             from app.server import serve
 
-            return serve(launch_config(args), args.host, args.port, args.max_queue, args.api_key)
+            return serve(launch_config(args), args.host, args.port, args.max_queue, args.api_key, any_path=args.any_model_path)
         return run_headless(args) if args.prompt is not None else run_chat(args)
     except TandemError as exc:
         sys.stderr.write(f"tandem: error: {exc}\n")

@@ -31,6 +31,7 @@ class Conversation:
     path: Path
     messages: list[Message] = field(default_factory=list)
     cancelled: set[int] = field(default_factory=set)  # indexes of replies the user stopped
+    interrupted: set[int] = field(default_factory=set)  # indexes of replies cut short with no end record (a killed app)
     stats: dict[int, dict[str, object]] = field(default_factory=dict)  # a reply's index -> its end record (stats)
 
     @property
@@ -48,18 +49,33 @@ class ConversationLog:
     stop the chat: the first OSError is kept in `error`, later records are dropped, and the app
     reports `problem()` once."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fresh: bool = False):
         self.path = path
+        # a new conversation's file is created at its first record, and must be its own: another app on the same
+        # data folder may have picked the same name meanwhile (HistoryStore.new_log), so it is created exclusively,
+        # the next free name taken if need be. A reopened conversation appends to its file.
+        self.fresh = fresh
         self._file: IO[str] | None = None
         self.error: OSError | None = None
+
+    def _open(self) -> IO[str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.fresh:
+            return open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across turns
+        stem, n = self.path.stem, 1
+        while True:
+            try:
+                return open(self.path, "x", encoding="utf-8")  # noqa: SIM115
+            except FileExistsError:
+                n += 1
+                self.path = self.path.with_name(f"{stem}-{n}.jsonl")
 
     def _write(self, record: dict[str, object]) -> None:
         if self.error is not None:
             return  # one record missing would fold the next ones into the wrong message
         try:
             if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across turns
+                self._file = self._open()
             self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._file.flush()
         except OSError as exc:
@@ -107,7 +123,7 @@ class HistoryStore:
         while path.exists():
             n += 1
             path = self.directory / f"{stamp}-{n}.jsonl"
-        return ConversationLog(path)
+        return ConversationLog(path, fresh=True)
 
     def conversations(self) -> list[Conversation]:
         """Saved conversations, newest first (empty and unreadable files left out)."""
@@ -128,6 +144,7 @@ def read_conversation(path: Path) -> Conversation:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return conversation
+    ended: set[int] = set()
     for line in lines:
         try:
             record = json.loads(line)
@@ -145,10 +162,13 @@ def read_conversation(path: Path) -> Conversation:
         elif "end" in record:
             if messages and messages[-1].role == "user":  # a turn ended with no text at all
                 messages.append(Message("assistant", ""))
+            ended.add(len(messages) - 1)
             if isinstance(record["end"], dict):
                 conversation.stats[len(messages) - 1] = record["end"]
                 if record["end"].get("cancelled"):
                     conversation.cancelled.add(len(messages) - 1)
         elif "failed" in record and messages and messages[-1].role == "user":
             messages.pop()
+    # a reply with no end record was cut short: the app was killed (or crashed) while it streamed
+    conversation.interrupted = {i for i, m in enumerate(messages) if m.role == "assistant" and i not in ended}
     return conversation

@@ -40,7 +40,7 @@ def resolve_spec(config: Config, main: str | None = None, draft: str | None = No
         draft = config.draft if not main or main == config.main else ""
     main = main or config.main
     if main:
-        draft_choice = draft or config.default_drafts.get(main) or LOOKUP
+        draft_choice = draft or config.default_drafts.get(main) or _demo_draft_for(main) or LOOKUP
         main_path = Path(main)
     else:
         from app.engine.demo import ensure_demo_pair
@@ -52,6 +52,17 @@ def resolve_spec(config: Config, main: str | None = None, draft: str | None = No
     s = config.settings
     return EngineSpec(main=main_path, draft=draft_choice, gpu_layers=s.gpu_layers, draft_on_gpu=s.draft_on_gpu,
                       ctx_size=s.ctx_size, threads=s.threads, exact=s.exact)  # fmt: skip
+
+
+def _demo_draft_for(main: str) -> str | None:
+    """The demo main model, named by its path (a request after a switch back), keeps the demo's own draft."""
+    from app.engine.demo import demo_paths
+
+    demo_main, demo_draft = demo_paths()
+    try:
+        return str(demo_draft) if Path(main).resolve() == demo_main.resolve() else None
+    except OSError:
+        return None
 
 
 class QueueFull(TandemError):

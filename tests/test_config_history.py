@@ -171,8 +171,36 @@ def test_history_survives_a_torn_last_line(tmp_path: Path) -> None:
         ("user", "hi"), ("assistant", "Hello"), ("user", "more"), ("assistant", "partial"),
     ]  # fmt: skip
     assert conversation.cancelled == {1}
+    assert conversation.interrupted == {3}  # the last reply has no end record: the app was killed while it streamed
     assert [c.path for c in store.conversations()] == [log.path]
     assert conversation.title == "hi"
+
+
+def test_two_apps_on_one_data_folder_keep_their_conversations_apart(tmp_path: Path) -> None:
+    """Two processes pick the same file name in the same second (neither has written yet): each conversation
+    still gets a file of its own."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "time.strftime = lambda *a: '20261130-120000'  # the same second for both\n"
+        "from app.history import HistoryStore\n"
+        "log = HistoryStore(Path(sys.argv[1])).new_log()\n"
+        "Path(sys.argv[1], sys.argv[2] + '.picked').touch()\n"
+        "while len(list(Path(sys.argv[1]).glob('*.picked'))) < 2: time.sleep(0.01)  # both have picked a name\n"
+        "log.user('question from ' + sys.argv[2]); log.assistant('answer for ' + sys.argv[2]); log.end({}, False); log.close()\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    apps = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name], cwd=root) for name in ("a", "b")]
+    assert [app.wait(timeout=60) for app in apps] == [0, 0]
+    conversations = HistoryStore(tmp_path).conversations()
+    assert sorted(c.path.name for c in conversations) == ["20261130-120000-2.jsonl", "20261130-120000.jsonl"]
+    for conversation in conversations:
+        name = conversation.messages[0].content.removeprefix("question from ")
+        assert [m.content for m in conversation.messages] == [f"question from {name}", f"answer for {name}"]
+        assert conversation.stats.keys() == {1} and not conversation.interrupted
 
 
 def test_catalog_finds_models_and_judges_drafts(tiny, tmp_path: Path) -> None:

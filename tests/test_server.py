@@ -46,7 +46,8 @@ def config_for(tiny, **settings) -> Config:
 
 
 @contextlib.contextmanager
-def running_server(tiny, api_key: str | None = None, max_queue: int = 16, start_host: bool = True, **settings):
+def running_server(tiny, api_key: str | None = None, max_queue: int = 16, start_host: bool = True, any_path: bool = False,
+                   **settings):  # fmt: skip
     host = EngineHost(config_for(tiny, **settings), max_queue=max_queue)
     submitted: list[Job] = []
     submit = host.submit
@@ -56,8 +57,8 @@ def running_server(tiny, api_key: str | None = None, max_queue: int = 16, start_
         return submit(job)
 
     host.submit = recording_submit  # type: ignore[method-assign]
-    server = uvicorn.Server(uvicorn.Config(create_app(host, api_key=api_key, dirs=[str(tiny.main.parent)]), host="127.0.0.1",
-                                           port=0, loop="asyncio", http="h11", lifespan="off", log_level="warning"))  # fmt: skip
+    app = create_app(host, api_key=api_key, dirs=[str(tiny.main.parent)], any_path=any_path)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, loop="asyncio", http="h11", lifespan="off", log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -297,3 +298,61 @@ def test_a_continued_conversation_reuses_the_cached_prefix(tiny) -> None:
         second = httpx.post(f"{base}/api/v0/chat/completions", json={"messages": turn, "max_tokens": 16}, timeout=60).json()
         stats = second["stats"]
         assert stats["prompt_tokens_evaluated"] < stats["prompt_tokens_count"] - first["stats"]["prompt_tokens_count"] // 2
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_the_key_is_not(tiny) -> None:
+    with running_server(tiny, api_key="s3cret") as (base, _host, _):
+        for header, status in (("bearer s3cret", 200), ("BEARER s3cret", 200), ("Bearer S3CRET", 401), ("s3cret", 401)):
+            assert httpx.get(f"{base}/v1/models", headers={"Authorization": header}).status_code == status, header
+
+
+@pytest.mark.parametrize("field,value", [("n", 2), ("logprobs", True), ("top_logprobs", 3), ("tools", [{"type": "function"}]),
+                                         ("response_format", {"type": "json_object"}), ("presence_penalty", 0.5)])
+def test_fields_the_server_does_not_implement_are_refused_by_name(tiny, field, value) -> None:
+    with running_server(tiny) as (base, _host, submitted):
+        body = {"messages": CHAT, "max_tokens": 4, field: value}
+        answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == field, answer.text
+        assert "not supported" in answer.json()["error"]["message"] and not submitted
+        harmless = {"n": 1, "logprobs": False, "top_logprobs": 0, "tools": [], "response_format": {"type": "text"},
+                    "presence_penalty": 0}[field]  # fmt: skip
+        assert httpx.post(f"{base}/v1/chat/completions", json={**body, field: harmless}, timeout=60).status_code == 200
+
+
+def test_a_request_loads_only_what_the_model_folders_hold(tiny, tmp_path) -> None:
+    outside = tmp_path / "elsewhere.gguf"
+    outside.write_bytes(tiny.twin.read_bytes())
+    with running_server(tiny) as (base, host, submitted):
+        for field in ("model", "draft_model"):
+            body = {"messages": CHAT, "max_tokens": 4, field: str(outside)}
+            answer = httpx.post(f"{base}/api/v0/chat/completions", json=body, timeout=60)
+            assert answer.status_code == 404 and answer.json()["error"]["param"] == field
+            assert "outside the model folders" in answer.json()["error"]["message"]
+        assert not submitted and host.spec.main == tiny.main
+        by_path = httpx.post(f"{base}/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "model": str(tiny.main)}, timeout=60)
+        assert by_path.status_code == 200  # the loaded model, and the catalog's files, may be named by path
+    with running_server(tiny, any_path=True) as (base, host, _):  # the operator's opt-in: --any-model-path
+        answer = httpx.post(f"{base}/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "model": str(outside)}, timeout=60)
+        assert answer.status_code == 200 and host.spec.main == outside
+
+
+def test_a_server_others_can_reach_without_a_key_warns_at_start() -> None:
+    from app.server import exposure_warning
+
+    assert exposure_warning("127.0.0.1", 5001, None) is None and exposure_warning("::1", 5001, None) is None
+    assert exposure_warning("localhost", 5001, None) is None
+    assert exposure_warning("0.0.0.0", 5001, "KEY") is None
+    warning = exposure_warning("0.0.0.0", 5001, None)
+    assert warning and "anyone on the network" in warning and "--api-key" in warning
+    assert exposure_warning("192.168.1.5", 5001, None)
+
+
+def test_the_demo_main_model_named_by_path_keeps_its_own_draft(monkeypatch, tmp_path) -> None:
+    """After a request for another model, one naming the demo's main file gets the demo pair back, not lookup."""
+    from app.engine.demo import demo_paths
+    from app.host import resolve_spec
+
+    monkeypatch.setenv("TANDEM_MODELS_CACHE", str(tmp_path))
+    demo_main, demo_draft = demo_paths()
+    assert resolve_spec(Config(), main=str(demo_main)).draft == str(demo_draft)
+    assert resolve_spec(Config(), main=str(tmp_path / "other.gguf")).draft == "lookup"

@@ -261,6 +261,22 @@ async def test_history_reopens_a_conversation(home: Path) -> None:
     assert [len(c.messages) for c in saved] == [4]
 
 
+async def test_a_reply_cut_short_by_a_killed_app_reopens_marked(home: Path) -> None:
+    log = HistoryStore().new_log()
+    log.user("tell me a story")
+    log.assistant("Once upon a")  # then the app was killed: no end record
+    log.close()
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press("f7")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+        await pilot.press(*"story", "enter")
+        await until(pilot, lambda: len(app.query(UserMessage)) == 1)
+        reply = app.query(AssistantMessage).last()
+        assert "interrupted" in str(reply.border_subtitle) and reply.has_class("cancelled")
+
+
 async def test_help_and_quit(home: Path) -> None:
     app = make_app(home)
     async with app.run_test(size=SIZE) as pilot:

@@ -49,6 +49,7 @@ TRIAL_TIMEOUT = 600.0  # seconds: a child that hangs is a candidate that fails
 SAME_SPEED = 0.03  # one-token times this close are a tie, settled by the verify batch's cost
 MIN_CORRELATION = 0.99  # a batch row against the one-token row: rounding moves logits a little, garbage a lot
 TRIAL_FLAG = "--kernel-trial"  # the hidden command line of the child (app.cli)
+TRIAL_VERSION = 2  # bump when what a trial checks changes: cached choices are then made again
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,7 @@ def cached_choice(path: Path, n_threads: int, role: str, progress: Callable[[int
 
     if len(candidates()) <= 1:
         return PLAIN_CHOICE  # nothing to choose between (a CPU backend without extra buffers)
-    key = probe.cache_key({"kind": "kernels", "file": probe.file_identity(path), "threads": n_threads, "role": role,
+    key = probe.cache_key({"kind": "kernels", "trial": TRIAL_VERSION, "file": probe.file_identity(path), "threads": n_threads, "role": role,
                            "backend": backends.backends().cpu_variant, "candidates": candidates()})  # fmt: skip
     cached = probe.load_cache().get(key)
     if cached:

@@ -18,6 +18,22 @@ if TYPE_CHECKING:
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 5001  # KoboldCpp's port: front-ends that know it find us there
 
 
+def exposure_warning(host: str, port: int, api_key: str | None) -> str | None:
+    """A server other machines can reach, with no key: anyone there can use it. (Loopback only: no warning.)"""
+    import ipaddress
+
+    if api_key:
+        return None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it resolves to who knows what
+        loopback = False
+    if loopback:
+        return None
+    return (f"warning: {host}:{port} can be reached from other machines and no --api-key is set: "
+            "anyone on the network can use this server and load models on it")  # fmt: skip
+
+
 def base_url(host: str, port: int) -> str:
     return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
 
@@ -103,6 +119,7 @@ def serve(
     max_queue: int = 16,
     api_key: str | None = None,
     log: TextIO = sys.stderr,
+    any_path: bool = False,  # requests may load any GGUF file by path, not only the catalog's
 ) -> int:
     import uvicorn
 
@@ -116,11 +133,14 @@ def serve(
         log.flush()
 
     engine_host = EngineHost(config, max_queue=max_queue, on_ready=ready)
-    app = create_app(engine_host, api_key=api_key, dirs=config.dirs)
+    app = create_app(engine_host, api_key=api_key, dirs=config.dirs, any_path=any_path)
     # explicit loop and protocol: no implementation picked by import at run time (the one-file binary has these)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="asyncio", http="h11", ws="none",
                                            lifespan="off", log_level="warning", access_log=False))  # fmt: skip
     log.write(f"tandem: serving on {url} (loading the models; {url}/health says when they are ready)\n")
+    warning = exposure_warning(host, port, api_key)
+    if warning:
+        log.write(f"tandem: {warning}\n")
     log.flush()
     engine_host.start()
     try:

@@ -43,10 +43,12 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
 
 
 class Catalog:
-    """The GGUF files the pickers find, by id (the file name without .gguf; a path is accepted too)."""
+    """The GGUF files the pickers find, by id (the file name without .gguf; a path is accepted too). A request may
+    name only these: a server must not load any file on the disk a client names, unless its operator said so
+    (`any_path`, tandem --serve --any-model-path)."""
 
-    def __init__(self, dirs: list[str]):
-        self.dirs = dirs
+    def __init__(self, dirs: list[str], any_path: bool = False):
+        self.dirs, self.any_path = dirs, any_path
         self.entries: dict[str, ModelEntry] = {}
         self.refresh()
 
@@ -66,7 +68,7 @@ class Catalog:
             for entry in self.entries.values():
                 if str(entry.path) == name or entry.path.name == name:
                     return entry
-            if Path(name).suffix == ".gguf" and Path(name).is_file():
+            if self.any_path and Path(name).suffix == ".gguf" and Path(name).is_file():
                 self.entries[str(Path(name))] = ModelEntry(Path(name), read_gguf_info(Path(name)))
                 return self.entries[str(Path(name))]
             if attempt == 0:
@@ -80,15 +82,30 @@ class Catalog:
         return path.stem
 
 
-def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | None = None) -> Starlette:
-    catalog = Catalog(dirs or [])
+def _names(request: str, loaded: Path | None) -> bool:
+    """The request names the file already loaded (by its path): always allowed, it is the server's own."""
+    try:
+        return loaded is not None and Path(request).suffix == ".gguf" and Path(request).resolve() == loaded.resolve()
+    except OSError:
+        return False
+
+
+def _outside(name: str) -> str:
+    if Path(name).suffix == ".gguf" and Path(name).is_file():
+        return ": it is outside the model folders, and this server loads only what they hold (--models-dir adds one)"
+    return ""
+
+
+def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | None = None, any_path: bool = False) -> Starlette:
+    catalog = Catalog(dirs or [], any_path)
     started = int(time.time())
 
     def authorised(request: Request) -> bool:
         if not api_key:
             return True
-        given = request.headers.get("authorization", "")
-        return secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 7235: "bearer KEY" is as good as "Bearer KEY"); the key is not
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
 
     async def read_json(request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -140,16 +157,17 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
     def resolve(parsed: Parsed) -> tuple[str | None, str | None]:
         """The request's model and draft as paths (404 for an unknown model, 400 for an unusable draft)."""
         main = None
-        if parsed.model and parsed.model != loaded_id():
+        if parsed.model and parsed.model != loaded_id() and not _names(parsed.model, host.spec.main if host.spec else None):
             entry = catalog.find(parsed.model)
             if entry is None:
-                raise BadRequest(f"model '{parsed.model}' not found (GET /v1/models lists them)", "model", 404, "not_found_error")
+                raise BadRequest(f"model '{parsed.model}' not found (GET /v1/models lists them){_outside(parsed.model)}",
+                                 "model", 404, "not_found_error")  # fmt: skip
             main = str(entry.path)
         draft = parsed.draft_model
-        if draft is not None and draft not in (LOOKUP, NO_DRAFT):
+        if draft is not None and draft not in (LOOKUP, NO_DRAFT) and not _names(draft, host.spec.draft_path if host.spec else None):
             entry = catalog.find(draft)
             if entry is None:
-                raise BadRequest(f"draft model '{draft}' not found", "draft_model", 404, "not_found_error")
+                raise BadRequest(f"draft model '{draft}' not found{_outside(draft)}", "draft_model", 404, "not_found_error")
             main_path = Path(main) if main else (host.spec.main if host.spec else None)
             if main_path is not None and entry.info is not None:
                 verdict = metadata_compatibility(read_gguf_info(main_path), entry.info)

@@ -3,6 +3,7 @@ shape), never a 500. Sampling defaults come from the server's settings (--temp a
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,13 @@ from app.engine.sampling import SamplerSettings
 from app.engine.speculative import GenerationConfig
 
 ROLES = ("system", "user", "assistant")
+# OpenAI fields this server does not implement, with the values that ask for nothing (sent by some clients
+# as defaults). Any other value is a 400 naming the field: never a 200 that silently ignored it.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "suffix": ("",),
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+}  # fmt: skip
 
 
 class BadRequest(Exception):
@@ -81,6 +89,10 @@ def _content(value: Any, where: str) -> str:
 def parse(body: Any, settings: Settings, chat: bool) -> Parsed:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    for name, harmless in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not any(value == h and type(value) is type(h) for h in harmless):
+            raise BadRequest(f"'{name}' is not supported by this server (got {json.dumps(value)[:80]})", name)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")

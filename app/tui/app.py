@@ -803,6 +803,9 @@ class TandemApp(App[None]):
                 if index in conversation.cancelled:
                     widget.border_subtitle = widget.border_subtitle or "stopped"
                     widget.add_class("cancelled")
+                elif index in conversation.interrupted:  # the app was killed while this reply streamed
+                    widget.border_subtitle = "interrupted: the app stopped before this reply ended"
+                    widget.add_class("cancelled")
         chat.scroll_end(animate=False)
         if self.session is not None:
             system = [m for m in self.session.messages if m.role == "system"]
