@@ -61,7 +61,7 @@ def _demo_draft_for(main: str) -> str | None:
     demo_main, demo_draft = demo_paths()
     try:
         return str(demo_draft) if Path(main).resolve() == demo_main.resolve() else None
-    except OSError:
+    except (OSError, RuntimeError):  # a symbolic link that loops (RuntimeError before Python 3.13): not the demo's
         return None
 
 

@@ -397,6 +397,8 @@ def steady(monkeypatch: pytest.MonkeyPatch, gate: threading.Event) -> None:
     monkeypatch.setattr(LiveStats, "tokens_per_second", property(lambda self: 37.5))
     monkeypatch.setattr(status_module, "process_memory", lambda: 512 * 2**20)
     monkeypatch.setattr("app.engine.backend.gpu_memory", lambda: None)
+    # which llama.cpp build runs and where the weights go differ from CPU to CPU
+    monkeypatch.setattr(speculative.SpeculativeEngine, "backend", property(lambda self: "CPU haswell, main weights repacked"))
 
 
 @pytest.mark.parametrize("size", [(80, 24), (160, 45)], ids=["80x24", "160x45"])

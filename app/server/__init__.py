@@ -38,6 +38,20 @@ def base_url(host: str, port: int) -> str:
     return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bound and listening: connections wait in the backlog from here, even before uvicorn's loop runs, so
+    the URL can be announced at once. OSError when the address cannot be had."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart right after a stop (TIME_WAIT)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class ServerThread:
     """The HTTP API over an EngineHost, served on a daemon thread (the chat app's F9). The port is bound
     before anything starts, so a port in use is an OSError the caller reports, not a dead thread; port 0
@@ -62,14 +76,7 @@ class ServerThread:
         from app.server.api import create_app
 
         logging.getLogger("uvicorn").addHandler(logging.NullHandler())  # no stray lines over a full-screen app
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart right after a stop (TIME_WAIT)
-            sock.bind((self.host, self.port))
-            sock.listen(128)  # connections wait in the backlog from here, even before uvicorn's loop runs
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         try:
             app = create_app(self.engine_host, api_key=self.api_key, dirs=self.dirs)  # lists the model folders
@@ -126,6 +133,12 @@ def serve(
     from app.host import EngineHost
     from app.server.api import create_app
 
+    try:
+        sock = listening_socket(host, port)
+    except OSError:
+        log.write(f"tandem: error: could not listen on {host}:{port} (in use, or not an address of this machine)\n")
+        return 1
+    port = sock.getsockname()[1]  # port 0 took a free one
     url = base_url(host, port)
 
     def ready(_engine) -> None:
@@ -135,8 +148,8 @@ def serve(
     engine_host = EngineHost(config, max_queue=max_queue, on_ready=ready)
     app = create_app(engine_host, api_key=api_key, dirs=config.dirs, any_path=any_path)
     # explicit loop and protocol: no implementation picked by import at run time (the one-file binary has these)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, loop="asyncio", http="h11", ws="none",
-                                           lifespan="off", log_level="warning", access_log=False))  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, loop="asyncio", http="h11", ws="none", lifespan="off", log_level="warning",
+                                           access_log=False))  # fmt: skip
     log.write(f"tandem: serving on {url} (loading the models; {url}/health says when they are ready)\n")
     warning = exposure_warning(host, port, api_key)
     if warning:
@@ -144,10 +157,8 @@ def serve(
     log.flush()
     engine_host.start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         engine_host.stop()
-    if not server.started:
-        log.write(f"tandem: error: could not listen on {host}:{port} (in use, or not an address of this machine)\n")
-        return 1
+        sock.close()
     return 0
