@@ -61,11 +61,11 @@ class ConversationLog:
     def _open(self) -> IO[str]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.fresh:
-            return open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across turns
+            return open(self.path, "a", encoding="utf-8")  # kept open across turns
         stem, n = self.path.stem, 1
         while True:
             try:
-                return open(self.path, "x", encoding="utf-8")  # noqa: SIM115
+                return open(self.path, "x", encoding="utf-8")
             except FileExistsError:
                 n += 1
                 self.path = self.path.with_name(f"{stem}-{n}.jsonl")
