@@ -207,13 +207,15 @@ def run_trial(path: str, bufts: tuple[str, ...], n_threads: int, out=sys.stdout)
     tokens = probe_tokens(model, PREFIX + WIDEST)
     ctx = Context(model, n_ctx=PREFIX + WIDEST + 8, n_threads=n_threads, n_batch=WIDEST)
     reference, singles = [], []
-    with CpuShare(n_threads) as cpu:  # one token at a time first: kernels that fail only on batches still serve a draft
-        for i, token in enumerate(tokens[: PREFIX + max(VERIFY_WIDTHS)]):
-            started = time.perf_counter()
+    cpu = CpuShare(n_threads)
+    # one token at a time first: kernels that fail only on batches may still serve a draft
+    for i, token in enumerate(tokens[: PREFIX + max(VERIFY_WIDTHS)]):
+        started = time.perf_counter()
+        with cpu.decoding():
             ctx.decode([token], all_logits=True)
-            if i >= PREFIX:
-                singles.append(time.perf_counter() - started)
-                reference.append(ctx.logits()[0].copy())
+        if i >= PREFIX:
+            singles.append(time.perf_counter() - started)
+            reference.append(ctx.logits()[0].copy())
     say(width=1, seconds=statistics.median(singles[1:]), cpu_share=cpu.share)
     for width in (*VERIFY_WIDTHS, *PROMPT_WIDTHS):
         timings = []

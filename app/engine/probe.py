@@ -27,12 +27,13 @@ contradicts for a sustained stretch (SpeculativeEngine.check_profile).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,25 +61,31 @@ Progress = Callable[[int, int], None]  # (steps done, steps in all)
 # a measurement in which this process got less than this share of its threads' CPU time ran beside other
 # work (a busy machine): used once, never cached. Quiet, llama.cpp's threads get 0.9-1.0 of theirs.
 QUIET_SHARE = 0.6
+SHARE_AFTER = 0.5  # seconds of decoding: a shorter measurement (a tiny model) is too short to judge, and too cheap to matter
 
 
 class CpuShare:
-    """The share of its threads' CPU time this process got over a stretch of decoding (CLOCK_PROCESS_CPUTIME
-    counts every thread): well under 1 means other programs took the cores, and timings are theirs as much as
-    ours. Meaningless for a model on a GPU, which works while the CPU waits."""
+    """The share of its threads' CPU time this process got while llama.cpp decoded (CLOCK_PROCESS_CPUTIME counts
+    every thread; llama.cpp's threads, the caller's included, work or spin through a decode): well under 1
+    means other programs took the cores, and the timings are theirs as much as ours. Only the decode calls
+    count (`with share.decoding():`), not Python between them. Meaningless for a model on a GPU."""
 
     def __init__(self, n_threads: int):
         self.n_threads = max(1, min(n_threads, os.cpu_count() or 1))
-        self.share = 1.0
+        self.cpu = self.wall = 0.0
 
-    def __enter__(self) -> CpuShare:
-        self._cpu, self._wall = time.process_time(), time.perf_counter()
-        return self
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        cpu, wall = time.process_time(), time.perf_counter()
+        try:
+            yield
+        finally:
+            self.cpu += time.process_time() - cpu
+            self.wall += time.perf_counter() - wall
 
-    def __exit__(self, *_exc: object) -> None:
-        wall = time.perf_counter() - self._wall
-        if wall > 0:
-            self.share = (time.process_time() - self._cpu) / (wall * self.n_threads)
+    @property
+    def share(self) -> float:
+        return self.cpu / (self.wall * self.n_threads) if self.wall >= SHARE_AFTER else 1.0
 
     @property
     def quiet(self) -> bool:
@@ -231,8 +238,8 @@ def retime_main(model: Model, n_threads: int, profile: MainProfile, sizes: tuple
     try:
         tokens = probe_tokens(model, PREFIX + max(sizes))
         ctx.decode(tokens[:PREFIX])
-        with CpuShare(n_threads) as cpu:
-            seconds = {n: _time_batch(ctx, tokens[PREFIX : PREFIX + n], runs=3) for n in sizes}
+        cpu = CpuShare(n_threads)
+        seconds = {n: _time_batch(ctx, tokens[PREFIX : PREFIX + n], runs=3, cpu=cpu) for n in sizes}
     finally:
         ctx.close()
     fresh = MainProfile(profile.kernels, seconds, quiet=cpu.quiet or not model.on_cpu)
@@ -241,12 +248,13 @@ def retime_main(model: Model, n_threads: int, profile: MainProfile, sizes: tuple
     return fresh
 
 
-def _time_batch(ctx: Context, tokens: list[int], runs: int) -> float:
+def _time_batch(ctx: Context, tokens: list[int], runs: int, cpu: CpuShare) -> float:
     timings = []
     for _ in range(runs):
         ctx.truncate(PREFIX)
         started = time.perf_counter()
-        ctx.decode(tokens, all_logits=True)
+        with cpu.decoding():
+            ctx.decode(tokens, all_logits=True)
         timings.append(time.perf_counter() - started)
     return min(timings)
 
@@ -268,12 +276,13 @@ def measure_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_S
         ctx.decode(tokens[:PREFIX])
         reference = []  # the logits of one-token decoding at positions PREFIX .. PREFIX + depth - 1
         singles = []
-        with CpuShare(n_threads) as cpu:
-            for token in tokens[PREFIX:]:
-                started = time.perf_counter()
+        cpu = CpuShare(n_threads)
+        for token in tokens[PREFIX:]:
+            started = time.perf_counter()
+            with cpu.decoding():
                 ctx.decode([token], all_logits=True)
-                singles.append(time.perf_counter() - started)
-                reference.append(ctx.logits()[0].copy())
+            singles.append(time.perf_counter() - started)
+            reference.append(ctx.logits()[0].copy())
         reference_rows = np.stack(reference)
         seconds = {1: statistics.median(singles[1:])}  # the first one warms caches up
         step()
