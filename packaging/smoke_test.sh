@@ -39,7 +39,8 @@ grep -q "model file not found" err.txt || fail "no clear message: $(cat err.txt)
 ! grep -q Traceback err.txt || fail "a traceback"
 
 echo "== --serve: one request through the OpenAI-compatible API"
-bare ./tandem --serve --port 5099 -t 2 > serve.out 2> serve.err &
+# exec: $! is the program itself, not a subshell around it (killing a subshell would leave the server running)
+(exec env -i HOME="$WORK/home" PATH=/usr/bin:/bin TERM=xterm-256color LANG=C.UTF-8 ./tandem --serve --port 5099 -t 2) > serve.out 2> serve.err &
 server=$!
 for _ in $(seq 120); do curl -sf http://127.0.0.1:5099/health > /dev/null && break; sleep 0.5; done
 curl -sf http://127.0.0.1:5099/api/v0/chat/completions -H 'Content-Type: application/json' \
