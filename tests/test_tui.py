@@ -236,6 +236,15 @@ async def test_settings_persist_across_restarts(home: Path) -> None:
     assert load_config(default_config_path()).settings.top_k == 7
 
 
+async def reopen(pilot, app, typed: str) -> None:
+    """Once the models are loaded, F7 and pick the saved conversation that `typed` finds (it has one question)."""
+    await until(pilot, lambda: app.engine is not None)
+    await pilot.press("f7")
+    await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+    await pilot.press(*typed, "enter")
+    await until(pilot, lambda: len(app.query(UserMessage)) == 1)
+
+
 async def test_history_reopens_a_conversation(home: Path) -> None:
     app = make_app(home)
     async with app.run_test(size=SIZE) as pilot:
@@ -248,11 +257,7 @@ async def test_history_reopens_a_conversation(home: Path) -> None:
 
     app = make_app(home)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.engine is not None)
-        await pilot.press("f7")
-        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
-        await pilot.press(*"first", "enter")
-        await until(pilot, lambda: len(app.query(UserMessage)) == 1)
+        await reopen(pilot, app, "first")
         assert [m.content for m in app.session.messages] == ["first question", first_reply]
         app.last_finished = None
         await send(pilot, app, "second")  # the reopened chat goes on in the same file
@@ -268,11 +273,7 @@ async def test_a_reply_cut_short_by_a_killed_app_reopens_marked(home: Path) -> N
     log.close()
     app = make_app(home)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.engine is not None)
-        await pilot.press("f7")
-        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
-        await pilot.press(*"story", "enter")
-        await until(pilot, lambda: len(app.query(UserMessage)) == 1)
+        await reopen(pilot, app, "story")
         reply = app.query(AssistantMessage).last()
         assert "interrupted" in str(reply.border_subtitle) and reply.has_class("cancelled")
 
