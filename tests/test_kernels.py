@@ -111,18 +111,23 @@ def test_nothing_sound_falls_back_to_plain_memory_and_says_why() -> None:
     assert choice.bufts == PLAIN and "crashed (signal 4)" in choice.reason
 
 
-def test_a_crashing_trial_is_read_as_far_as_it_got(monkeypatch, tmp_path) -> None:
+@pytest.mark.parametrize("widths,failure", [
+    ([1, 2, 3], "crashed (signal 11) on a batch of 4 tokens"),
+    ([1, *kernels.VERIFY_WIDTHS, *kernels.PROMPT_WIDTHS], "crashed (signal 11) on its way out, after every width"),
+    ([], "crashed (signal 11) on loading"),
+])  # fmt: skip
+def test_a_crashing_trial_is_read_as_far_as_it_got(monkeypatch, tmp_path, widths, failure) -> None:
     """A child that dies (as llama.cpp's AMX kernels do on some batches) costs only itself."""
     script = (
         "import json, os, signal, sys\n"
-        "for w, s in [(1, 0.01), (2, 0.015), (3, 0.02)]:\n"
-        "    print(json.dumps({'width': w, 'seconds': s}), flush=True)\n"
+        f"for w in {widths!r}:\n"
+        "    print(json.dumps({'width': w, 'seconds': 0.01 * w}), flush=True)\n"
         "os.kill(os.getpid(), signal.SIGSEGV)\n"
     )
     monkeypatch.setattr(kernels, "_self_command", lambda: [sys.executable, "-c", script])
     result = kernels.trial(tmp_path / "any.gguf", AMX, 2)
-    assert result.token_seconds == 0.01 and result.safe_widths == [2, 3]
-    assert result.failure == "crashed (signal 11) on a batch of 4 tokens" and not result.batches
+    assert result.token_seconds == (0.01 if widths else 0.0) and result.safe_widths == widths[1:]
+    assert result.failure == failure and not result.batches
 
 
 def test_a_real_trial_on_this_cpu(kquant, monkeypatch, tmp_path) -> None:

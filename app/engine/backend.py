@@ -22,7 +22,7 @@ import psutil
 from app.engine import backends, kernels
 from app.engine.errors import ContextOverflowError, ModelFileError, TandemError
 from app.engine.gguf_info import GGUFInfo, read_gguf_info
-from app.engine.kernels import KernelChoice
+from app.engine.kernels import KernelChoice, placement
 
 _init_lock = threading.Lock()
 _initialised = False
@@ -115,7 +115,7 @@ class Model:
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
         self.n_gpu_layers = n_gpu_layers
         self.kernels = kernels or choose_kernels(self.path, n_gpu_layers, os.cpu_count() or 1, role)
-        params.use_extra_bufts, overrides = kernels_placement(self.info, self.kernels)
+        params.use_extra_bufts, overrides = placement(self.info, self.kernels.bufts)
         if overrides is not None:
             params.tensor_buft_overrides = ctypes.addressof(overrides)  # kept alive by `overrides` until the load returns
         def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
@@ -357,18 +357,9 @@ def draft_context(model: Model, n_ctx: int, n_threads: int) -> Context:
     return Context(model, n_ctx, n_threads) if model.kernels.batches else SingleTokenContext(model, n_ctx, n_threads)
 
 
-def kernels_placement(info: GGUFInfo, choice: KernelChoice) -> tuple[bool, ctypes.Array | None]:
-    """llama.cpp's use_extra_bufts and tensor_buft_overrides for a kernel choice."""
-    if choice.bufts == kernels.DEFAULT.bufts:
-        return True, None
-    overrides = kernels.overrides(info, choice.bufts) if choice.bufts else None
-    return overrides is None and bool(choice.bufts), overrides
-
-
 def gpu_memory() -> tuple[int, int] | None:
     """(used, total) bytes summed over GPU devices; None on a CPU-only build or when ggml won't say."""
-    if not supports_gpu_offload():
-        return None
+    init_backend()
     try:
         return backends.gpu_memory()
     except (OSError, AttributeError):

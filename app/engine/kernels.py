@@ -148,12 +148,15 @@ class _Override(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-def overrides(info: GGUFInfo, bufts: Sequence[str]) -> ctypes.Array | None:
-    """llama.cpp's tensor_buft_overrides for a candidate: each weight to the first of `bufts` that takes it
-    (the rest stay in plain memory). None: llama.cpp's own placement does it (all extra buffers, or none)."""
+def placement(info: GGUFInfo, bufts: Sequence[str]) -> tuple[bool, ctypes.Array | None]:
+    """llama.cpp's use_extra_bufts and tensor_buft_overrides for a candidate. Every extra buffer (or DEFAULT) is
+    llama.cpp's own placement and none is plain memory; otherwise each weight goes to the first of `bufts` that
+    takes it, the rest to plain memory."""
     available = extra_buffer_types()
-    if not bufts or bufts == ("*",) or list(bufts) == list(available):
-        return None
+    if tuple(bufts) in (DEFAULT.bufts, tuple(available)):
+        return True, None
+    if not bufts:
+        return False, None
     taken: set[str] = set()
     patterns: list[tuple[bytes, int]] = []
     for name in bufts:
@@ -162,10 +165,10 @@ def overrides(info: GGUFInfo, bufts: Sequence[str]) -> ctypes.Array | None:
         names = [t for t in supported_tensors(info, name) if t not in taken]
         taken.update(names)
         patterns += [(p.encode(), available[name]) for p in _name_patterns(names)]
-    array = (_Override * (len(patterns) + 1))()
+    array = (_Override * (len(patterns) + 1))()  # NULL-terminated
     for i, (pattern, buft) in enumerate(patterns):
         array[i].pattern, array[i].buft = pattern, buft
-    return array
+    return False, array
 
 
 def _name_patterns(names: Sequence[str]) -> list[str]:
@@ -273,10 +276,12 @@ def trial(path: Path, bufts: tuple[str, ...], n_threads: int) -> Trial:
             result.safe_widths.append(width)
             result.width_seconds[width] = seconds
     if done.returncode != 0:
-        tried = len(result.safe_widths) + 2
         what = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
-        stage = ("loading" if not loaded else "one token") if not result.token_seconds else \
-            f"a batch of {(*VERIFY_WIDTHS, *PROMPT_WIDTHS)[tried - 2]} tokens"
+        widths = [w for w in (*VERIFY_WIDTHS, *PROMPT_WIDTHS) if w not in result.safe_widths]
+        if not result.token_seconds:
+            stage = "loading" if not loaded else "one token"
+        else:
+            stage = f"a batch of {widths[0]} tokens" if widths else "its way out, after every width"
         result.failure = f"crashed ({what}) on {stage}"
     return result
 
