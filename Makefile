@@ -13,7 +13,8 @@ PY := $(VENV)/bin/python
 # batches of F16/BF16/Q8_0/Q4_0 weights, whose sums differ from one-token decoding: with it, the demo main
 # model (F16) verifies exactly like plain decoding at every batch size; other kernels' differences are found
 # at run time (README: Exactness). LLAVA_BUILD=OFF: no multimodal library (never used).
-# A GPU build adds its backend: CMAKE_ARGS='-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90' make setup.
+# A GPU build adds its backend: CMAKE_ARGS='-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90' make setup; then
+# packaging/cuda_libs.py puts NVIDIA's runtime wheels into the venv and fills a toolkit's gaps (no cuBLAS).
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_RPC=ON \
 	-DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF $(CMAKE_ARGS)
 BACKENDS_CMAKE := packaging/cmake/install_backends.cmake
@@ -21,6 +22,7 @@ BACKENDS_CMAKE := packaging/cmake/install_backends.cmake
 # configuration keeps a differently built wheel (an older Tandem's, another project's) from being reused.
 BUILD_KEY := $(shell (cat $(BACKENDS_CMAKE); echo '$(LLAMA_CMAKE_ARGS)') | sha256sum | cut -c1-12)
 export PIP_CACHE_DIR ?= $(HOME)/.cache/tandem/pip-$(BUILD_KEY)
+CUDA_BUILD := $(filter -DGGML_CUDA=on -DGGML_CUDA=ON -DGGML_CUDA=1,$(CMAKE_ARGS))
 
 .PHONY: setup run test bench binary smoke
 setup: $(VENV)/.installed
@@ -29,7 +31,9 @@ $(VENV)/.installed: pyproject.toml $(BACKENDS_CMAKE)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip uninstall --quiet --yes llama-cpp-python  # a venv made by an older recipe: its build goes too
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) -DCMAKE_PROJECT_llama_cpp_INCLUDE=$(CURDIR)/$(BACKENDS_CMAKE)" \
+	$(if $(CUDA_BUILD),$(PY) packaging/cuda_libs.py,true) > $(VENV)/cuda-cmake-args
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$(cat $(VENV)/cuda-cmake-args) \
+		-DCMAKE_PROJECT_llama_cpp_INCLUDE=$(CURDIR)/$(BACKENDS_CMAKE)" \
 		$(PY) -m pip install -e '.[dev]'
 	touch $@
 

@@ -360,7 +360,7 @@ def run_headless(args: argparse.Namespace) -> int:
     if args.raw:
         events = engine.generate(tokenize_prompt(engine.main, prompt_text), config)
     else:
-        events = ChatSession(engine, system=launch.settings.system or None).send(prompt_text, config)
+        events = said_fallbacks(ChatSession(engine, system=launch.settings.system or None).send(prompt_text, config))
     out = sys.stdout
     if args.json:
         finished = next(e for e in events if isinstance(e, Finished))
@@ -380,6 +380,17 @@ def run_headless(args: argparse.Namespace) -> int:
     sys.stderr.write(finished.stats.summary() + "\n")
     engine.close()
     return 0
+
+
+def said_fallbacks(events):
+    """The events, with a chat template's fallback said on stderr (one line) rather than passed on."""
+    from app.engine.events import TemplateFallback
+
+    for event in events:
+        if isinstance(event, TemplateFallback):
+            sys.stderr.write(f"tandem: warning: {event.sentence()}\n")
+        else:
+            yield event
 
 
 def stderr_steps(what: str, done: int, total: int) -> None:

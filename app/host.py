@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from app.config import Config
-from app.engine.chat import Message, tokenize_chat, tokenize_prompt
+from app.engine.chat import Message, render_chat, tokenize_chat, tokenize_prompt
 from app.engine.errors import TandemError
 from app.engine.events import Finished
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
@@ -81,6 +82,9 @@ class JobFailed:
 
 
 DONE = object()  # the last item of every job's queue
+# A streaming client that stops reading must not hold the one engine: generation waits while this many rounds
+# are unread, and ends the job once the client has read nothing for its `reader_timeout`.
+READER_BACKLOG = 16
 
 
 @dataclass
@@ -94,11 +98,33 @@ class Job:
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # Event | JobFailed, then DONE
     wake: Callable[[], None] | None = None  # called (on the worker thread) after each item: e.g. an asyncio wake-up
     counted: bool = True  # a request: `served` counts it (a front-end's own chat turn is not)
+    reader_timeout: float | None = None  # seconds a reader may take nothing while READER_BACKLOG rounds wait
+    last_read: float = field(default_factory=time.monotonic)
+    stalled: bool = False  # ended because its reader stopped reading
 
     def put(self, item: object) -> None:
         self.events.put(item)
         if self.wake is not None:
             self.wake()
+
+    def take(self) -> object:
+        """The next item, for the job's reader (queue.Empty when none): reading is what keeps it going."""
+        item = self.events.get_nowait()
+        self.last_read = time.monotonic()
+        return item
+
+    def wait_for_reader(self) -> None:
+        """Hold generation while the reader is READER_BACKLOG rounds behind; cancel the job when it has read
+        nothing for `reader_timeout` seconds (the worker then starts the next job)."""
+        if self.reader_timeout is None:
+            return
+        while self.events.qsize() > READER_BACKLOG and not self.cancel.is_set():
+            idle = time.monotonic() - self.last_read
+            if idle >= self.reader_timeout:
+                self.stalled = True
+                self.cancel.set()
+                return
+            self.cancel.wait(min(0.05, self.reader_timeout - idle))
 
 
 class EngineHost:
@@ -224,13 +250,17 @@ class EngineHost:
         try:
             engine = self._engine_for(job)
             if job.messages is not None:
-                tokens = tokenize_chat(engine.main, job.messages)
+                rendered = render_chat(engine.main, job.messages)
+                if rendered.fallback is not None:
+                    self._put(job, rendered.fallback)
+                tokens = tokenize_chat(engine.main, job.messages, rendered=rendered)
             else:
                 tokens = tokenize_prompt(engine.main, job.prompt or "")
             for event in engine.generate(tokens, job.config, job.cancel):
                 if isinstance(event, Finished) and job.counted:
                     self.served += 1  # before the event goes out: whoever reads it sees the count include it
                 self._put(job, event)
+                job.wait_for_reader()
         except TandemError as exc:
             self._put(job, JobFailed(exc))
         except Exception as exc:  # never a dead worker: the job fails, the next one runs

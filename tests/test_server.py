@@ -24,6 +24,7 @@ from app.engine.events import Finished
 from app.engine.sampling import SamplerSettings
 from app.engine.speculative import CANCELLED, GenerationConfig
 from app.host import DONE, EngineHost, Job, QueueFull
+from app.server import api, listening_socket
 from app.server.api import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +59,9 @@ def running_server(tiny, api_key: str | None = None, max_queue: int = 16, start_
 
     host.submit = recording_submit  # type: ignore[method-assign]
     app = create_app(host, api_key=api_key, dirs=[str(tiny.main.parent)], any_path=any_path)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, loop="asyncio", http="h11", lifespan="off", log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    server = uvicorn.Server(uvicorn.Config(app, loop="asyncio", http="h11", lifespan="off", log_level="warning"))
+    sock = listening_socket("127.0.0.1", 0)  # as `tandem --serve` binds it
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -213,6 +215,45 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(tiny, method, pa
         assert response.status_code == status, response.text
         assert needle in response.json()["error"]["message"]
         assert client(base).chat.completions.create(model="main", messages=CHAT, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_reader_that_stops_reading_loses_its_job_and_the_next_one_runs(tiny) -> None:
+    host = EngineHost(config_for(tiny, ctx_size=1024))
+    host.start()
+    try:
+        config = GenerationConfig(max_tokens=900, sampler=SamplerSettings(temperature=0.8))
+        unread = host.submit(Job(config, prompt="the cat", reader_timeout=0.5))
+        following = host.submit(Job(GenerationConfig(max_tokens=4), prompt="the cat"))
+        assert events_of(following, 60)[-1].stats.predicted_tokens_count == 4
+        assert unread.stalled
+        finished = next(e for e in events_of(unread, 1) if isinstance(e, Finished))
+        assert finished.stats.stop_reason == CANCELLED and finished.stats.predicted_tokens_count < 900
+    finally:
+        host.stop()
+
+
+def test_a_stream_whose_client_reads_nothing_does_not_hold_the_queue(tiny, monkeypatch) -> None:
+    """A real client that sends its request and then never reads (a small receive window, as a stuck reader
+    has): its stream ends after the timeout and the request queued behind it is answered."""
+    monkeypatch.setattr(api, "STREAM_READER_TIMEOUT", 1.0)
+    with running_server(tiny, ctx_size=1024) as (base, _host, submitted):
+        port = int(base.rsplit(":", 1)[1])
+        body = json.dumps({"messages": CHAT, "max_tokens": 1000, "stream": True, "temperature": 0.8,
+                           "draft_model": "none"}).encode()  # fmt: skip
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", port))
+        stuck.sendall(b"POST /api/v0/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not submitted:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            after = client(base).chat.completions.create(model="main", messages=CHAT, max_tokens=4)
+            assert after.usage.completion_tokens == 4 and submitted[0].stalled
+        finally:
+            stuck.close()
 
 
 def test_host_runs_jobs_in_order_and_reuses_the_main_model_for_a_new_draft(tiny) -> None:

@@ -70,8 +70,10 @@ def write_model(
     name: str = "tiny",
     eos_id: int = 2,
     quant: gguf.GGMLQuantizationType | None = None,
+    chat_template: str | None = CHATML,
 ) -> Path:
-    """Write a llama-architecture GGUF; `quant` stores the matrices quantized (norms stay F32)."""
+    """Write a llama-architecture GGUF; `quant` stores the matrices quantized (norms stay F32); a
+    `chat_template` of None writes none."""
     n_vocab, n_embd = weights["token_embd.weight"].shape
     assert n_vocab == len(vocabulary(words)[0]), n_vocab
     n_layer = sum(1 for k in weights if k.endswith("attn_q.weight"))
@@ -87,7 +89,7 @@ def write_model(
     writer.add_rope_dimension_count(n_embd // n_head)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _add_vocabulary(writer, words, eos_id)
+    _add_vocabulary(writer, words, eos_id, chat_template)
     _write(writer, weights, quant)
     return path
 
@@ -166,7 +168,7 @@ def mamba_model(path: Path, seed: int = 9, n_embd: int = 64, n_layer: int = 2) -
     return path
 
 
-def _add_vocabulary(writer: gguf.GGUFWriter, words: list[str], eos_id: int) -> None:
+def _add_vocabulary(writer: gguf.GGUFWriter, words: list[str], eos_id: int, chat_template: str | None = CHATML) -> None:
     tokens, scores, types = vocabulary(words)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -177,7 +179,8 @@ def _add_vocabulary(writer: gguf.GGUFWriter, words: list[str], eos_id: int) -> N
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHATML)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
 
 def _write(writer: gguf.GGUFWriter, weights: dict[str, np.ndarray], quant: gguf.GGMLQuantizationType | None = None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -124,6 +125,8 @@ def load() -> None:
     if _registered():
         return  # a build with its backends linked in, or already loaded
     lib_dir = library_dir()
+    if any(lib_dir.glob("*ggml-cuda*")):
+        _preload_cuda_runtime()
     ggml().ggml_backend_load_all_from_path(str(lib_dir).encode())
     if "CPU" not in _registered():
         variants = sorted(p.name for p in lib_dir.glob("*ggml-cpu*"))
@@ -131,6 +134,31 @@ def load() -> None:
             f"no llama.cpp CPU backend in {lib_dir} runs on this CPU ({_cpu_model()}); found: {', '.join(variants) or 'none'}."
             " Reinstall with `make setup` (it builds one for every x86-64 CPU)"
         )
+
+
+CUDA_RUNTIME = ("libcudart.so", "libcublasLt.so", "libcublas.so")  # what libggml-cuda needs, in load order
+
+
+def cuda_runtime_dirs() -> list[Path]:
+    """NVIDIA's runtime wheels (nvidia/cu13/lib, nvidia/cublas/lib...): a CUDA build's venv has them
+    (packaging/cuda_libs.py) and the one-file binary carries them under the same names."""
+    roots = [Path(sys._MEIPASS) / "nvidia"] if hasattr(sys, "_MEIPASS") else []
+    spec = importlib.util.find_spec("nvidia")
+    roots += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    return sorted({d for root in roots for d in root.glob("*/lib") if d.is_dir()})
+
+
+def _preload_cuda_runtime() -> None:
+    """Load the CUDA runtime from NVIDIA's wheels globally, so that libggml-cuda's own loading finds it by
+    name; where it is missing, the system's copy (a CUDA toolkit's, ld.so.conf) is used, and with none the
+    CUDA backend is skipped: the machine runs on its CPU."""
+    for name in CUDA_RUNTIME:
+        for path in (f for d in cuda_runtime_dirs() for f in sorted(d.glob(name + ".*"))):
+            try:
+                ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+                break
+            except OSError:
+                continue
 
 
 def _cpu_model() -> str:

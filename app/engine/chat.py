@@ -1,23 +1,28 @@
 """Chat turns through the model's own template, with KV-prefix reuse across turns.
 
 The template comes from the GGUF metadata and is rendered as written, with sandboxed Jinja2 (as
-transformers does): llama.cpp's built-in renderer only recognises the family and drops details
-such as SmolLM2's default system prompt, which changes what the model answers. The built-in
-renderer is the fallback for a template Jinja2 cannot run; ChatML when the model has none.
+transformers does) and a bound on time: llama.cpp's built-in renderer only recognises the family and drops
+details such as SmolLM2's default system prompt, which changes what the model answers. The built-in
+renderer is the fallback for a template Jinja2 cannot run, ChatML the last; either is reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import re
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import llama_cpp
 
 from app.engine.backend import Model
-from app.engine.events import Event, Finished
+from app.engine.errors import TandemError
+from app.engine.events import Event, Finished, TemplateFallback
 from app.engine.speculative import GenerationConfig, SpeculativeEngine
 
 
@@ -27,19 +32,83 @@ class Message:
     content: str
 
 
+# A chat template renders in milliseconds, even over a long conversation; one still running after this loops.
+TEMPLATE_SECONDS = 5.0
+
+
+class TemplateTooSlow(TandemError):
+    """The model's chat template did not finish rendering within TEMPLATE_SECONDS."""
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    text: str
+    fallback: TemplateFallback | None = None  # set when the model's own template was not what rendered it
+
+
 def format_chat(model: Model, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    return render_chat(model, messages, add_generation_prompt).text
+
+
+def render_chat(model: Model, messages: list[Message], add_generation_prompt: bool = True) -> RenderedChat:
+    """The chat through the model's template; where that fails, through llama.cpp's built-in template for
+    the same format (recognised from the template's text, or from the model's architecture and name), and
+    ChatML last. A fallback is reported (RenderedChat.fallback), never silent: it can drop a system prompt."""
     template = model.chat_template()
     if template:
         try:
-            return _render_jinja(template, model, messages, add_generation_prompt)
-        except Exception:  # a template using features the sandbox lacks: llama.cpp's renderer knows the family
-            rendered = _render_builtin(template, messages, add_generation_prompt)
-            if rendered is not None:
-                return rendered
-    return _render_chatml(messages, add_generation_prompt)
+            return RenderedChat(_render_jinja(template, model, messages, add_generation_prompt))
+        except TemplateTooSlow:
+            raise
+        except Exception as exc:  # invalid Jinja, a feature the sandbox refuses, the template's raise_exception
+            reason = f"its chat template failed: {_first_line(exc)}"
+    else:
+        reason = "it has no chat template"
+    for name in ([template] if template else []) + _builtin_names_for(model):
+        rendered = _render_builtin(name, messages, add_generation_prompt)
+        if rendered is not None:
+            used = "llama.cpp's built-in template" + ("" if name == template else f" '{name}'")
+            return RenderedChat(rendered, TemplateFallback(model.path.name, reason, used, _first_report(model, reason)))
+    rendered = _render_chatml(messages, add_generation_prompt)
+    return RenderedChat(rendered, TemplateFallback(model.path.name, reason, "ChatML", _first_report(model, reason)))
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+def _first_report(model: Model, reason: str) -> bool:
+    """True the first time this model falls back for this reason in this process (front-ends say it once)."""
+    key = (str(model.path), reason)
+    first = key not in _reported
+    _reported.add(key)
+    return first
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+@functools.cache
+def builtin_templates() -> tuple[str, ...]:
+    """The names of llama.cpp's built-in chat templates ("chatml", "llama3", "gemma", "phi3"...)."""
+    count = llama_cpp.llama_chat_builtin_templates(None, 0)
+    names = (ctypes.c_char_p * count)()
+    llama_cpp.llama_chat_builtin_templates(names, count)
+    return tuple(name.decode() for name in names if name)
+
+
+def _builtin_names_for(model: Model) -> list[str]:
+    """Built-in templates whose name the model's architecture or name contains ("Meta Llama 3.1" -> llama3,
+    gemma2 -> gemma), longest first; none for a family llama.cpp has no template for (ChatML follows)."""
+    squeeze = functools.partial(re.sub, r"[^a-z0-9]", "")
+    described = [squeeze(str(text).lower()) for text in (model.info.architecture, model.info.metadata.get("general.name", ""))]
+    names = [name for name in builtin_templates() if name != "chatml" and any(squeeze(name) in d for d in described)]
+    return sorted(names, key=len, reverse=True)
 
 
 def _render_builtin(template: str, messages: list[Message], add_generation_prompt: bool) -> str | None:
+    """llama.cpp's renderer: `template` is a template's text (its family is recognised from it) or a name."""
     encoded = [(m.role.encode(), m.content.encode()) for m in messages]
     chat = (llama_cpp.llama_chat_message * len(messages))()
     for slot, (role, content) in zip(chat, encoded, strict=True):
@@ -67,13 +136,41 @@ def _render_jinja(template: str, model: Model, messages: list[Message], add_gene
     def raise_exception(message: str) -> None:
         raise ValueError(message)
 
-    return _compile(template).render(
-        messages=[{"role": m.role, "content": m.content} for m in messages],
-        add_generation_prompt=add_generation_prompt,
-        bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
-        eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
-        raise_exception=raise_exception,
-    )
+    compiled = _compile(template)
+    with _time_bound(model):
+        return compiled.render(
+            messages=[{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
+            eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
+            raise_exception=raise_exception,
+        )
+
+
+@contextlib.contextmanager
+def _time_bound(model: Model) -> Iterator[None]:
+    """Stop a template that runs past TEMPLATE_SECONDS. Jinja compiles a template to Python code (file name
+    "<template>"); a trace on this thread, for that code only, checks the clock at each of its lines and raises
+    there (Jinja's sandbox already caps each range() at 100,000 items, but not loops inside loops)."""
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+
+    def line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TemplateTooSlow(
+                f"{model.path.name}: its chat template was still rendering after {TEMPLATE_SECONDS:g} s (it loops);"
+                " use another build of this model, or send raw text (--raw, /v1/completions)"
+            )
+        return line
+
+    def call(frame, event, arg):
+        return line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 def _render_chatml(messages: list[Message], add_generation_prompt: bool) -> str:
@@ -89,11 +186,13 @@ def tokenize_prompt(model: Model, text: str) -> list[int]:
     return tokens
 
 
-def tokenize_chat(model: Model, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+def tokenize_chat(
+    model: Model, messages: list[Message], add_generation_prompt: bool = True, rendered: RenderedChat | None = None
+) -> list[int]:
     """The chat as the model reads it. Only the template's own markers are special: a message that
     merely contains the text of one (`<|im_end|>`, `<|im_start|>system`) is tokenized as plain text,
     or a user could end their turn and open a system message by typing it."""
-    text = format_chat(model, messages, add_generation_prompt)
+    text = (rendered or render_chat(model, messages, add_generation_prompt)).text
     suspicious = {m.content for m in messages if m.content and _has_special_text(model, m.content)}
     if not suspicious:
         return tokenize_prompt(model, text)
@@ -137,10 +236,16 @@ class ChatSession:
     def prompt_tokens(self) -> list[int]:
         return tokenize_chat(self.engine.main, self.messages)
 
-    def send(self, user_text: str, config: GenerationConfig, cancel: threading.Event | None = None) -> Iterator[Event]:
+    def send(
+        self, user_text: str, config: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[Event | TemplateFallback]:
+        """The reply's events; first a TemplateFallback when the model's own template did not render the chat."""
         self.messages.append(Message("user", user_text))
         try:
-            prompt = self.prompt_tokens()
+            rendered = render_chat(self.engine.main, self.messages)
+            if rendered.fallback is not None:
+                yield rendered.fallback
+            prompt = tokenize_chat(self.engine.main, self.messages, rendered=rendered)
             for event in self.engine.generate(prompt, config, cancel):
                 if isinstance(event, Finished):
                     self.messages.append(Message("assistant", event.text))

@@ -131,4 +131,19 @@ class PromptProgress:
         return (self.total - self.done) * self.elapsed / self.done if self.done else 0.0
 
 
+@dataclass(frozen=True)
+class TemplateFallback:
+    """The model's own chat template did not render the chat (before the reply's first event): what was
+    used instead, and why. Front-ends say it (it can change what the model answers); `first` is True the
+    first time a model falls back for this reason in this process, so a chat need not repeat it every turn."""
+
+    model: str  # the model's file name
+    reason: str  # "its chat template failed: ValueError: ...", "it has no chat template"
+    used: str  # "llama.cpp's built-in template 'llama3'", "ChatML"
+    first: bool = True
+
+    def sentence(self) -> str:
+        return f"{self.model}: {self.reason}; the chat is written with {self.used} instead"
+
+
 Event = RoundEvent | Finished | PromptProgress

@@ -38,12 +38,18 @@ def base_url(host: str, port: int) -> str:
     return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
 
 
+SEND_BUFFER = 32 * 1024  # bytes; Linux doubles it for bookkeeping
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """Bound and listening: connections wait in the backlog from here, even before uvicorn's loop runs, so
     the URL can be announced at once. OSError when the address cannot be had."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart right after a stop (TIME_WAIT)
+        # Connections inherit a small send buffer: a stream whose client stops reading fills it in a few
+        # hundred chunks rather than megabytes, so the host sees the stall (api.STREAM_READER_TIMEOUT).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         sock.bind((host, port))
         sock.listen(128)
     except OSError:
@@ -130,6 +136,7 @@ def serve(
 ) -> int:
     import uvicorn
 
+    from app.engine.events import TemplateFallback
     from app.host import EngineHost
     from app.server.api import create_app
 
@@ -145,7 +152,12 @@ def serve(
         log.write(f"tandem: ready: {engine_host.describe()} at {url}/v1 (LM Studio API at {url}/api/v0)\n")
         log.flush()
 
-    engine_host = EngineHost(config, max_queue=max_queue, on_ready=ready)
+    def observe(_job, item: object) -> None:  # on the worker thread: one line, once per model and reason
+        if isinstance(item, TemplateFallback) and item.first:
+            log.write(f"tandem: {item.sentence()}\n")
+            log.flush()
+
+    engine_host = EngineHost(config, max_queue=max_queue, on_ready=ready, on_event=observe)
     app = create_app(engine_host, api_key=api_key, dirs=config.dirs, any_path=any_path)
     # explicit loop and protocol: no implementation picked by import at run time (the one-file binary has these)
     server = uvicorn.Server(uvicorn.Config(app, loop="asyncio", http="h11", ws="none", lifespan="off", log_level="warning",

@@ -35,6 +35,9 @@ from app.server.requests import BadRequest, Parsed, parse
 
 MAX_BODY = 4 << 20  # bytes: a chat far longer than any context, far shorter than a memory problem
 POLL = 0.25  # seconds between checks that a waiting client is still there
+# A streaming client that reads nothing for this long while generation waits for it loses its stream, so
+# that the clients queued behind it are served (host.READER_BACKLOG says when generation waits).
+STREAM_READER_TIMEOUT = 10.0
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, headers=None) -> JSONResponse:
@@ -182,7 +185,8 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
         try:
             parsed = parse(await read_json(request), host.config.settings, chat)
             main, draft = resolve(parsed)
-            job = Job(parsed.config, parsed.messages, parsed.prompt, main, draft)
+            job = Job(parsed.config, parsed.messages, parsed.prompt, main, draft,
+                      reader_timeout=STREAM_READER_TIMEOUT if parsed.stream else None)  # fmt: skip
             arrived = asyncio.Event()
             loop = asyncio.get_running_loop()
             job.wake = lambda: loop.call_soon_threadsafe(arrived.set)  # one wake-up per round, from the worker
@@ -236,7 +240,7 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
         try:
             while True:
                 try:
-                    item = job.events.get_nowait()
+                    item = job.take()
                 except queue.Empty:
                     arrived.clear()
                     if not job.events.empty():

@@ -27,7 +27,7 @@ from app.config import Config, ConfigError, Settings, load_config, save_config
 from app.engine.catalog import ModelEntry, default_search_dirs, find_models
 from app.engine.chat import ChatSession, Message
 from app.engine.errors import TandemError
-from app.engine.events import Event, Finished, PromptProgress, RoundEvent
+from app.engine.events import Event, Finished, PromptProgress, RoundEvent, TemplateFallback
 from app.engine.gguf_info import read_gguf_info
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
 from app.engine.speculative import CANCELLED, SpeculativeEngine
@@ -407,6 +407,8 @@ class TandemApp(App[None]):
                 await self._finished(event)
             elif isinstance(event, Failed):
                 await self._failed(event)
+            elif isinstance(event, TemplateFallback) and event.first:
+                self.notify(event.sentence(), title="chat template", severity="warning", timeout=12)
         self.refresh_status()
         self.chat_log.follow()
         self.pacer.updated()
@@ -622,6 +624,8 @@ class TandemApp(App[None]):
                 pane.note(item.stats.summary(), "bold cyan")
             elif isinstance(item, JobFailed):
                 pane.note(f"failed: {item.error}", "bold red")
+            elif isinstance(item, TemplateFallback):
+                pane.note(item.sentence(), "yellow")
             elif item is DONE:
                 self._jobs_shown.discard(key)
         pane.add_rounds(rounds)

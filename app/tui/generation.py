@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from app.engine.chat import ChatSession, Message
 from app.engine.errors import TandemError
-from app.engine.events import Event, Finished, PromptProgress, RoundEvent
+from app.engine.events import Event, Finished, PromptProgress, RoundEvent, TemplateFallback
 from app.engine.speculative import CANCELLED, GenerationConfig
 from app.history import ConversationLog
 from app.host import DONE, EngineHost, Job, JobFailed
@@ -134,7 +134,7 @@ class HostGeneration:
         if isinstance(item, RoundEvent):
             self.log.assistant(item.text)
             self.events.put(item)
-        elif isinstance(item, PromptProgress):
+        elif isinstance(item, PromptProgress | TemplateFallback):
             self.events.put(item)
         elif isinstance(item, Finished):
             self.ctx_tokens = len(self.session.engine.main_ctx.tokens)
