@@ -127,48 +127,128 @@ class HistoryStore:
 
     def conversations(self) -> list[Conversation]:
         """Saved conversations, newest first (empty and unreadable files left out)."""
+        return [c for c in (read_conversation(s.path) for s in self.summaries()) if c.messages]
+
+    def summaries(self) -> list[Summary]:
+        """What the F7 picker lists, newest first: each file scanned once per change (cached in memory)."""
         if not self.directory.is_dir():
             return []
-        found = []
-        for path in sorted(self.directory.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True):
-            conversation = read_conversation(path)
-            if conversation.messages:
-                found.append(conversation)
-        return found
+        found = [s for s in map(summarize, self.directory.glob("*.jsonl")) if s is not None]
+        return sorted(found, key=lambda s: s.modified, reverse=True)
 
 
 def read_conversation(path: Path) -> Conversation:
     conversation = Conversation(path)
     messages = conversation.messages
+    reply: list[str] | None = None  # the deltas of the reply being read: joined once, not re-concatenated per line
+
+    def settle() -> None:
+        nonlocal reply
+        if reply is not None:
+            messages.append(Message("assistant", "".join(reply)))
+            reply = None
+
+    ended: set[int] = set()
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill mid-write
+                if not isinstance(record, dict):
+                    continue
+                if "assistant" in record:
+                    reply = reply if reply is not None else []
+                    reply.append(str(record["assistant"]))
+                    continue
+                settle()
+                if "user" in record:
+                    messages.append(Message("user", str(record["user"])))
+                elif "end" in record:
+                    if messages and messages[-1].role == "user":  # a turn ended with no text at all
+                        messages.append(Message("assistant", ""))
+                    ended.add(len(messages) - 1)
+                    if isinstance(record["end"], dict):
+                        conversation.stats[len(messages) - 1] = record["end"]
+                        if record["end"].get("cancelled"):
+                            conversation.cancelled.add(len(messages) - 1)
+                elif "failed" in record and messages and messages[-1].role == "user":
+                    messages.pop()
     except OSError:
         return conversation
-    ended: set[int] = set()
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill mid-write
-        if not isinstance(record, dict):
-            continue
-        if "user" in record:
-            messages.append(Message("user", str(record["user"])))
-        elif "assistant" in record:
-            if messages and messages[-1].role == "assistant":
-                messages[-1] = Message("assistant", messages[-1].content + str(record["assistant"]))
-            else:
-                messages.append(Message("assistant", str(record["assistant"])))
-        elif "end" in record:
-            if messages and messages[-1].role == "user":  # a turn ended with no text at all
-                messages.append(Message("assistant", ""))
-            ended.add(len(messages) - 1)
-            if isinstance(record["end"], dict):
-                conversation.stats[len(messages) - 1] = record["end"]
-                if record["end"].get("cancelled"):
-                    conversation.cancelled.add(len(messages) - 1)
-        elif "failed" in record and messages and messages[-1].role == "user":
-            messages.pop()
+    settle()
     # a reply with no end record was cut short: the app was killed (or crashed) while it streamed
     conversation.interrupted = {i for i, m in enumerate(messages) if m.role == "assistant" and i not in ended}
     return conversation
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What the F7 picker shows of a saved conversation, read without building its messages."""
+
+    path: Path
+    modified: float  # st_mtime
+    messages: int
+    questions: int  # of those messages, the user's
+    first_question: str
+    last_question: str
+    first_reply: str  # its start (SNIPPET characters at most)
+
+
+SNIPPET = 120
+_summaries: dict[tuple[Path, int, int], Summary] = {}  # (path, mtime_ns, size) -> Summary: a file read once per change
+
+
+def summarize(path: Path) -> Summary | None:
+    """The picker's view of one file (None when it holds no message or cannot be read). Only user records and
+    the start of the first reply are decoded: assistant deltas, most of a file's lines, are only counted."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key in _summaries:
+        return _summaries[key]
+    questions: list[str] = []
+    roles: list[str] = []  # each message's role, as read_conversation would build them
+    open_reply, replies, first_reply = False, 0, ""  # open_reply: the next delta continues the last message
+    try:
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                # a delta (ConversationLog wrote it): decoded only where it starts a reply or the first reply's snippet
+                if line.startswith('{"assistant"') and (open_reply or "assistant" in _record(line)):
+                    if not open_reply:
+                        roles.append("assistant")
+                        open_reply, replies = True, replies + 1
+                    if replies == 1 and len(first_reply) < SNIPPET:
+                        first_reply += str(_record(line).get("assistant", ""))
+                    continue
+                record = _record(line)
+                if not record:
+                    continue
+                open_reply = False
+                if "user" in record:
+                    questions.append(str(record["user"]))
+                    roles.append("user")
+                elif "end" in record and roles[-1:] == ["user"]:  # a turn that ended with no text at all
+                    roles.append("assistant")
+                elif "failed" in record and roles[-1:] == ["user"]:
+                    questions.pop()
+                    roles.pop()
+    except OSError:
+        return None
+    if not roles:
+        return None
+    first, last = (questions[0], questions[-1]) if questions else ("", "")
+    summary = Summary(path, stat.st_mtime, len(roles), len(questions), first, last, first_reply[:SNIPPET])
+    _summaries[key] = summary
+    return summary
+
+
+def _record(line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return {}  # a line torn by a kill mid-write
+    return record if isinstance(record, dict) else {}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from app.config import Config
-from app.engine.chat import Message, render_chat, tokenize_chat, tokenize_prompt
+from app.engine.chat import ChatWindow, FittedChat, Message, fit_chat, render_chat, reply_reserve, tokenize_chat, tokenize_prompt
 from app.engine.errors import TandemError
 from app.engine.events import Finished
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
@@ -91,6 +91,7 @@ READER_BACKLOG = 16
 class Job:
     config: GenerationConfig
     messages: list[Message] | None = None  # a chat turn (rendered through the model's template)
+    window: ChatWindow | None = None  # a front-end's conversation: read from the latest turns that fit (fit_chat)
     prompt: str | None = None  # or raw text (a completion)
     main: str | None = None  # a main model path; None: the loaded one
     draft: str | None = None  # a draft choice (path, "lookup", "none"); None: the main model's default
@@ -250,10 +251,15 @@ class EngineHost:
         try:
             engine = self._engine_for(job)
             if job.messages is not None:
-                rendered = render_chat(engine.main, job.messages)
-                if rendered.fallback is not None:
-                    self._put(job, rendered.fallback)
-                tokens = tokenize_chat(engine.main, job.messages, rendered=rendered)
+                if job.window is not None:  # a front-end's conversation: read from its latest turns that fit
+                    reserve = reply_reserve(job.config, engine.n_ctx)
+                    fitted = fit_chat(engine.main, job.messages, engine.n_ctx, reserve, job.window)
+                else:  # a request's messages, as sent (too long: ContextOverflowError, a 400)
+                    rendered = render_chat(engine.main, job.messages)
+                    fitted = FittedChat(tokenize_chat(engine.main, job.messages, rendered=rendered), rendered, 0)
+                for notice in fitted.notices(len(job.messages)):
+                    self._put(job, notice)
+                tokens = fitted.tokens
             else:
                 tokens = tokenize_prompt(engine.main, job.prompt or "")
             for event in engine.generate(tokens, job.config, job.cancel):

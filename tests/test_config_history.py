@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,68 @@ def test_draft_choices_put_compatible_first_and_say_why_not(tiny, tmp_path: Path
     assert "not smaller" in choices[2].detail  # the tiny draft is as big as the tiny main
     listed = model_choices(entries, demo_fetched=False)
     assert listed[0].value == "" and len(listed) == 4
+
+
+def write_records(path: Path, records: list[dict | str]) -> Path:
+    """A history file as ConversationLog writes it (a str is written as it is: a torn line)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records))
+    return path
+
+
+def test_the_pickers_summary_agrees_with_reading_the_whole_conversation(tmp_path: Path) -> None:
+    """The F7 list decodes only what it shows; on any mix of records (torn lines, failed turns, empty replies)
+    it counts and quotes what read_conversation builds."""
+    import random
+
+    from app.history import summarize
+
+    rng = random.Random(5)
+    kinds = [{"user": "q"}, {"assistant": "a"}, {"assistant": "é"}, {"end": {"cancelled": False}}, {"failed": True},
+             '{"assistant": "tor', '{"us']  # fmt: skip
+    for i in range(1500):
+        records = [rng.choice(kinds) for _ in range(rng.randint(0, 12))]
+        records = [{k: f"{v}{n}" for k, v in r.items()} if isinstance(r, dict) and ("user" in r or "assistant" in r) else r
+                   for n, r in enumerate(records)]  # fmt: skip
+        path = write_records(tmp_path / f"{i}.jsonl", records)
+        whole, summary = read_conversation(path), summarize(path)
+        if not whole.messages:
+            assert summary is None, records
+            continue
+        questions = [m.content for m in whole.messages if m.role == "user"]
+        replies = [m.content for m in whole.messages if m.role == "assistant" and m.content]
+        assert summary is not None and summary.messages == len(whole.messages), records
+        assert (summary.questions, summary.first_question, summary.last_question) == (
+            len(questions), questions[0] if questions else "", questions[-1] if questions else ""), records  # fmt: skip
+        assert summary.first_reply == (replies[0][:120] if replies else ""), records
+
+
+def long_conversation(path: Path, turns: int, reply_rounds: int) -> Path:
+    """A conversation of `turns` questions, each reply written as `reply_rounds` deltas (as it streamed)."""
+    with open(path, "w", encoding="utf-8") as out:
+        for turn in range(turns):
+            out.write(json.dumps({"user": f"question {turn}: the cat sat on the mat"}) + "\n")
+            out.writelines(json.dumps({"assistant": "the cat sat on the mat "}) + "\n" for _ in range(reply_rounds))
+            out.write(json.dumps({"end": {"cancelled": False, "predicted_tokens_count": reply_rounds}}) + "\n")
+    return path
+
+
+def test_five_thousand_saved_chats_are_listed_quickly_and_read_once(tmp_path: Path) -> None:
+    for i in range(5000):
+        long_conversation(tmp_path / f"2026{i:08d}.jsonl", turns=4, reply_rounds=30)
+    store = HistoryStore(tmp_path)
+    started = time.monotonic()
+    summaries = store.summaries()
+    first = time.monotonic() - started
+    assert len(summaries) == 5000 and summaries[0].messages == 8 and summaries[0].questions == 4
+    assert first < 4.0  # it took 6 s when every file was decoded whole (2.4 s here, 0.6 s now, on 2 busy cores)
+    started = time.monotonic()
+    assert store.summaries() == summaries and time.monotonic() - started < first / 3  # unchanged files: not read again
+
+
+def test_a_long_reply_is_read_in_linear_time(tmp_path: Path) -> None:
+    """Deltas are joined once per reply: concatenating them one by one was quadratic (minutes for a 50 MB chat)."""
+    path = long_conversation(tmp_path / "long.jsonl", turns=20, reply_rounds=20_000)
+    started = time.monotonic()
+    conversation = read_conversation(path)
+    assert len(conversation.messages) == 40 and len(conversation.messages[1].content) == 20_000 * 23
+    assert time.monotonic() - started < 10

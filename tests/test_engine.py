@@ -504,6 +504,26 @@ def test_marker_text_in_a_message_is_plain_text_not_a_special_token(models) -> N
     assert tokenize_chat(main, ordinary) == tokenize_prompt(main, format_chat(main, ordinary))
 
 
+def test_a_conversation_longer_than_the_context_is_read_from_its_latest_turns(models) -> None:
+    """The system message and the latest turns that fit, leaving room for the reply; the start stays put while
+    the conversation grows (the cached prefix stays valid) and moves by a quarter of the context when it must."""
+    from app.engine.chat import ChatWindow, fit_chat, tokenize_chat
+
+    main = models["main"]
+    system = [Message("system", "be brief")]
+    turns = [Message("user" if i % 2 == 0 else "assistant", f"the cat {i} ") for i in range(400)]
+    window = ChatWindow()
+    fitted = fit_chat(main, system + turns, n_ctx=512, reserve=64, window=window)
+    assert 0 < fitted.left_out < 400 and len(fitted.tokens) <= 512 - 64 and fitted.left_out % 2 == 0  # from a question
+    assert fitted.tokens == tokenize_chat(main, system + turns[fitted.left_out :])  # the system message stays
+    assert len(fitted.tokens) <= (512 - 64) * 3 // 4  # moved: a quarter left free for the next turns
+    start, grown = window.start, system + turns
+    grown += [Message("user", "and the dog?"), Message("assistant", "it sat too")]
+    assert fit_chat(main, grown, n_ctx=512, reserve=64, window=window).left_out == start  # the same prefix
+    short = fit_chat(main, system + turns[:4], n_ctx=512, reserve=64)
+    assert short.left_out == 0 and short.tokens == tokenize_chat(main, system + turns[:4])
+
+
 def test_ctrl_c_inside_a_llama_cpp_callback_stops_the_load(tiny, capfd) -> None:
     """Ctrl+C lands in whatever Python code runs: during a load, llama.cpp's progress callback. Raised
     there it would be printed as "Exception ignored" and dropped, and the load would finish."""

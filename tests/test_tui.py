@@ -22,7 +22,7 @@ from app.engine.chat import ChatSession
 from app.engine.events import PromptProgress
 from app.engine.probe import DraftProfile
 from app.engine.speculative import CANCELLED
-from app.history import HistoryStore
+from app.history import HistoryStore, read_conversation
 from app.tui.app import LaunchOptions, TandemApp
 from app.tui.generation import HostGeneration
 from app.tui.screens.help import HelpScreen
@@ -699,3 +699,63 @@ async def test_palette_lists_tandems_commands_and_the_ready_toast_leaves_the_sta
         await pilot.pause(0.5)
         await pilot.press("enter")
         await until(pilot, lambda: not app.query(UserMessage))
+
+
+async def test_quitting_while_models_load_stops_the_load_and_keeps_nothing(home, monkeypatch, tmp_path) -> None:
+    """A first load measures this CPU's kernels in child processes and runs a self-check (seconds); quitting
+    in the middle ends the load at its next step, kills any trial child, and never touches a half-loaded model."""
+    import psutil
+
+    from tests import tiny_models
+
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "fresh-cache"))  # nothing measured yet: the load is long
+    model = tiny_models.k_quant_model(home / "models", seed=11, name="slow-q4km")
+    options = LaunchOptions(config_path=default_config_path(), main=str(model), draft="lookup",
+                            settings={"threads": 2, "ctx_size": 512})  # fmt: skip
+    app = TandemApp(options)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.loading and app.load_thread is not None)
+        await pilot.pause(0.3)
+        started = time.monotonic()
+        app.exit()
+    assert not app.unfinished_load and time.monotonic() - started < 15
+    assert app.engine is None  # nothing half-loaded was adopted
+    assert not [p for p in psutil.Process().children(recursive=True) if "--kernel-trial" in " ".join(p.cmdline())]
+
+
+async def test_a_very_long_conversation_reopens_without_freezing_the_app(home, monkeypatch) -> None:
+    """2,500 turns (a 20 MB file, read as if from a slow disk): read off the UI thread, keys answered meanwhile,
+    the last messages shown, and the next turn reads only the latest turns that fit in the context."""
+    import app.tui.app as tui_app
+    from tests.test_config_history import long_conversation
+
+    def slow_read(path: Path):
+        time.sleep(2.0)
+        return read_conversation(path)
+
+    monkeypatch.setattr(tui_app, "read_conversation", slow_read)
+
+    history = home / "data" / "history"
+    history.mkdir(parents=True)
+    long_conversation(history / "20200101-000000.jsonl", turns=2500, reply_rounds=300)
+    app = make_app(home, max_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press("f7")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen))
+        await pilot.press("enter")
+        await until(pilot, lambda: app.history_busy, timeout=2)
+        started = time.monotonic()
+        await pilot.press("x")  # typed while the conversation is read
+        await until(pilot, lambda: app.prompt_box.value == "x", timeout=5)
+        assert time.monotonic() - started < 1.0 and app.history_busy  # answered before the conversation is in
+        await until(pilot, lambda: app.query(UserMessage), timeout=60)
+        assert len(app.query(UserMessage)) + len(app.query(AssistantMessage)) <= 60
+        assert "4,972 earlier messages are not shown" in str(app.query_one(".earlier-note").render())
+        app.last_finished = None
+        await pilot.press("backspace")
+        await send(pilot, app, "and the dog")
+        await until(pilot, lambda: app.last_finished is not None, timeout=60)
+        assert app.last_finished.stats.prompt_tokens_count <= 512
+        lines = [strip.text for strip in app.query_one(DebugPane).lines]
+        assert any("the model reads the last" in line and "of 5,001 messages" in line for line in lines)

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 
 from app.engine import backends, kernels
-from app.engine.errors import ContextOverflowError, ModelFileError, TandemError
+from app.engine.errors import ContextOverflowError, LoadCancelled, ModelFileError, TandemError
 from app.engine.gguf_info import GGUFInfo, read_gguf_info
 from app.engine.kernels import KernelChoice, placement
 
@@ -81,12 +81,12 @@ def amx_cpu() -> bool:
 
 
 def choose_kernels(path: Path, n_gpu_layers: int, n_threads: int, role: str,
-                   progress: Callable[[int, int], None] | None = None) -> KernelChoice:  # fmt: skip
+                   progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None) -> KernelChoice:  # fmt: skip
     """Where this model's weights go (kernels.py): measured on this CPU, llama.cpp's default on a GPU."""
     init_backend()
     if n_gpu_layers != 0 and supports_gpu_offload():
         return kernels.DEFAULT
-    return kernels.forced() or kernels.cached_choice(path, n_threads, role, progress)
+    return kernels.forced() or kernels.cached_choice(path, n_threads, role, progress, cancel)
 
 
 def supports_gpu_offload() -> bool:
@@ -106,6 +106,7 @@ class Model:
         progress: Callable[[float], None] | None = None,
         kernels: KernelChoice | None = None,  # None: measured on this CPU (choose_kernels), cached
         role: str = "main",  # or "draft": a draft may run on kernels safe only one token at a time
+        cancel: threading.Event | None = None,  # set: the load stops at llama.cpp's next progress call (LoadCancelled)
     ):
         self.info: GGUFInfo = read_gguf_info(path)
         self.path = Path(path).expanduser().resolve()
@@ -124,7 +125,7 @@ class Model:
                     progress(fraction)
             except KeyboardInterrupt:
                 _interrupted.set()
-            return not _interrupted.is_set()  # False makes llama.cpp abandon the load
+            return not (_interrupted.is_set() or (cancel is not None and cancel.is_set()))  # False: llama.cpp abandons the load
 
         callback = llama_cpp.llama_progress_callback(on_progress)  # must outlive the load: ctypes does not keep it
         params.progress_callback = callback
@@ -134,6 +135,10 @@ class Model:
             if ptr:
                 llama_cpp.llama_model_free(ptr)
             raise_if_interrupted()
+        if cancel is not None and cancel.is_set():
+            if ptr:
+                llama_cpp.llama_model_free(ptr)
+            raise LoadCancelled(f"{self.path.name}: loading was called off")
         if not ptr:
             raise ModelFileError(f"llama.cpp could not load {self.path} ({self.info.architecture} architecture): {_last_llama_error()}")
         self.ptr = ptr

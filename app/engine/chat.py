@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
 import re
 import sys
 import threading
@@ -22,7 +23,7 @@ import llama_cpp
 
 from app.engine.backend import Model
 from app.engine.errors import TandemError
-from app.engine.events import Event, Finished, TemplateFallback
+from app.engine.events import EarlierMessagesLeftOut, Event, Finished, TemplateFallback
 from app.engine.speculative import GenerationConfig, SpeculativeEngine
 
 
@@ -225,28 +226,98 @@ def _has_special_text(model: Model, content: str) -> bool:
     )
 
 
+# No token covers more characters than this (long runs of spaces or dashes do come close): a conversation's
+# oldest messages beyond budget x this many characters cannot fit and are never rendered or tokenized.
+MAX_CHARS_PER_TOKEN = 32
+
+
+@dataclass
+class ChatWindow:
+    """Where the model's reading of a long conversation starts (an index into its messages, the leading system
+    message not counted). It stays put from turn to turn, so the context's cached prefix stays valid, and moves
+    only when the conversation outgrows the context: then far enough to leave a quarter of it free again."""
+
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class FittedChat:
+    tokens: list[int]
+    rendered: RenderedChat
+    left_out: int  # the oldest messages the model does not read this turn
+
+    def notices(self, total: int) -> list[TemplateFallback | EarlierMessagesLeftOut]:
+        """What a front-end should say before the reply (total: the conversation's messages)."""
+        said: list[TemplateFallback | EarlierMessagesLeftOut] = [self.rendered.fallback] if self.rendered.fallback else []
+        return said + ([EarlierMessagesLeftOut(self.left_out, total)] if self.left_out else [])
+
+
+def fit_chat(model: Model, messages: list[Message], n_ctx: int, reserve: int, window: ChatWindow | None = None) -> FittedChat:
+    """The chat's prompt, leaving `reserve` tokens of the context for the reply: the system message and as many
+    of the latest turns as fit (a conversation may be longer than any context: reopened, or simply long)."""
+    window = window if window is not None else ChatWindow()
+    head = messages[:1] if messages and messages[0].role == "system" else []
+    body = messages[len(head) :]
+    starts = [i for i, m in enumerate(body) if m.role == "user"] or [0]  # a reading starts at a question
+    suffix_chars = [*list(itertools.accumulate(len(m.content) for m in reversed(body)))[::-1], 0]
+
+    def attempt(start: int, budget: int) -> FittedChat | None:
+        if suffix_chars[start] > budget * MAX_CHARS_PER_TOKEN:
+            return None  # too long to fit, whatever its tokens: not worth rendering
+        kept = head + body[start:]
+        rendered = render_chat(model, kept)
+        tokens = tokenize_chat(model, kept, rendered=rendered)
+        return FittedChat(tokens, rendered, start) if len(tokens) <= budget else None
+
+    budget = n_ctx - reserve
+    current = window.start if window.start in starts else starts[0]
+    fitted = attempt(current, budget)
+    if fitted is None:  # move the start: the earliest question from which the rest fits in 3/4 of the budget
+        later = [s for s in starts if s > current]
+        low, high = 0, len(later) - 1
+        while low <= high:
+            middle = (low + high) // 2
+            found = attempt(later[middle], budget * 3 // 4)
+            if found is not None:
+                fitted, high = found, middle - 1
+            else:
+                low = middle + 1
+        if fitted is None:  # even the last question alone does not fit: the engine says so (ContextOverflowError)
+            kept = head + body[starts[-1] :]
+            rendered = render_chat(model, kept)
+            fitted = FittedChat(tokenize_chat(model, kept, rendered=rendered), rendered, starts[-1])
+    window.start = fitted.left_out
+    return fitted
+
+
+def reply_reserve(config: GenerationConfig, n_ctx: int) -> int:
+    """Context kept free for the reply when a conversation is fitted: its token limit, at most a quarter."""
+    return min(config.max_tokens, n_ctx // 4)
+
+
 class ChatSession:
-    """A conversation. Each turn re-renders the whole chat; the contexts keep the shared prefix,
-    so only the new turn's tokens are evaluated."""
+    """A conversation. Each turn re-renders the chat; the contexts keep the shared prefix, so only the new
+    turn's tokens are evaluated. A conversation longer than the context is read from its latest turns."""
 
     def __init__(self, engine: SpeculativeEngine, system: str | None = None):
         self.engine = engine
         self.messages: list[Message] = [Message("system", system)] if system else []
+        self.window = ChatWindow()
 
     def prompt_tokens(self) -> list[int]:
         return tokenize_chat(self.engine.main, self.messages)
 
     def send(
         self, user_text: str, config: GenerationConfig, cancel: threading.Event | None = None
-    ) -> Iterator[Event | TemplateFallback]:
-        """The reply's events; first a TemplateFallback when the model's own template did not render the chat."""
+    ) -> Iterator[Event | TemplateFallback | EarlierMessagesLeftOut]:
+        """The reply's events; first a TemplateFallback when the model's own template did not render the chat,
+        and EarlierMessagesLeftOut when the model reads only the latest turns."""
         self.messages.append(Message("user", user_text))
         try:
-            rendered = render_chat(self.engine.main, self.messages)
-            if rendered.fallback is not None:
-                yield rendered.fallback
-            prompt = tokenize_chat(self.engine.main, self.messages, rendered=rendered)
-            for event in self.engine.generate(prompt, config, cancel):
+            engine = self.engine
+            fitted = fit_chat(engine.main, self.messages, engine.n_ctx, reply_reserve(config, engine.n_ctx), self.window)
+            yield from fitted.notices(len(self.messages))
+            for event in engine.generate(fitted.tokens, config, cancel):
                 if isinstance(event, Finished):
                     self.messages.append(Message("assistant", event.text))
                 yield event

@@ -15,3 +15,7 @@ class IncompatibleDraftError(TandemError):
 
 class ContextOverflowError(TandemError):
     """The prompt does not fit in the context window."""
+
+
+class LoadCancelled(TandemError):
+    """A load called off before it finished (the app quit, or the user picked another pair)."""

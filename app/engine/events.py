@@ -146,4 +146,17 @@ class TemplateFallback:
         return f"{self.model}: {self.reason}; the chat is written with {self.used} instead"
 
 
+@dataclass(frozen=True)
+class EarlierMessagesLeftOut:
+    """The conversation is longer than the context holds: the model reads only its latest turns (sent before
+    the reply). The conversation itself keeps every message."""
+
+    left_out: int  # the oldest messages not read
+    total: int  # messages in the conversation
+
+    def sentence(self) -> str:
+        return (f"the model reads the last {self.total - self.left_out:,} of {self.total:,} messages: "
+                "the earlier ones do not fit in its context")  # fmt: skip
+
+
 Event = RoundEvent | Finished | PromptProgress

@@ -29,6 +29,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from app.engine import backends
+from app.engine.errors import LoadCancelled
 from app.engine.gguf_info import GGUFInfo
 
 PLAIN: tuple[str, ...] = ()  # no extra buffer: plain memory
@@ -249,16 +251,27 @@ def _self_command() -> list[str]:
     return [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "app"]
 
 
-def trial(path: Path, bufts: tuple[str, ...], n_threads: int) -> Trial:
-    """Run one candidate in a child process and read what it got through."""
+def trial(path: Path, bufts: tuple[str, ...], n_threads: int, cancel: threading.Event | None = None) -> Trial:
+    """Run one candidate in a child process and read what it got through (the child is killed when the load
+    is called off: LoadCancelled)."""
     result, loaded = Trial(bufts), False
     command = [*_self_command(), TRIAL_FLAG, json.dumps({"path": str(path), "bufts": list(bufts), "threads": n_threads})]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=TRIAL_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        result.failure = f"no answer within {TRIAL_TIMEOUT:.0f} s"
-        return result
-    for line in done.stdout.splitlines():
+    deadline = time.monotonic() + TRIAL_TIMEOUT
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        while True:
+            try:
+                stdout, _ = child.communicate(timeout=0.25)  # retried: no output is lost
+                break
+            except subprocess.TimeoutExpired:
+                called_off = cancel is not None and cancel.is_set()
+                if called_off or time.monotonic() > deadline:
+                    child.kill()
+                    child.communicate()
+                    if called_off:
+                        raise LoadCancelled(f"{path.name}: loading was called off") from None
+                    result.failure = f"no answer within {TRIAL_TIMEOUT:.0f} s"
+                    return result
+    for line in stdout.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -275,8 +288,8 @@ def trial(path: Path, bufts: tuple[str, ...], n_threads: int) -> Trial:
         else:
             result.safe_widths.append(width)
             result.width_seconds[width] = seconds
-    if done.returncode != 0:
-        what = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+    if child.returncode != 0:
+        what = f"signal {-child.returncode}" if child.returncode < 0 else f"exit {child.returncode}"
         widths = [w for w in (*VERIFY_WIDTHS, *PROMPT_WIDTHS) if w not in result.safe_widths]
         if not result.token_seconds:
             stage = "loading" if not loaded else "one token"
@@ -317,13 +330,14 @@ def _summary(trials: Sequence[Trial], chosen: Trial) -> str:
     return f"{display_name(chosen.bufts)}{'' if chosen.batches else ', one token at a time'}; measured: " + "; ".join(parts)
 
 
-def measure(path: Path, n_threads: int, role: str, progress: Callable[[int, int], None] | None = None) -> tuple[KernelChoice, list[Trial]]:
+def measure(path: Path, n_threads: int, role: str, progress: Callable[[int, int], None] | None = None,
+            cancel: threading.Event | None = None) -> tuple[KernelChoice, list[Trial]]:  # fmt: skip
     options = candidates()
     trials = []
     for i, bufts in enumerate(options):
         if progress is not None:
             progress(i, len(options))
-        trials.append(trial(path, bufts, n_threads))
+        trials.append(trial(path, bufts, n_threads, cancel))
     if progress is not None:
         progress(len(options), len(options))
     return choose(trials, role), trials
@@ -336,7 +350,8 @@ def forced() -> KernelChoice | None:
     return None
 
 
-def cached_choice(path: Path, n_threads: int, role: str, progress: Callable[[int, int], None] | None = None) -> KernelChoice:
+def cached_choice(path: Path, n_threads: int, role: str, progress: Callable[[int, int], None] | None = None,
+                  cancel: threading.Event | None = None) -> KernelChoice:  # fmt: skip
     """The measured choice for this file on this machine, measured now if it is not cached."""
     from app.engine import probe
 
@@ -350,7 +365,7 @@ def cached_choice(path: Path, n_threads: int, role: str, progress: Callable[[int
             return KernelChoice(tuple(cached["bufts"]), bool(cached["batches"]), str(cached["reason"]))
         except (KeyError, TypeError):
             pass
-    choice, trials = measure(path, n_threads, role, progress)
+    choice, trials = measure(path, n_threads, role, progress, cancel)
     # a machine that could not run any trial, or was busy with other work meanwhile, is not one to remember
     if any(t.usable for t in trials) and all(t.cpu_share >= probe.QUIET_SHARE for t in trials if t.usable):
         probe.store(key, {**asdict(choice), "trials": [asdict(t) for t in trials], "measured": time.time()})

@@ -7,6 +7,7 @@ A draft choice is a GGUF path, "lookup" (prompt lookup, no draft model) or "none
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from app.engine import kernels
 from app.engine.backend import Model, choose_kernels, supports_gpu_offload
 from app.engine.compat import metadata_compatibility, require_compatible
+from app.engine.errors import LoadCancelled
 from app.engine.gguf_info import read_gguf_info
 from app.engine.probe import PLAIN_ONLY, MainProfile
 from app.engine.speculative import SpeculativeEngine
@@ -54,6 +56,7 @@ def load_engine(
     reuse_main: Model | None = None,  # the main model already loaded for `spec` (only the draft changes)
     main_profile: MainProfile | None = None,
     measuring: StepProgress | None = None,  # default: reported through `progress`
+    cancel: threading.Event | None = None,  # set: the load stops at its next step (LoadCancelled), nothing kept
 ) -> SpeculativeEngine:
     """Load the pair described by `spec`. Raises a TandemError subclass with a readable reason."""
     main_info = read_gguf_info(spec.main)  # both headers checked before either model loads: fail fast, fail clearly
@@ -67,24 +70,36 @@ def load_engine(
     if measuring is None and progress is not None:
         measuring = lambda what, done, total: progress(f"{what} {done}/{total}", done / max(total, 1))  # noqa: E731
 
+    def called_off() -> None:
+        if cancel is not None and cancel.is_set():
+            raise LoadCancelled("loading was called off")
+
     def steps(what: str) -> Callable[[int, int], None] | None:
-        return None if measuring is None else (lambda done, total: measuring(what, done, total))
+        def step(done: int, total: int) -> None:
+            called_off()  # between measuring steps: a quit mid-measurement returns within one step
+            if measuring is not None:
+                measuring(what, done, total)
+
+        return step if measuring is not None or cancel is not None else None
 
     main = reuse_main
     if main is None:
         # --exact: plain memory, whose kernels compute a row the same way at any batch size (the repacked ones
         # do not); the engine's self-check confirms it or turns drafting off. Otherwise measured (kernels.py).
         choice = kernels.PLAIN_CHOICE if spec.exact else choose_kernels(
-            spec.main, spec.gpu_layers, spec.threads, "main", steps(f"{spec.main.name}: trying this CPU's kernels"))
-        main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name), kernels=choice)
+            spec.main, spec.gpu_layers, spec.threads, "main", steps(f"{spec.main.name}: trying this CPU's kernels"), cancel)
+        main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name), kernels=choice, cancel=cancel)
     draft = None
-    if draft_info is not None:
-        on_cpu = not spec.draft_on_gpu or not supports_gpu_offload()
-        layers = 0 if on_cpu else -1
-        choice = choose_kernels(draft_info.path, layers, spec.threads, "draft", steps(f"{draft_info.path.name}: trying this CPU's kernels"))
-        draft = Model(draft_info.path, n_gpu_layers=layers, progress=report(draft_info.path.name), kernels=choice, role="draft")
     check = steps(f"{spec.main.name}: measuring this CPU's kernels (once), batch sizes")
     try:
+        if draft_info is not None:
+            on_cpu = not spec.draft_on_gpu or not supports_gpu_offload()
+            layers = 0 if on_cpu else -1
+            choice = choose_kernels(draft_info.path, layers, spec.threads, "draft",
+                                    steps(f"{draft_info.path.name}: trying this CPU's kernels"), cancel)  # fmt: skip
+            draft = Model(draft_info.path, n_gpu_layers=layers, progress=report(draft_info.path.name), kernels=choice,
+                          role="draft", cancel=cancel)  # fmt: skip
+        called_off()
         # prompt lookup rides along with a draft model (the controller picks per round) and stands in when there is none
         return SpeculativeEngine(
             main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=spec.draft != NO_DRAFT, exact=spec.exact,

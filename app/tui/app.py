@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import os
 import queue
 import sys
 import threading
@@ -21,18 +22,19 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import Input, Label, ProgressBar
+from textual.widget import Widget
+from textual.widgets import Input, Label, ProgressBar, Static
 
 from app.config import Config, ConfigError, Settings, load_config, save_config
 from app.engine.catalog import ModelEntry, default_search_dirs, find_models
-from app.engine.chat import ChatSession, Message
-from app.engine.errors import TandemError
-from app.engine.events import Event, Finished, PromptProgress, RoundEvent, TemplateFallback
+from app.engine.chat import ChatSession, ChatWindow, Message
+from app.engine.errors import LoadCancelled, TandemError
+from app.engine.events import EarlierMessagesLeftOut, Event, Finished, PromptProgress, RoundEvent, TemplateFallback
 from app.engine.gguf_info import read_gguf_info
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
 from app.engine.speculative import CANCELLED, SpeculativeEngine
 from app.engine.transcript import ReplyTranscript
-from app.history import ConversationLog, HistoryStore, read_conversation
+from app.history import Conversation, ConversationLog, HistoryStore, read_conversation
 from app.host import DONE, EngineHost, Job, JobFailed
 from app.server import DEFAULT_HOST, DEFAULT_PORT, ServerThread
 from app.tui.choices import DEMO, conversation_choices, draft_choices, model_choices, model_label, quantization
@@ -41,10 +43,11 @@ from app.tui.pacing import BUDGET_SHARED, RefreshPacer, ui_budget
 from app.tui.screens.help import HelpScreen
 from app.tui.screens.picker import PickerScreen
 from app.tui.screens.settings import RELOAD_FIELDS, SettingsScreen
-from app.tui.widgets.chat import AssistantMessage, ChatLog, UserMessage
+from app.tui.widgets.chat import AssistantMessage, ChatLog, UserMessage, first_shown
 from app.tui.widgets.debug import DebugPane
 from app.tui.widgets.status import KeyHints, StatusBar, StatusInfo
 
+LOAD_STOP_WAIT = 10.0  # seconds a quit waits for a load to stop at its next step
 PUMP_INTERVAL = 0.1  # how often the worker's queue is checked; repaints are paced (pacing.py)
 
 
@@ -128,6 +131,10 @@ class TandemApp(App[None]):
         self.session: ChatSession | None = None
         self.generation: Generation | HostGeneration | None = None
         self.reply_thread: threading.Thread | None = None  # the last own-thread reply's: it may still be unwinding
+        self.load_thread: threading.Thread | None = None  # the last load's; it may be running
+        self.history_busy = False  # F7's list is being read, or a saved conversation is being opened
+        self.left_out_said = 0  # how many early messages the model was last said to leave out
+        self.load_cancel = threading.Event()  # set on quit: that load stops at its next step
         self.last_reply_on_host = False  # the last reply ran as a job on the serving host
         self.reply: AssistantMessage | None = None
         self.transcript: ReplyTranscript | None = None
@@ -199,6 +206,7 @@ class TandemApp(App[None]):
         self.load_pair(main, draft or self.default_draft_for(main), by_user=False)
 
     def on_unmount(self) -> None:
+        self.load_cancel.set()  # a load in progress stops at its next step and keeps nothing
         generation = self.generation
         if generation is not None:  # quitting mid-reply: stop the worker; what streamed is already saved
             generation.cancel.set()
@@ -206,7 +214,14 @@ class TandemApp(App[None]):
             self.serving.stop(timeout=5.0)
         if generation is not None:
             generation.wait(2.0)
+        if self.load_thread is not None:
+            self.load_thread.join(timeout=LOAD_STOP_WAIT)
         self.log_file.close()
+
+    @property
+    def unfinished_load(self) -> bool:
+        """A load still inside llama.cpp after the app ended (one step can outlast LOAD_STOP_WAIT)."""
+        return self.load_thread is not None and self.load_thread.is_alive()
 
     # ---- loading models -----------------------------------------------------------------
     def default_draft_for(self, main: str) -> str:
@@ -242,7 +257,9 @@ class TandemApp(App[None]):
         self.refresh_status()
         settings = self.config.settings
         args = (main, draft, settings, by_user)
-        threading.Thread(target=self._load_thread, args=args, name="tandem-load", daemon=True).start()
+        self.load_cancel = threading.Event()
+        self.load_thread = threading.Thread(target=self._load_thread, args=args, name="tandem-load", daemon=True)
+        self.load_thread.start()
 
     def _load_thread(self, main: str, draft: str, settings: Settings, by_user: bool) -> None:
         last = [-1.0]
@@ -268,7 +285,10 @@ class TandemApp(App[None]):
 
             spec = resolve_spec(dataclasses.replace(self.config, settings=settings), main_path, draft or LOOKUP)
             # the first run of a model on this machine measures its kernels: say so, step by step
-            engine = load_engine(spec, loading, measuring=lambda what, done, total: progress(f"{what}: {done}/{total}", done / total))
+            engine = load_engine(spec, loading, measuring=lambda what, done, total: progress(f"{what}: {done}/{total}", done / total),
+                                 cancel=self.load_cancel)  # fmt: skip
+        except LoadCancelled:
+            return  # the app is quitting: nothing to show, nothing kept
         except TandemError as exc:
             self._from_thread(self._load_failed, str(exc))
         except Exception as exc:  # never a traceback: the previous models stay loaded
@@ -350,6 +370,9 @@ class TandemApp(App[None]):
             self.notify("The models are not loaded yet." if self.loading else "No model loaded: press F2 to pick one.",
                         severity="warning")  # fmt: skip
             return
+        if self.history_busy:
+            self.notify("A saved conversation is being opened; send again in a moment.", severity="warning")
+            return
         event.input.value = ""
         chat = self.chat_log
         await chat.mount(UserMessage(text))
@@ -407,12 +430,22 @@ class TandemApp(App[None]):
                 await self._finished(event)
             elif isinstance(event, Failed):
                 await self._failed(event)
-            elif isinstance(event, TemplateFallback) and event.first:
-                self.notify(event.sentence(), title="chat template", severity="warning", timeout=12)
+            elif isinstance(event, TemplateFallback | EarlierMessagesLeftOut):
+                self._say_notice(event, in_debug_pane=not generation.debug_from_host)
         self.refresh_status()
         self.chat_log.follow()
         self.pacer.updated()
         self._warn_history()
+
+    def _say_notice(self, notice: TemplateFallback | EarlierMessagesLeftOut, in_debug_pane: bool) -> None:
+        """A turn's notice: in the debug pane every time, as a toast when it is news."""
+        if in_debug_pane:
+            self.debug_pane.note(notice.sentence(), "yellow")
+        if isinstance(notice, TemplateFallback) and notice.first:
+            self.notify(notice.sentence(), title="chat template", severity="warning", timeout=12)
+        elif isinstance(notice, EarlierMessagesLeftOut) and notice.left_out != self.left_out_said:
+            self.left_out_said = notice.left_out  # said when the reading moves, not every turn
+            self.notify(notice.sentence().capitalize() + ".", title="long conversation", timeout=8)
 
     async def _finished(self, finished: Finished) -> None:
         assert self.transcript is not None and self.reply is not None
@@ -498,6 +531,7 @@ class TandemApp(App[None]):
         await self.chat_log.remove_children()
         if self.engine is not None:
             self.session = ChatSession(self.engine, system=self.config.settings.system or None)
+            self.left_out_said = 0
         self.ctx_used = 0  # nothing of the new chat is in the context yet (what it can reuse, its first turn keeps)
         self.log_file.close()
         self.log_file = self.history.new_log()
@@ -624,7 +658,7 @@ class TandemApp(App[None]):
                 pane.note(item.stats.summary(), "bold cyan")
             elif isinstance(item, JobFailed):
                 pane.note(f"failed: {item.error}", "bold red")
-            elif isinstance(item, TemplateFallback):
+            elif isinstance(item, TemplateFallback | EarlierMessagesLeftOut):
                 pane.note(item.sentence(), "yellow")
             elif item is DONE:
                 self._jobs_shown.discard(key)
@@ -782,43 +816,80 @@ class TandemApp(App[None]):
             self.load_pair(self.main_choice, self.spec.draft)
 
     def action_history(self) -> None:
-        choices = conversation_choices(self.history.conversations())
+        if self.history_busy:
+            return
+        self.history_busy = True  # until the picker is up: a second F7 meanwhile opens nothing more
+        threading.Thread(target=self._list_history, name="tandem-history", daemon=True).start()
+
+    def _list_history(self) -> None:
+        """Scan the saved conversations off the UI thread (thousands of files, each read once per change)."""
+        try:
+            choices = conversation_choices(self.history.summaries())
+        except Exception as exc:  # never a traceback: say it, keep the chat
+            choices, problem = [], f"{type(exc).__name__}: {exc}"
+            self._from_thread(self.notify, f"Saved conversations cannot be listed: {problem}", severity="error")
+        self._from_thread(self._show_history, choices)
+
+    def _show_history(self, choices: list) -> None:
+        self.history_busy = False
         self.push_screen(PickerScreen("Reopen a conversation", choices, str(self.log_file.path), "no saved conversations yet"),
                          self._history_chosen)  # fmt: skip
 
-    async def _history_chosen(self, choice: str | None) -> None:
+    def _history_chosen(self, choice: str | None) -> None:
         if choice is None:
             return
         if self.generation is not None:
             self.notify("A reply is streaming; Esc stops it first.", severity="warning")
             return
-        conversation = read_conversation(Path(choice))
+        self.history_busy = True  # a turn waits until the conversation is in: it would join the wrong one
+        self._show_loading(f"Opening {Path(choice).name}", 0.0)
+        threading.Thread(target=self._read_history, args=(Path(choice),), name="tandem-history", daemon=True).start()
+
+    def _read_history(self, path: Path) -> None:
+        conversation = read_conversation(path)  # a long one is tens of MB: read off the UI thread
+        self._from_thread(self._reopen, conversation)
+
+    async def _reopen(self, conversation: Conversation) -> None:
+        """Show the end of a reopened conversation (what fits: the file keeps the rest) and make it the chat."""
         chat = self.chat_log
         await chat.remove_children()
         title = self.engine.main.name if self.engine else "Tandem"
-        for index, message in enumerate(conversation.messages):
+        start = first_shown(conversation.messages)
+        widgets: list[Widget] = []
+        if start > 0:
+            widgets.append(Static(f"… {start:,} earlier message{'s are' if start != 1 else ' is'} not shown here "
+                                  f"(all are in {conversation.path})", classes="earlier-note"))  # fmt: skip
+        for index in range(start, len(conversation.messages)):
+            message = conversation.messages[index]
             if message.role == "user":
-                await chat.mount(UserMessage(message.content))
+                widgets.append(UserMessage(message.content))
             elif message.role == "assistant":
-                widget = AssistantMessage(title, message.content, colored=self.colored)
-                await chat.mount(widget)
-                stats = conversation.stats.get(index)
-                widget.border_subtitle = saved_reply_note(stats) if stats else ""
-                if index in conversation.cancelled:
-                    widget.border_subtitle = widget.border_subtitle or "stopped"
-                    widget.add_class("cancelled")
-                elif index in conversation.interrupted:  # the app was killed while this reply streamed
-                    widget.border_subtitle = "interrupted: the app stopped before this reply ended"
-                    widget.add_class("cancelled")
+                widgets.append(self._saved_reply(conversation, index, title))
+        await chat.mount_all(widgets)  # one layout pass for the lot
         chat.scroll_end(animate=False)
         if self.session is not None:
             system = [m for m in self.session.messages if m.role == "system"]
             self.session.messages = system + [m for m in conversation.messages if m.role != "system"]
+            self.session.window, self.left_out_said = ChatWindow(), 0  # read from the start of what fits
         self.log_file.close()
-        self.log_file = ConversationLog(Path(choice))  # new turns continue the same file
+        self.log_file = ConversationLog(conversation.path)  # new turns continue the same file
         self.ctx_used = 0  # read on its next turn (with progress), reusing what the context shares with it
+        self.history_busy = False
+        self.loading_row.display = self.loading  # the "Opening" line, unless models are loading too
         self.notify(f"Reopened: {conversation.title}", timeout=3)
         self.refresh_status()
+
+    def _saved_reply(self, conversation: Conversation, index: int, title: str) -> AssistantMessage:
+        widget = AssistantMessage(title, conversation.messages[index].content, colored=self.colored)
+        stats = conversation.stats.get(index)
+        widget.border_subtitle = saved_reply_note(stats) if stats else ""
+        if index in conversation.cancelled:
+            widget.border_subtitle = widget.border_subtitle or "stopped"
+            widget.add_class("cancelled")
+        elif index in conversation.interrupted:  # the app was killed while this reply streamed
+            widget.border_subtitle = "interrupted: the app stopped before this reply ended"
+            widget.add_class("cancelled")
+        return widget
 
 
 def _resolved(path: str) -> str:
@@ -843,5 +914,12 @@ def _request_summary(job: Job) -> str:
 
 def run_tui(options: LaunchOptions) -> int:
     prefer_engine_thread()
-    TandemApp(options).run()
+    app = TandemApp(options)
+    app.run()
+    if app.unfinished_load:
+        # llama.cpp is still loading on a thread that could not stop in time: ending the interpreter around it
+        # (its atexit and finalizers) can crash the process. The conversation file is closed and complete.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -10,7 +10,7 @@ from app.engine.catalog import ModelEntry
 from app.engine.compat import metadata_compatibility
 from app.engine.gguf_info import GGUFInfo
 from app.engine.loading import LOOKUP, NO_DRAFT
-from app.history import Conversation
+from app.history import Summary
 
 DEMO = ""  # the main-model choice meaning "the demo pair" (fetched on first use)
 
@@ -74,24 +74,17 @@ def _snippet(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def conversation_choices(conversations: list[Conversation]) -> list[Choice]:
+def conversation_choices(summaries: list[Summary]) -> list[Choice]:
     """Saved chats for the F7 picker: the first message as the label; when it was last written, how many
     messages, and the last question (or the start of the only reply), so chats that open alike tell apart."""
     choices = []
-    for conversation in conversations:
-        messages = conversation.messages
-        questions = [m.content for m in messages if m.role == "user"]
-        try:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conversation.path.stat().st_mtime))
-        except OSError:  # removed since it was listed
-            continue
-        detail = f"{when} · {len(messages)} message{'s' if len(messages) != 1 else ''}"
-        if len(questions) > 1:
-            detail += f" · last: {_snippet(questions[-1], 70)}"
-        else:
-            reply = next((m.content for m in messages if m.role == "assistant" and m.content.strip()), "")
-            if reply:
-                detail += f" · reply: {_snippet(reply, 70)}"
-        label = _snippet(questions[0], 90) if questions else "(empty)"
-        choices.append(Choice(str(conversation.path), label, detail))
+    for summary in summaries:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary.modified))
+        detail = f"{when} · {summary.messages:,} message{'s' if summary.messages != 1 else ''}"
+        if summary.questions > 1:
+            detail += f" · last: {_snippet(summary.last_question, 70)}"
+        elif summary.first_reply.strip():
+            detail += f" · reply: {_snippet(summary.first_reply, 70)}"
+        label = _snippet(summary.first_question, 90) if summary.first_question else "(empty)"
+        choices.append(Choice(str(summary.path), label, detail))
     return choices

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from app.engine.chat import ChatSession, Message
 from app.engine.errors import TandemError
-from app.engine.events import Event, Finished, PromptProgress, RoundEvent, TemplateFallback
+from app.engine.events import EarlierMessagesLeftOut, Event, Finished, PromptProgress, RoundEvent, TemplateFallback
 from app.engine.speculative import CANCELLED, GenerationConfig
 from app.history import ConversationLog
 from app.host import DONE, EngineHost, Job, JobFailed
@@ -111,7 +111,7 @@ class HostGeneration:
         self.events: queue.SimpleQueue[Event | Failed] = queue.SimpleQueue()
         self.cancel = threading.Event()
         self.started = time.perf_counter()
-        self.job = ChatJob(config, cancel=self.cancel, counted=False, turn=self)
+        self.job = ChatJob(config, cancel=self.cancel, counted=False, turn=self, window=session.window)
         self._ended = False  # a Finished or a failure was passed on
         self._done = threading.Event()  # the host put the job's last item
         self._started = False
@@ -134,7 +134,7 @@ class HostGeneration:
         if isinstance(item, RoundEvent):
             self.log.assistant(item.text)
             self.events.put(item)
-        elif isinstance(item, PromptProgress | TemplateFallback):
+        elif isinstance(item, PromptProgress | TemplateFallback | EarlierMessagesLeftOut):
             self.events.put(item)
         elif isinstance(item, Finished):
             self.ctx_tokens = len(self.session.engine.main_ctx.tokens)

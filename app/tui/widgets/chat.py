@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.console import RenderableType
 from rich.markdown import Markdown as RichMarkdown
 from rich.segment import Segment
@@ -12,10 +14,29 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Markdown, Static
 
+from app.engine.chat import Message
 from app.engine.transcript import DRAFT, ReplyTranscript
 
 DRAFT_STYLE = "bold #5fd787"  # text from accepted draft tokens
 MAIN_STYLE = ""  # text the main model produced itself
+
+
+# A reopened conversation shows its last messages, as many as a screen's worth of scrolling needs: each is a
+# Markdown widget, and thousands of them took minutes to lay out. The file keeps every message.
+SHOWN_MESSAGES = 60
+SHOWN_CHARACTERS = 100_000
+
+
+def first_shown(messages: Sequence[Message]) -> int:
+    """The index of the first message shown of a reopened conversation: the last SHOWN_MESSAGES, fewer when
+    they hold more than SHOWN_CHARACTERS (the last one always)."""
+    start, characters = len(messages), 0
+    while start > 0 and len(messages) - start < SHOWN_MESSAGES:
+        characters += len(messages[start - 1].content)
+        if characters > SHOWN_CHARACTERS and start < len(messages):
+            break
+        start -= 1
+    return start
 
 
 class UserMessage(Static):
