@@ -26,7 +26,7 @@ from pathlib import Path
 from app.config import Config
 from app.engine.chat import ChatWindow, FittedChat, Message, fit_chat, render_chat, reply_reserve, tokenize_chat, tokenize_prompt
 from app.engine.errors import TandemError
-from app.engine.events import Finished
+from app.engine.events import Finished, RoundEvent
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
 from app.engine.speculative import GenerationConfig, SpeculativeEngine
 
@@ -81,6 +81,39 @@ class JobFailed:
     error: TandemError
 
 
+@dataclass
+class Counters:
+    """What the host's requests did, since it started (the front-ends' own chat turns are not counted):
+    GET /metrics reports them. Updated on the worker thread once per round and per reply; read anywhere."""
+
+    requests: int = 0  # ended with a reply (a stopped one too)
+    failed: int = 0  # ended without one (JobFailed)
+    stalled: int = 0  # streams ended because their reader stopped reading
+    prompt_tokens: int = 0  # prompt tokens evaluated (a reused KV prefix is not)
+    predicted_tokens: int = 0
+    generation_seconds: float = 0.0
+    drafts: int = 0  # rounds that drafted (llama.cpp's n_draft: draft calls)
+    draft_tokens: int = 0  # draft tokens sent to the main model for verification
+    draft_accepted: int = 0
+    accepted_at: list[int] = field(default_factory=list)  # [i]: rounds whose draft token i+1 was accepted
+
+    def count(self, item: object) -> None:
+        if isinstance(item, RoundEvent) and item.drafted:
+            self.drafts += 1
+            self.draft_tokens += len(item.drafted)
+            self.draft_accepted += item.n_accepted
+            self.accepted_at += [0] * (item.n_accepted - len(self.accepted_at))
+            for position in range(item.n_accepted):
+                self.accepted_at[position] += 1
+        elif isinstance(item, Finished):
+            self.requests += 1
+            self.prompt_tokens += item.stats.prompt_tokens_evaluated
+            self.predicted_tokens += item.stats.predicted_tokens_count
+            self.generation_seconds += item.stats.generation_time
+        elif isinstance(item, JobFailed):
+            self.failed += 1
+
+
 DONE = object()  # the last item of every job's queue
 # A streaming client that stops reading must not hold the one engine: generation waits while this many rounds
 # are unread, and ends the job once the client has read nothing for its `reader_timeout`.
@@ -91,7 +124,6 @@ READER_BACKLOG = 16
 class Job:
     config: GenerationConfig
     messages: list[Message] | None = None  # a chat turn (rendered through the model's template)
-    window: ChatWindow | None = None  # a front-end's conversation: read from the latest turns that fit (fit_chat)
     prompt: str | None = None  # or raw text (a completion)
     main: str | None = None  # a main model path; None: the loaded one
     draft: str | None = None  # a draft choice (path, "lookup", "none"); None: the main model's default
@@ -99,6 +131,7 @@ class Job:
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # Event | JobFailed, then DONE
     wake: Callable[[], None] | None = None  # called (on the worker thread) after each item: e.g. an asyncio wake-up
     counted: bool = True  # a request: `served` counts it (a front-end's own chat turn is not)
+    window: ChatWindow | None = None  # a front-end's conversation: read from the latest turns that fit (fit_chat)
     reader_timeout: float | None = None  # seconds a reader may take nothing while READER_BACKLOG rounds wait
     last_read: float = field(default_factory=time.monotonic)
     stalled: bool = False  # ended because its reader stopped reading
@@ -143,6 +176,7 @@ class EngineHost:
         self.state = "loading"  # loading -> ready, or failed (with load_error)
         self.load_error = ""
         self.served = 0
+        self.counters = Counters()
         self.adopted = False  # the engine belongs to someone else: never switched, never closed here
         self._on_ready = on_ready
         # called on the worker thread with each item a job gets (events, JobFailed, DONE): it must only enqueue
@@ -218,6 +252,8 @@ class EngineHost:
         return f"{self.engine.main.name} with {describe_draft(self.spec.draft)}"
 
     def _put(self, job: Job, item: object) -> None:
+        if job.counted:
+            self.counters.count(item)
         job.put(item)
         if self.on_event is not None:
             with contextlib.suppress(Exception):  # an observer's fault must not kill the worker or fail the job
@@ -245,6 +281,7 @@ class EngineHost:
                     self._run(job)
             finally:
                 self.running = None
+                self.counters.stalled += job.stalled
                 self._put(job, DONE)
 
     def _run(self, job: Job) -> None:

@@ -65,6 +65,13 @@ def test_twin_draft_is_always_accepted_and_takes_fewer_rounds(models) -> None:
     assert stats.total_draft_tokens_count == (
         stats.accepted_draft_tokens_count + stats.rejected_draft_tokens_count + stats.ignored_draft_tokens_count
     )
+    # what plain decoding would have cost: the first token as it came, then 63 at the measured one-token cost
+    engine = run(models["main"], models["twin"], tokens, max_tokens=1)[2]
+    one_token = engine.main_profile.verify_seconds[1]
+    assert stats.plain_time_estimate > stats.time_to_first_token + 63 * one_token * 0.2
+    assert stats.speedup_estimate == pytest.approx(stats.plain_time_estimate / stats.generation_time)
+    assert "x plain (" in stats.summary() and ("s saved)" in stats.summary() or "s lost)" in stats.summary())
+    assert plain.stats.speedup_estimate == 1.0 and plain.stats.plain_time_estimate == plain.stats.generation_time
 
 
 def test_draft_context_is_synced_incrementally_never_replaying_the_prompt(models) -> None:

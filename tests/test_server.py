@@ -256,6 +256,59 @@ def test_a_stream_whose_client_reads_nothing_does_not_hold_the_queue(tiny, monke
             stuck.close()
 
 
+def test_metrics_count_requests_tokens_and_drafts_in_prometheus_format(tiny) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape(base: str, key: str | None = None) -> dict[str, float]:
+        response = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        return {f"{sample.name}{sample.labels or ''}": sample.value
+                for family in text_string_to_metric_families(response.text) for sample in family.samples}  # fmt: skip
+
+    with running_server(tiny, api_key="k", draft_max=4, adaptive=False) as (base, _host, _):
+        assert httpx.get(f"{base}/metrics", timeout=30).status_code == 401  # the same key rule as every route
+        before = scrape(base, "k")
+        assert before["tandem:requests_total"] == 0 and before["tandem:model_ready"] == 1
+        body = {"messages": CHAT, "temperature": 0, "max_tokens": 16, "draft_model": "twin"}
+        stats = httpx.post(f"{base}/api/v0/chat/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=60).json()["stats"]
+        after = scrape(base, "k")
+        assert after["tandem:requests_total"] == 1 and after["tandem:tokens_predicted_total"] == 16
+        assert after["tandem:draft_tokens_total"] == stats["accepted_draft_tokens_count"] + stats["rejected_draft_tokens_count"]
+        assert after["tandem:draft_tokens_accepted_total"] == stats["accepted_draft_tokens_count"] > 0  # the twin agrees
+        assert after["tandem:drafts_total"] >= 1 and after["tandem:requests_deferred"] == 0
+        assert after["tandem:draft_accepted_at_position_total{'position': '1'}"] <= after["tandem:drafts_total"]
+        accepted_by_position = sum(v for k, v in after.items() if k.startswith("tandem:draft_accepted_at_position_total"))
+        assert accepted_by_position == after["tandem:draft_tokens_accepted_total"]
+
+
+def test_a_request_chooses_its_speculation_and_gets_it_echoed(tiny) -> None:
+    with running_server(tiny, draft_max=4, adaptive=False) as (base, _host, _):
+        def ask(speculative: dict, **more) -> httpx.Response:
+            body = {"messages": CHAT, "temperature": 0, "max_tokens": 12, "speculative": speculative, **more}
+            return httpx.post(f"{base}/api/v0/chat/completions", json=body, timeout=60)
+
+        plain = ask({"mode": "none"}).json()["stats"]
+        assert plain["draft_model"] is None and plain["total_draft_tokens_count"] == 0
+        assert plain["speculative"] == {"mode": "none", "draft_max": 4, "draft_min": 0, "draft_p_min": 0.0, "used": "none"}
+        model = ask({"mode": "model", "draft_max": 2}).json()["stats"]
+        assert model["draft_model"].startswith("tiny-draft") and set(model["draft_length_histogram"]) <= {"0", "1", "2"}
+        assert model["speculative"]["draft_max"] == 2 and model["speculative"]["used"].startswith("tiny-draft")
+        lookup = ask({"mode": "lookup"}).json()["stats"]
+        assert lookup["draft_model"] == "prompt lookup"
+        twin = ask({"mode": "model"}, draft_model="twin").json()["stats"]  # LM Studio's field names the model
+        assert twin["draft_model"].startswith("tiny-twin") and twin["accepted_draft_tokens_count"] > 0
+        assert plain and ask({}).status_code == 200
+
+        for speculative, more, param in [
+            ({"mode": "fast"}, {}, "speculative.mode"), ({"draft_max": 65}, {}, "speculative.draft_max"),
+            ({"draft_max": 2, "draft_min": 3}, {}, "speculative.draft_min"), ({"draft_p_min": "x"}, {}, "speculative.draft_p_min"),
+            ({"k": 3}, {}, "speculative.k"), ({"mode": "none"}, {"draft_model": "twin"}, "speculative.mode"),
+        ]:  # fmt: skip
+            refused = ask(speculative, **more)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (speculative, refused.text)
+        assert httpx.post(f"{base}/v1/chat/completions", json={"messages": CHAT, "speculative": 3}, timeout=30).status_code == 400
+
+
 def test_host_runs_jobs_in_order_and_reuses_the_main_model_for_a_new_draft(tiny) -> None:
     host = EngineHost(config_for(tiny))
     host.start()

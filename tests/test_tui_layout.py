@@ -81,7 +81,7 @@ async def test_status_bar_keeps_its_figures_at_80_and_60_columns(home: Path) -> 
         assert app.screen.has_class("-narrow")
 
         # the names users have: long ones, the draft off, a reply streaming, the API served
-        info = replace(app._status_info(), main=LONG_MAIN, draft=LONG_DRAFT, draft_off=True, state="generating",
+        info = replace(app._status_info(), main=LONG_MAIN, draft=LONG_DRAFT, draft_state="off", state="generating",
                        acceptance=0.62, draft_length=4, tokens_per_second=41.3)  # fmt: skip
         app.status_bar.show(info)
         text = status_text(app)
@@ -117,7 +117,7 @@ async def test_status_bar_keeps_its_figures_at_80_and_60_columns(home: Path) -> 
 
 def test_the_status_line_gives_up_names_before_figures() -> None:
     info = StatusInfo(main=LONG_MAIN, draft=LONG_DRAFT, tokens_per_second=41.3, acceptance=0.62, draft_length=4,
-                      ctx_used=1234, ctx_size=4096, state="generating", exact=True, draft_off=True)  # fmt: skip
+                      ctx_used=1234, ctx_size=4096, state="generating", exact=True, draft_state="off")  # fmt: skip
     ram = 3 * 2**30
     wide = fit_status(info, ram, 200).plain
     assert LONG_MAIN in wide and LONG_DRAFT in wide and "RAM 3.0 GiB" in wide
@@ -169,6 +169,8 @@ async def test_f1_lists_every_key_once_with_what_it_does(home: Path) -> None:
         assert "scroll the chat" in labels["PageUp / PageDown"].lower()
         assert "expand" in labels["Enter / Space"].lower()  # the debug pane's expand key
         assert "Send" in labels["Enter"] and "Ctrl+P" in keys and "Tab / Shift+Tab" in labels
+        assert "near-tie" in labels["exact / ≈plain"] and "draft length" in labels["k 4"]  # the status bar's words too
+        assert "checked" in labels["accept 62% of 40"] and "would not have paid" in labels["off / idle"]
         shown = "\n".join(screen_text(app)[0].splitlines())
         assert "Tandem keys" in shown
 
@@ -450,3 +452,71 @@ async def test_screenshots_match_the_references(home: Path, monkeypatch: pytest.
             diff = difflib.unified_diff(reference.read_text().splitlines(), normalized(text).splitlines(), "reference", "now", lineterm="")
             problems.append(f"{stem} changed (new screenshot: {tmp_path / stem}.svg):\n" + "\n".join(diff))
     assert not problems, "\n\n".join(problems)
+
+
+async def test_the_status_bar_says_what_drafting_does_and_how_much_was_drafted(home: Path) -> None:
+    """Closed (cannot pay here), idle (the last round drafted nothing), drafting; the acceptance rate beside how
+    many tokens it is of; a new chat clears the last reply's figures."""
+    app = make_app(home)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await send(pilot, app, "the cat sat")
+        await until(pilot, lambda: app.last_finished is not None and app.generation is None)
+        stats = app.last_finished.stats
+        drafted = stats.accepted_draft_tokens_count + stats.rejected_draft_tokens_count
+        assert (f"of {drafted:,}" in status_text(app)) == bool(drafted)
+        assert ("(off: cannot pay here, F4)" in status_text(app)) == ("model" in stats.closed_sources)
+
+        app.last_finished = replace(app.last_finished, stats=replace(stats, closed_sources=()))
+        app.live = LiveStats()
+        app.live.add(event([], 0, source="none"))  # the last round: nothing worth drafting
+        app.refresh_status()
+        assert "(idle: would not pay this round)" in status_text(app)
+        app.live.add(event([b"a", b"b"], 1))
+        app.refresh_status()
+        assert "idle" not in status_text(app) and "off" not in status_text(app)
+        app.last_finished = replace(app.last_finished, stats=replace(stats, closed_sources=("model",)))
+        app.refresh_status()
+        assert "(off: cannot pay here, F4)" in status_text(app)
+
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: app.last_finished is None)
+        text = status_text(app)
+        assert "0.0 tok/s" in text and "accept —" in text and "off" not in text
+
+
+def test_a_token_that_ends_inside_a_character_shows_its_bytes() -> None:
+    assert token_label("ä".encode()[:1]) == "\\xc3" and token_label("日本".encode()[:4]) == "日\\xe6"
+    assert token_label(b"\n") == "⏎" and token_label("é".encode()) == "é"
+
+
+async def test_a_streaming_reply_is_never_much_taller_than_its_text(home: Path) -> None:
+    from app.tui.widgets.chat import HEIGHT_STEP, LiveReply
+
+    app = make_app(home, max_tokens=12)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press(*"the cat", "enter")
+        await until(pilot, lambda: app.reply is not None and app.reply.text)
+        live = app.reply.query_one(LiveReply)
+        if app.reply.streaming:
+            assert live.size.height - len(live._strips) < HEIGHT_STEP <= 4
+        await until(pilot, lambda: app.generation is None)
+
+
+async def test_f6_says_a_whole_reason_at_80_columns(home: Path) -> None:
+    from app.tui.screens.settings import SettingsScreen
+
+    app = make_app(home)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press("f6")
+        await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        app.screen.query_one("#set-max_tokens").value = "-3"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        reason = app.screen.query_one("#error-max_tokens")
+        assert reason.region.right <= 80 and reason.region.height >= 2  # wrapped, not cut at the screen's edge
+        assert str(reason.render()) == "Max tokens must be a whole number, at least 1"
+        await pilot.press("backspace", "backspace", "3", "3")  # keys right after Backspace all arrive
+        assert app.screen.query_one("#set-max_tokens").value == "33"

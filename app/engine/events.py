@@ -67,6 +67,12 @@ class GenerationStats:
     exact: bool = True
     exact_check: str = ""  # the self-check's finding, in words
     speculation: str = ""  # what drafting did or could not do here, and why (e.g. a draft model that cannot pay)
+    # what plain decoding would have taken for the same reply: the first token as it came (always plain), then each
+    # later token at this machine's measured one-token cost (the probe, corrected by live one-token rounds); no
+    # Python overhead counted, so the estimate leans low and the speedup with it. The speedup is plain / actual.
+    plain_time_estimate: float = 0.0
+    speedup_estimate: float = 1.0
+    closed_sources: tuple[str, ...] = ()  # draft sources ("model", "lookup") closed for this reply: they cannot pay here
     backend: str = ""  # which llama.cpp build runs here and where each model's weights live (kernels.py)
 
     @property
@@ -80,7 +86,7 @@ class GenerationStats:
         out["draft_length_histogram"] = {str(k): v for k, v in sorted(self.draft_length_histogram.items())}
         timings = (
             "tokens_per_second", "time_to_first_token", "generation_time", "mean_draft_length", "draft_time", "verify_time",
-            "overhead_time",
+            "overhead_time", "plain_time_estimate", "speedup_estimate",
         )  # fmt: skip
         for key in timings:
             out[key] = round(out[key], 4)
@@ -98,6 +104,9 @@ class GenerationStats:
                 f"({self.acceptance_rate:.0%}), {self.ignored_draft_tokens_count} ignored, "
                 f"mean draft {self.mean_draft_length:.2f}"
             )
+            if self.total_draft_tokens_count:
+                saved = self.plain_time_estimate - self.generation_time
+                line += f", about {self.speedup_estimate:.2f}x plain ({abs(saved):.2f} s {'saved' if saved >= 0 else 'lost'})"
             if self.speculation:
                 line += f" | {self.speculation}"
         if not self.exact:

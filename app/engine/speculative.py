@@ -211,9 +211,19 @@ class SpeculativeEngine:
             prefix = f"--exact: drafts of at most {self.exact_cap} tokens (wider verify batches are not bit-identical here); "
         if not config.adaptive:
             return prefix + f"fixed draft length {self._bounds(config)[1]}"
+        closed = self._closed(config)
+        return prefix + "; ".join(closed.values())
+
+    def closed_sources(self, config: GenerationConfig) -> tuple[str, ...]:
+        """The draft sources a reply with `config` will not use here: they cannot pay (or drafting is blocked)."""
+        if self.blocked:
+            return tuple(self._sources())
+        return tuple(self._closed(config)) if config.adaptive and config.draft_max > 0 else ()
+
+    def _closed(self, config: GenerationConfig) -> dict[str, str]:
         ctl = self.controller(*self._bounds(config))
         ctl.review(self._sources())
-        return prefix + "; ".join(ctl.closed[s] for s in self._sources() if s in ctl.closed)
+        return {s: ctl.closed[s] for s in self._sources() if s in ctl.closed}
 
     def _bounds(self, config: GenerationConfig) -> tuple[int, int]:
         return config.draft_min, min(config.draft_max, self.exact_cap if self.exact_cap is not None else config.draft_max)
@@ -236,6 +246,7 @@ class SpeculativeEngine:
         penalty = PenaltyWindow(settings)
         stats = GenerationStats(draft_model=self.draft_name, backend=self.backend)
         stats.speculation = self.speculation_state(config)
+        stats.closed_sources = self.closed_sources(config)
         controller = self.controller(*self._bounds(config)) if config.adaptive else None
         stats.prompt_tokens_count = len(prompt)
         stream = TextStream(self.main.piece, config.stop)
@@ -362,11 +373,21 @@ class SpeculativeEngine:
             stats.tokens_per_second = len(reply) / stats.generation_time
         sent = sum(n * c for n, c in stats.draft_length_histogram.items())
         stats.mean_draft_length = sent / stats.rounds if stats.rounds else 0.0
+        stats.plain_time_estimate = self._plain_estimate(stats, after_first, controller)
+        stats.speedup_estimate = stats.plain_time_estimate / stats.generation_time if stats.generation_time > 0 else 1.0
         if controller is not None and self._profile_is_stale(controller):
             self.main_profile = retime_main(self.main, self.n_threads, self.main_profile)
             for ctl in self._controllers.values():
                 ctl.verify_cost.set_prior({n - 1: s for n, s in self.main_profile.verify_seconds.items()})
         yield Finished(text="".join(released), tail=tail, tokens=tuple(reply), stats=stats)
+
+    def _plain_estimate(self, stats: GenerationStats, after_first: int, controller: DraftController | None) -> float:
+        """Seconds plain decoding would have taken for this reply (GenerationStats.plain_time_estimate)."""
+        if not stats.total_draft_tokens_count or self.main_profile is PLAIN_ONLY:
+            return stats.generation_time  # nothing was drafted: this was plain decoding
+        one_token = controller.verify_cost.at(0) if controller is not None else None
+        one_token = one_token or self.main_profile.verify_seconds.get(1, 0.0)
+        return stats.time_to_first_token + max(after_first, 0) * one_token
 
     def _profile_is_stale(self, controller: DraftController) -> bool:
         """Live one-token rounds have run well under the probe's time for a sustained stretch (STALE_AFTER)."""

@@ -20,7 +20,7 @@ from typing import Any
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.engine.catalog import ModelEntry, default_search_dirs, find_models
@@ -30,8 +30,8 @@ from app.engine.events import Finished, RoundEvent
 from app.engine.gguf_info import read_gguf_info
 from app.engine.loading import LOOKUP, NO_DRAFT
 from app.engine.speculative import CONTEXT_FULL, MAX_TOKENS
-from app.host import DONE, EngineHost, Job, JobFailed, PairLocked, QueueFull
-from app.server.requests import BadRequest, Parsed, parse
+from app.host import DONE, EngineHost, Job, JobFailed, PairLocked, QueueFull, resolve_spec
+from app.server.requests import BadRequest, Parsed, Speculative, parse
 
 MAX_BODY = 4 << 20  # bytes: a chat far longer than any context, far shorter than a memory problem
 POLL = 0.25  # seconds between checks that a waiting client is still there
@@ -166,7 +166,7 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
                 raise BadRequest(f"model '{parsed.model}' not found (GET /v1/models lists them){_outside(parsed.model)}",
                                  "model", 404, "not_found_error")  # fmt: skip
             main = str(entry.path)
-        draft = parsed.draft_model
+        draft = _mode_draft(parsed, host, main)
         if draft is not None and draft not in (LOOKUP, NO_DRAFT) and not _names(draft, host.spec.draft_path if host.spec else None):
             entry = catalog.find(draft)
             if entry is None:
@@ -185,7 +185,7 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
         try:
             parsed = parse(await read_json(request), host.config.settings, chat)
             main, draft = resolve(parsed)
-            job = Job(parsed.config, parsed.messages, parsed.prompt, main, draft,
+            job = Job(parsed.config, messages=parsed.messages, prompt=parsed.prompt, main=main, draft=draft,
                       reader_timeout=STREAM_READER_TIMEOUT if parsed.stream else None)  # fmt: skip
             arrived = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -195,7 +195,7 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
             return error(exc.status, exc.message, exc.kind, exc.param)
         except QueueFull as exc:
             return error(503, str(exc), "server_busy", headers={"Retry-After": "5"})
-        shape = Shape(chat, lmstudio, parsed.model or loaded_id() or "tandem")
+        shape = Shape(chat, lmstudio, parsed.model or loaded_id() or "tandem", parsed.speculative)
         if parsed.stream:
             return EventSourceResponse(stream(request, job, arrived, shape, parsed.include_usage), ping=15)
         events = [event async for event in wait_for(request, job, arrived)]
@@ -259,6 +259,13 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
             if not done:  # the reader stopped early (a closed stream): nobody wants the rest
                 job.cancel.set()
 
+    async def metrics(request: Request) -> Response:
+        if not authorised(request):
+            return error(401, "a valid API key is required (Authorization: Bearer KEY)", "authentication_error")
+        from app.server.metrics import CONTENT_TYPE, exposition
+
+        return Response(exposition(host), media_type=CONTENT_TYPE)
+
     def endpoint(chat: bool, lmstudio: bool):
         async def handle(request: Request):
             return await generate(request, chat, lmstudio)
@@ -267,6 +274,7 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
 
     routes = [
         Route("/health", health),
+        Route("/metrics", metrics),
         Route("/v1/models", models),
         Route("/api/v0/models", models),
         Route("/v1/chat/completions", endpoint(chat=True, lmstudio=False), methods=["POST"]),
@@ -285,6 +293,24 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
         return error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed, Exception: crashed})
+
+
+def _mode_draft(parsed: Parsed, host: EngineHost, main: str | None) -> str | None:
+    """The draft a request asks for: `draft_model` (LM Studio's), or `speculative.mode`, which must agree with it."""
+    mode = parsed.speculative.mode if parsed.speculative else "auto"
+    draft = parsed.draft_model
+    if mode in (LOOKUP, NO_DRAFT):
+        if draft is not None and draft != mode:
+            raise BadRequest(f"'speculative.mode' is {mode!r} but 'draft_model' names {draft!r}", "speculative.mode")
+        return mode
+    if mode == "model" and draft in (None, LOOKUP, NO_DRAFT):
+        main_path = main or (str(host.spec.main) if host.spec else None)
+        spec = resolve_spec(host.config, main_path) if main_path else None
+        if draft is not None or spec is None or spec.draft_path is None:
+            raise BadRequest("'speculative.mode' is 'model' but no draft model goes with this model: name one with "
+                             "'draft_model'", "speculative.mode")  # fmt: skip
+        return str(spec.draft_path)
+    return draft
 
 
 def _kind(exc: TandemError) -> str:
@@ -309,8 +335,8 @@ def finish_reason(finished: Finished) -> str:
 class Shape:
     """OpenAI's response objects (chat or text completion), with LM Studio's `stats` on /api/v0."""
 
-    def __init__(self, chat: bool, lmstudio: bool, model: str):
-        self.chat, self.lmstudio, self.model = chat, lmstudio, model
+    def __init__(self, chat: bool, lmstudio: bool, model: str, speculative: Speculative | None = None):
+        self.chat, self.lmstudio, self.model, self.speculative = chat, lmstudio, model, speculative
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
 
@@ -330,8 +356,15 @@ class Shape:
             choice = {"index": 0, "text": finished.text, "logprobs": None, "finish_reason": finish_reason(finished)}
         body = self._head(False) | {"choices": [choice], "usage": self.usage(finished)}
         if self.lmstudio:
-            body["stats"] = finished.stats.as_dict()
+            body["stats"] = self.stats(finished)
         return body
+
+    def stats(self, finished: Finished) -> dict[str, Any]:
+        """LM Studio's `stats`, with the request's `speculative` object as it was applied."""
+        stats = finished.stats.as_dict()
+        if self.speculative is not None:
+            stats["speculative"] = self.speculative.echo() | {"used": finished.stats.draft_model or "none"}
+        return stats
 
     def chunk(self, text: str = "", role: bool = False, finish: str | None = None, finished: Finished | None = None) -> dict[str, Any]:
         if self.chat:
@@ -341,7 +374,7 @@ class Shape:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         body = self._head(True) | {"choices": [choice]}
         if self.lmstudio and finished is not None:
-            body["stats"] = finished.stats.as_dict()
+            body["stats"] = self.stats(finished)
         return body
 
     def usage_chunk(self, finished: Finished) -> dict[str, Any]:

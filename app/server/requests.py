@@ -29,6 +29,22 @@ class BadRequest(Exception):
         self.message, self.param, self.status, self.kind = message, param, status, kind
 
 
+SPECULATIVE_MODES = ("auto", "model", "lookup", "none")  # auto: the model's default draft, adaptive
+
+
+@dataclass(frozen=True)
+class Speculative:
+    """A request's `speculative` object: how to draft for it (echoed in its `stats`)."""
+
+    mode: str
+    draft_max: int
+    draft_min: int
+    draft_p_min: float
+
+    def echo(self) -> dict[str, object]:
+        return {"mode": self.mode, "draft_max": self.draft_max, "draft_min": self.draft_min, "draft_p_min": self.draft_p_min}
+
+
 @dataclass
 class Parsed:
     config: GenerationConfig
@@ -38,6 +54,7 @@ class Parsed:
     draft_model: str | None  # None: the model's default draft
     messages: list[Message] | None = None
     prompt: str | None = None
+    speculative: Speculative | None = None
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float | None = None, integer: bool = False) -> Any:
@@ -105,9 +122,11 @@ def parse(body: Any, settings: Settings, chat: bool) -> Parsed:
         repeat_penalty=_number(body, "repeat_penalty", settings.repeat_penalty, 1e-6, 100.0),
         seed=seed if seed is not None else (None if settings.seed < 0 else settings.seed),
     )
+    speculative = _speculative(body, settings)
+    drafting = speculative or Speculative("auto", settings.draft_max, settings.draft_min, settings.draft_p_min)
     config = GenerationConfig(
         max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", settings.max_tokens, 1, 1 << 20, integer=True),
-        draft_max=settings.draft_max, draft_min=settings.draft_min, draft_p_min=settings.draft_p_min,
+        draft_max=drafting.draft_max, draft_min=drafting.draft_min, draft_p_min=drafting.draft_p_min,
         stop=_stop(body), sampler=sampler, adaptive=settings.adaptive,
     )  # fmt: skip
     stream = body.get("stream", False)
@@ -116,7 +135,8 @@ def parse(body: Any, settings: Settings, chat: bool) -> Parsed:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
-    parsed = Parsed(config, stream, bool(options.get("include_usage")), _optional_text(body, "model"), _draft(body))
+    parsed = Parsed(config, stream, bool(options.get("include_usage")), _optional_text(body, "model"), _draft(body),
+                    speculative=speculative)  # fmt: skip
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -134,6 +154,35 @@ def parse(body: Any, settings: Settings, chat: bool) -> Parsed:
             raise BadRequest("'prompt' must be a non-empty string", "prompt")
         parsed.prompt = prompt
     return parsed
+
+
+def _speculative(body: dict, settings: Settings) -> Speculative | None:
+    """`speculative`: {"mode": auto|model|lookup|none, "draft_max", "draft_min", "draft_p_min"}, each optional,
+    within the same limits as the settings (Settings.LIMITS); the server's settings fill what is left out."""
+    value = body.get("speculative")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadRequest("'speculative' must be an object", "speculative")
+    fields = {"mode": None, "draft_max": True, "draft_min": True, "draft_p_min": False}  # name -> integer?
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise BadRequest(f"'speculative.{unknown[0]}' is not a field of 'speculative' ({', '.join(fields)})", f"speculative.{unknown[0]}")
+    mode = value.get("mode", "auto")
+    if mode not in SPECULATIVE_MODES:
+        raise BadRequest(f"'speculative.mode' must be one of {', '.join(SPECULATIVE_MODES)}, got {mode!r}", "speculative.mode")
+    numbers = {}
+    for name, integer in fields.items():
+        if integer is None:
+            continue
+        low, high = Settings.LIMITS[name]
+        try:
+            numbers[name] = _number(value, name, getattr(settings, name), low or 0, high, integer=integer)
+        except BadRequest as exc:
+            raise BadRequest(exc.message.replace(f"'{name}'", f"'speculative.{name}'"), f"speculative.{name}") from None
+    if numbers["draft_min"] > numbers["draft_max"]:
+        raise BadRequest("'speculative.draft_min' must not be more than draft_max", "speculative.draft_min")
+    return Speculative(mode, **numbers)
 
 
 def _draft(body: dict) -> str | None:

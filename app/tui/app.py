@@ -37,7 +37,7 @@ from app.engine.transcript import ReplyTranscript
 from app.history import Conversation, ConversationLog, HistoryStore, read_conversation
 from app.host import DONE, EngineHost, Job, JobFailed
 from app.server import DEFAULT_HOST, DEFAULT_PORT, ServerThread
-from app.tui.choices import DEMO, conversation_choices, draft_choices, model_choices, model_label, quantization
+from app.tui.choices import DEMO, conversation_choices, draft_choices, model_choices, model_label
 from app.tui.generation import ChatJob, Failed, Generation, HostGeneration, LiveStats
 from app.tui.pacing import BUDGET_SHARED, RefreshPacer, ui_budget
 from app.tui.screens.help import HelpScreen
@@ -532,6 +532,7 @@ class TandemApp(App[None]):
         if self.engine is not None:
             self.session = ChatSession(self.engine, system=self.config.settings.system or None)
             self.left_out_said = 0
+        self.last_finished, self.live = None, LiveStats()  # the last chat's figures are not this one's
         self.ctx_used = 0  # nothing of the new chat is in the context yet (what it can reuse, its first turn keeps)
         self.log_file.close()
         self.log_file = self.history.new_log()
@@ -684,7 +685,7 @@ class TandemApp(App[None]):
         else:
             self._serving_figures = None
         if self.engine is not None and self.spec is not None:
-            info.main = f"{self.engine.main.name} {quantization(self.engine.main.info)}"
+            info.main = self.engine.main.path.name  # by the file picked, as the draft is (its metadata name can mislead)
             info.draft = describe_draft(self.spec.draft) if self.spec.draft != NO_DRAFT else "none"
             info.ctx_size = self.engine.n_ctx
             # while a turn runs, the context as the engine fills it; between turns, as the last turn of this
@@ -696,20 +697,35 @@ class TandemApp(App[None]):
         if self.loading:
             info.state = "loading"
         elif self.generation is not None:
-            info.state = "reading" if self.reading is not None else "generating"
+            info.state = "generating" if self.live.rounds else "reading"  # the prompt first, then tokens
             info.tokens_per_second = self.live.tokens_per_second
             info.acceptance = self.live.acceptance if self.live.sent else None
+            info.drafted = self.live.sent
             info.draft_length = self.live.last_k if self.live.rounds else None
         elif self.engine is None:
             info.state = "no model"
         elif self.last_finished is not None:  # between replies the last reply's figures stay up
             stats = self.last_finished.stats
             info.tokens_per_second = stats.tokens_per_second
-            sent = stats.accepted_draft_tokens_count + stats.rejected_draft_tokens_count
-            info.acceptance = stats.acceptance_rate if sent else None
+            info.drafted = stats.accepted_draft_tokens_count + stats.rejected_draft_tokens_count
+            info.acceptance = stats.acceptance_rate if info.drafted else None
             info.draft_length = self.live.last_k if self.live.rounds else None
-            info.draft_off = "draft model off" in stats.speculation or bool(self.engine and self.engine.blocked)
+            info.speedup = stats.speedup_estimate if stats.total_draft_tokens_count else None
+        info.draft_state = self._draft_state()
         return info
+
+    def _draft_state(self) -> str:
+        """Closed (the last reply could not use its draft source here), idle (open, but the last round drafted
+        nothing), drafting, or "" with no draft at all: from the engine's figures, never from its sentences."""
+        if self.spec is None or self.spec.draft == NO_DRAFT or self.engine is None:
+            return ""
+        source = "lookup" if self.spec.draft == LOOKUP else "model"
+        closed = self.last_finished.stats.closed_sources if self.last_finished is not None else ()
+        if self.engine.blocked or source in closed:
+            return "off"
+        if self.live.rounds:
+            return "idle" if self.live.last_source == "none" else "drafting"
+        return ""
 
     def refresh_status(self) -> None:
         self.status_bar.show(self._status_info())

@@ -181,6 +181,7 @@ class LiveStats:
         self.sent = 0
         self.last_k = 0
         self.rounds = 0
+        self.last_source = ""  # the last round's draft source ("model", "lookup"; "none": it drafted nothing)
 
     def add(self, event: RoundEvent) -> None:
         self.rounds += 1
@@ -188,6 +189,7 @@ class LiveStats:
         self.accepted += event.n_accepted
         self.sent += len(event.drafted)
         self.last_k = len(event.drafted)
+        self.last_source = event.draft_source
         if not self.first_at:
             self.first_at = time.perf_counter()
             self.tokens_at_first = self.tokens

@@ -29,6 +29,20 @@ EXPLAIN = {
     "help": "This list of keys (Esc, F1 or Q closes it)",
     "quit": "Quit (a reply being written is stopped; the chat is already saved)",
 }
+# what the status bar's words mean (a new user asked)
+STATUS_WORDS = [
+    ("reading / generating", "Reading the conversation (the prompt) into the context, then writing the reply"),
+    ("tok/s", "Reply tokens per second, counted from the first token"),
+    ("accept 62% of 40", "Of the 40 draft tokens the main model checked, it kept 62%: a rate over few tokens says little"),
+    ("k 4", "The draft length of the last round: tokens proposed before the main model checks them in one batch"),
+    ("off / idle", "Off: the draft cannot pay on this machine (F4 says why). Idle: it is on, but the last round "
+                   "drafted nothing because drafting would not have paid there"),
+    ("exact / ≈plain", "Exact: the reply is token for token what plain decoding gives. ≈plain: this CPU's fastest "
+                       "kernels add up a batch slightly differently, so a near-tie may go the other way (same "
+                       "quality; --exact or Settings make it exact)"),
+    ("ctx 812/4096", "Tokens of the context in use, of its size"),
+]
+
 # the app's actions by group, in this order; any other binding goes under "More"
 GROUPS = [
     ("Chat", ["cancel_reply", "scroll_chat", "new_chat", "history"]),
@@ -108,6 +122,7 @@ class HelpScreen(ModalScreen[None]):
                 ("Home / End", "First or last round"),
             ],
         ))  # fmt: skip
+        sections.append(("The status bar", STATUS_WORDS))
         return sections
 
     def compose(self) -> ComposeResult:

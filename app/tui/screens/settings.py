@@ -73,7 +73,7 @@ def field_errors(settings: Settings, values: dict[str, object]) -> tuple[Setting
 class SettingsScreen(ModalScreen[Settings | None]):
     BINDINGS: ClassVar[list[Binding]] = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save", priority=True)]
     DEFAULT_CSS = """
-    SettingsScreen .setting-error { color: $error; height: auto; padding: 0 0 0 36; display: none; }
+    SettingsScreen .setting-error { color: $error; width: 100%; height: auto; padding: 0 0 0 36; display: none; }
     SettingsScreen .setting-error.-shown { display: block; }
     """
 

@@ -45,7 +45,9 @@ class UserMessage(Static):
         self.border_title = "You"
 
 
-HEIGHT_STEP = 16  # a streaming reply grows in steps of this many lines: one layout pass per step
+# A streaming reply grows in steps of this many lines: one layout pass per step, and never more than a step's
+# worth of blank lines under the text (16 left up to 15 blank lines: on an 80x24 terminal, most of the screen).
+HEIGHT_STEP = 4
 
 
 class LiveReply(Widget):

@@ -47,8 +47,9 @@ _VISIBLE = {i: chr(0x2400 + i) for i in range(32)} | {0x0A: "⏎", 0x09: "⇥", 
 
 
 def token_label(piece: bytes) -> str:
-    """A token's text as it shows in one line: control characters as visible symbols, nothing as ∅."""
-    text = piece.decode("utf-8", errors="replace").translate(_VISIBLE)
+    """A token's text as it shows in one line: control characters as visible symbols, nothing as ∅, and a
+    piece of a character (a token can end mid-UTF-8) as its bytes (\\xe4), not as �."""
+    text = piece.decode("utf-8", errors="backslashreplace").translate(_VISIBLE)
     if not text:
         return "∅"
     return text if cell_len(text) else "◌" + text  # a lone combining mark would be invisible

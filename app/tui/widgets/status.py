@@ -32,7 +32,15 @@ class StatusInfo:
     state: str = ""
     vram: tuple[int, int] | None = None
     exact: bool | None = None  # output identical to plain decoding (the kernels' self-check)
-    draft_off: bool = False  # the draft model cannot pay on this machine (why: the debug pane, F4)
+    # what drafting does: "off" (closed: it cannot pay on this machine), "idle" (open, but the last round drafted
+    # nothing: it would not pay there), "drafting", or "" (no draft); why: the debug pane, F4
+    draft_state: str = ""
+    drafted: int | None = None  # draft tokens the main model checked (what the acceptance rate is of)
+    speedup: float | None = None  # the last reply's estimated speed against plain decoding (GenerationStats)
+
+    @property
+    def draft_off(self) -> bool:
+        return self.draft_state == "off"
     serving: str = ""  # the API's URL and requests served and queued, while F9 serves
 
 
@@ -67,7 +75,8 @@ class Shape:
 
     main: int | None = None  # the main model's name: None whole, 0 left out, else at most this many cells
     draft: int | None = None  # likewise; 0: left out when the draft is off, else 6 cells
-    off: str = " (off: cannot pay here, F4)"
+    state_words: int = 0  # how the draft's state is said: DRAFT_STATE's longest (0) to shortest (2)
+    speedup: bool = True
     vram: bool = True
     ram: bool = True
     k: bool = True
@@ -83,19 +92,24 @@ STEPS: list[Callable[[Shape], Shape]] = [
     lambda s: replace(s, main=34, draft=28),
     lambda s: replace(s, vram=False),
     lambda s: replace(s, ram=False),
+    lambda s: replace(s, speedup=False),
     lambda s: replace(s, main=24, draft=18),
-    lambda s: replace(s, off=" off (F4)", serving="short"),
+    lambda s: replace(s, state_words=1, serving="short"),
     lambda s: replace(s, gap=" ", accept="acc "),
     lambda s: replace(s, main=16, draft=14),
     lambda s: replace(s, k=False),
     lambda s: replace(s, main=0),  # each reply's title names the main model
     lambda s: replace(s, exact=False),
-    lambda s: replace(s, draft=10, off=" off"),
+    lambda s: replace(s, draft=10, state_words=2),
     lambda s: replace(s, state="short", draft=8),
     lambda s: replace(s, draft=0),  # the draft's name goes when it is off; else its first letters stay
     lambda s: replace(s, serving="compact"),
 ]
 STATE_SHORT = {"generating": "gen", "loading": "load", "no model": "none"}
+DRAFT_STATE = {
+    "off": (" (off: cannot pay here, F4)", " off (F4)", " off"),
+    "idle": (" (idle: would not pay this round)", " idle (F4)", " idle"),
+}
 
 
 def status_line(info: StatusInfo, ram: int | None, shape: Shape) -> Text:
@@ -122,11 +136,15 @@ def status_line(info: StatusInfo, ram: int | None, shape: Shape) -> Text:
     if not (shape.draft == 0 and info.draft_off):
         text.append(" ")
         text.append(shorten(info.draft, 6 if shape.draft == 0 else shape.draft), "bold")
-    if info.draft_off:
-        text.append(shape.off, "yellow")
+    if info.draft_state in DRAFT_STATE:
+        text.append(DRAFT_STATE[info.draft_state][shape.state_words], "yellow")
     text.append(f"{gap}{info.tokens_per_second:5.1f} tok/s" if gap == "  " else f"{gap}{info.tokens_per_second:.1f} tok/s", "green")
+    if shape.speedup and info.speedup is not None:
+        text.append(f" ({info.speedup:.2f}x plain)", "dim")
     text.append(f"{gap}{shape.accept}", "dim")
     text.append("—" if info.acceptance is None else f"{info.acceptance:.0%}")
+    if info.acceptance is not None and info.drafted is not None:  # a rate of how much: 95% of 3 is not 95% of 300
+        text.append(f" of {info.drafted:,}" if shape.accept == "accept " else f"/{info.drafted:,}", "dim")
     if shape.k:
         text.append(f"{gap}k ", "dim")
         text.append("—" if info.draft_length is None else str(info.draft_length))

@@ -1,0 +1,55 @@
+"""GET /metrics: the host's counters in Prometheus's text format, named like llama-server's (`llamacpp:` there,
+`tandem:` here) so one dashboard reads both. Draft counters keep llama.cpp's meanings: a draft is one
+drafting call (a round that drafted), draft tokens are the tokens sent for verification, accepted ones
+those the main model kept; `draft_accepted_at_position` counts, per position in a draft, the rounds whose
+token at that position was kept (position 1 is the first drafted token)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from app.host import EngineHost
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class HostCollector:
+    """Reads the host's counters at each scrape (nothing is kept twice)."""
+
+    def __init__(self, host: EngineHost):
+        self.host = host
+
+    def collect(self) -> Iterator[Metric]:
+        host, counted = self.host, self.host.counters
+        totals = [
+            ("requests", "Requests that ended with a reply", counted.requests),
+            ("requests_failed", "Requests that ended with an error", counted.failed),
+            ("requests_stalled", "Streams ended because their client stopped reading", counted.stalled),
+            ("prompt_tokens", "Prompt tokens evaluated (a reused KV prefix is not)", counted.prompt_tokens),
+            ("tokens_predicted", "Tokens generated", counted.predicted_tokens),
+            ("tokens_predicted_seconds", "Time spent generating, in seconds", counted.generation_seconds),
+            ("drafts", "Drafting calls: rounds that drafted tokens", counted.drafts),
+            ("draft_tokens", "Draft tokens sent to the main model for verification", counted.draft_tokens),
+            ("draft_tokens_accepted", "Draft tokens the main model accepted", counted.draft_accepted),
+        ]
+        for name, help_text, value in totals:
+            yield CounterMetricFamily(f"tandem:{name}", help_text, value=value)
+        by_position = CounterMetricFamily("tandem:draft_accepted_at_position", "Rounds whose draft token at this position "
+                                          "(1 = the first drafted) was accepted", labels=["position"])  # fmt: skip
+        for position, value in enumerate(list(counted.accepted_at), start=1):
+            by_position.add_metric([str(position)], value)
+        yield by_position
+        yield GaugeMetricFamily("tandem:requests_processing", "Requests being generated now", value=int(host.running is not None))
+        yield GaugeMetricFamily("tandem:requests_deferred", "Requests waiting in the queue", value=host.queued)
+        yield GaugeMetricFamily("tandem:model_ready", "1 when the models are loaded and serving", value=int(host.state == "ready"))
+
+
+def exposition(host: EngineHost) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HostCollector(host))
+    return generate_latest(registry)
