@@ -229,7 +229,7 @@ def test_measurements_on_a_busy_machine_are_used_but_not_kept(kquant, monkeypatc
     if len(kernels.candidates()) <= 1:
         pytest.skip("this CPU's backend offers no weight placement but plain memory")
     busy = [Trial(bufts, 0.05, {8: 0.2}, [8], cpu_share=0.4) for bufts in kernels.candidates()]
-    monkeypatch.setattr(kernels, "trial", lambda path, bufts, n_threads: next(t for t in busy if t.bufts == bufts))
+    monkeypatch.setattr(kernels, "trial", lambda path, bufts, n_threads, cancel=None: next(t for t in busy if t.bufts == bufts))
     choice = kernels.cached_choice(kquant, 2, "main")
     assert choice.bufts == kernels.candidates()[0] and probe.load_cache() == {}
     model = Model(kquant, kernels=kernels.PLAIN_CHOICE)  # (the made-up trials above vouch for no real kernel)

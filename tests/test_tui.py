@@ -522,7 +522,7 @@ async def test_reading_a_reopened_conversation_shows_progress_and_esc_stops_it(
             yield event
 
     monkeypatch.setattr(speculative.SpeculativeEngine, "generate", paced_generate)
-    app = make_app(home)
+    app = make_app(home, ctx_size=1024)  # the whole conversation fits, with room for a reply: it is read from its start
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.engine is not None)
         await pilot.press("f7")
