@@ -60,6 +60,21 @@ def test_version_names_the_backend_in_use() -> None:
     assert re.search(rf"CPU backend {re.escape(backends.backends().cpu_variant)} on ", out.stdout), out.stdout
 
 
+def test_a_gpu_build_on_a_machine_without_a_gpu_answers_on_its_cpu(tiny) -> None:
+    """A CUDA build (`CMAKE_ARGS=-DGGML_CUDA=on make setup`) run where there is no GPU or driver: the CUDA backend
+    is skipped, the CPU variant answers. Runs in a venv that has such a build (skipped in the CPU-only CI)."""
+    if not any(backends.library_dir().glob("*ggml-cuda*")):
+        pytest.skip("this venv's llama.cpp has no CUDA backend")
+    if backends.backends().accelerators:
+        pytest.skip("a GPU is here: this is not the machine this test is about")
+    assert backends.cuda_runtime_dirs()  # NVIDIA's wheels, installed by packaging/cuda_libs.py
+    args = ["-m", "app", "--model", str(tiny.main), "--draft", str(tiny.draft), "--prompt", "hi", "-n", "4", "-t", "2", "-c", "256"]
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    version = subprocess.run([sys.executable, "-m", "app", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "CPU backend" in version.stdout and "CUDA" not in version.stdout
+
+
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="qemu-user not installed (Debian: qemu-user)")
 @pytest.mark.parametrize("cpu,variant", [("Haswell", "haswell"), ("Nehalem", "sse42")])
 def test_an_older_cpu_gets_its_own_build_and_answers(tiny, cpu, variant) -> None:

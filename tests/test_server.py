@@ -238,7 +238,7 @@ def test_a_stream_whose_client_reads_nothing_does_not_hold_the_queue(tiny, monke
     monkeypatch.setattr(api, "STREAM_READER_TIMEOUT", 1.0)
     with running_server(tiny, ctx_size=1024) as (base, _host, submitted):
         port = int(base.rsplit(":", 1)[1])
-        body = json.dumps({"messages": CHAT, "max_tokens": 1000, "stream": True, "temperature": 0.8,
+        body = json.dumps({"messages": CHAT, "max_tokens": 1000, "stream": True, "temperature": 0,
                            "draft_model": "none"}).encode()  # fmt: skip
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -91,7 +91,7 @@ async def test_prompt_streams_a_reply_and_saves_it(home: Path) -> None:
         assert [m.role for m in app.session.messages] == ["user", "assistant"]
         assert "tok/s" in str(reply.border_subtitle)
         status = str(app.query_one("#status").render())
-        assert "tiny-main" in status and "draft.gguf" in status
+        assert "main.gguf" in status and "draft.gguf" in status  # both named by the file picked
     saved = HistoryStore().conversations()
     assert len(saved) == 1 and saved[0].messages[0].content == "the cat sat"
     assert saved[0].messages[1].content == app.last_finished.text

@@ -38,7 +38,7 @@ def base_url(host: str, port: int) -> str:
     return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
 
 
-SEND_BUFFER = 32 * 1024  # bytes; Linux doubles it for bookkeeping
+SEND_BUFFER = 16 * 1024  # bytes (Linux doubles it for bookkeeping): token streams need little; a stall shows soon
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
