@@ -154,8 +154,8 @@ def read_conversation(path: Path) -> Conversation:
             for line in lines:
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill mid-write
+                except (ValueError, RecursionError):
+                    continue  # a line torn by a kill mid-write (or not ours)
                 if not isinstance(record, dict):
                     continue
                 if "assistant" in record:
@@ -197,7 +197,7 @@ class Summary:
 
 
 SNIPPET = 120
-_summaries: dict[tuple[Path, int, int], Summary] = {}  # (path, mtime_ns, size) -> Summary: a file read once per change
+_summaries: dict[Path, tuple[int, int, Summary]] = {}  # path -> (mtime_ns, size, Summary): a file read once per change
 
 
 def summarize(path: Path) -> Summary | None:
@@ -207,9 +207,10 @@ def summarize(path: Path) -> Summary | None:
         stat = path.stat()
     except OSError:
         return None
-    key = (path, stat.st_mtime_ns, stat.st_size)
-    if key in _summaries:
-        return _summaries[key]
+    version = (stat.st_mtime_ns, stat.st_size)
+    cached = _summaries.get(path)
+    if cached is not None and cached[:2] == version:
+        return cached[2]
     questions: list[str] = []
     roles: list[str] = []  # each message's role, as read_conversation would build them
     open_reply, replies, first_reply = False, 0, ""  # open_reply: the next delta continues the last message
@@ -242,13 +243,13 @@ def summarize(path: Path) -> Summary | None:
         return None
     first, last = (questions[0], questions[-1]) if questions else ("", "")
     summary = Summary(path, stat.st_mtime, len(roles), len(questions), first, last, first_reply[:SNIPPET])
-    _summaries[key] = summary
+    _summaries[path] = (*version, summary)
     return summary
 
 
 def _record(line: str) -> dict:
     try:
         record = json.loads(line)
-    except json.JSONDecodeError:
-        return {}  # a line torn by a kill mid-write
+    except (ValueError, RecursionError):
+        return {}  # a line torn by a kill mid-write (or not ours: nested beyond what the parser takes)
     return record if isinstance(record, dict) else {}

@@ -142,10 +142,10 @@ class Job:
             self.wake()
 
     def take(self) -> object:
-        """The next item, for the job's reader (queue.Empty when none): reading is what keeps it going."""
-        item = self.events.get_nowait()
+        """The next item, for the job's reader (queue.Empty when none): reading, or finding nothing left to read,
+        is what keeps the job going."""
         self.last_read = time.monotonic()
-        return item
+        return self.events.get_nowait()
 
     def wait_for_reader(self) -> None:
         """Hold generation while the reader is READER_BACKLOG rounds behind; cancel the job when it has read
@@ -276,6 +276,7 @@ class EngineHost:
                     continue
                 del self._queued[at]
                 self.running = job
+                job.last_read = time.monotonic()  # time spent queued is not the reader's stall
             try:
                 if not job.cancel.is_set():  # a client that left while queued costs nothing
                     self._run(job)
@@ -303,7 +304,8 @@ class EngineHost:
                 if isinstance(event, Finished) and job.counted:
                     self.served += 1  # before the event goes out: whoever reads it sees the count include it
                 self._put(job, event)
-                job.wait_for_reader()
+                if not isinstance(event, Finished):  # a finished reply holds nothing: the next job may start
+                    job.wait_for_reader()
         except TandemError as exc:
             self._put(job, JobFailed(exc))
         except Exception as exc:  # never a dead worker: the job fails, the next one runs

@@ -527,6 +527,9 @@ def test_a_conversation_longer_than_the_context_is_read_from_its_latest_turns(mo
     start, grown = window.start, system + turns
     grown += [Message("user", "and the dog?"), Message("assistant", "it sat too")]
     assert fit_chat(main, grown, n_ctx=512, reserve=64, window=window).left_out == start  # the same prefix
+    too_long = [*grown, Message("user", "the cat sat " * 200)]  # one question longer than the context
+    assert fit_chat(main, too_long, n_ctx=512, reserve=64, window=window).left_out == len(grown) - 1
+    assert window.start == start  # left where it was: the next, shorter question is read with the turns before it
     short = fit_chat(main, system + turns[:4], n_ctx=512, reserve=64)
     assert short.left_out == 0 and short.tokens == tokenize_chat(main, system + turns[:4])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -232,6 +233,30 @@ def test_a_reader_that_stops_reading_loses_its_job_and_the_next_one_runs(tiny) -
         host.stop()
 
 
+def test_a_finished_reply_is_not_held_for_its_reader_and_queueing_is_not_a_stall(tiny) -> None:
+    host = EngineHost(config_for(tiny))
+    try:
+        plain = GenerationConfig(max_tokens=16, draft_max=0, sampler=SamplerSettings(temperature=0.0))
+        ahead = host.submit(Job(plain, prompt="the cat"))
+        waiting = host.submit(Job(plain, prompt="the dog", reader_timeout=0.3))  # 16 rounds + Finished, read by nobody
+        time.sleep(0.5)  # queued longer than its reader timeout: not the reader's stall
+        host.start()
+        events_of(ahead, 60)
+        done = time.monotonic()
+        while host.running is not None or host.queued:
+            time.sleep(0.01)
+        assert time.monotonic() - done < 0.3 and not waiting.stalled  # ended at once, complete
+        finished = [e for e in events_of(waiting, 5) if isinstance(e, Finished)]
+        assert finished and finished[0].stats.predicted_tokens_count == 16
+        job = Job(plain, reader_timeout=1.0)
+        job.last_read = 0.0
+        with pytest.raises(queue.Empty):
+            job.take()  # a reader that finds nothing to read is keeping up
+        assert job.last_read > 0.0
+    finally:
+        host.stop()
+
+
 def test_a_stream_whose_client_reads_nothing_does_not_hold_the_queue(tiny, monkeypatch) -> None:
     """A real client that sends its request and then never reads (a small receive window, as a stuck reader
     has): its stream ends after the timeout and the request queued behind it is answered."""
@@ -282,14 +307,14 @@ def test_metrics_count_requests_tokens_and_drafts_in_prometheus_format(tiny) -> 
 
 
 def test_a_request_chooses_its_speculation_and_gets_it_echoed(tiny) -> None:
-    with running_server(tiny, draft_max=4, adaptive=False) as (base, _host, _):
+    with running_server(tiny, draft_max=4, draft_min=1, adaptive=False) as (base, _host, _):
         def ask(speculative: dict, **more) -> httpx.Response:
             body = {"messages": CHAT, "temperature": 0, "max_tokens": 12, "speculative": speculative, **more}
             return httpx.post(f"{base}/api/v0/chat/completions", json=body, timeout=60)
 
         plain = ask({"mode": "none"}).json()["stats"]
         assert plain["draft_model"] is None and plain["total_draft_tokens_count"] == 0
-        assert plain["speculative"] == {"mode": "none", "draft_max": 4, "draft_min": 0, "draft_p_min": 0.0, "used": "none"}
+        assert plain["speculative"] == {"mode": "none", "draft_max": 4, "draft_min": 1, "draft_p_min": 0.0, "used": "none"}
         model = ask({"mode": "model", "draft_max": 2}).json()["stats"]
         assert model["draft_model"].startswith("tiny-draft") and set(model["draft_length_histogram"]) <= {"0", "1", "2"}
         assert model["speculative"]["draft_max"] == 2 and model["speculative"]["used"].startswith("tiny-draft")
@@ -298,6 +323,7 @@ def test_a_request_chooses_its_speculation_and_gets_it_echoed(tiny) -> None:
         twin = ask({"mode": "model"}, draft_model="twin").json()["stats"]  # LM Studio's field names the model
         assert twin["draft_model"].startswith("tiny-twin") and twin["accepted_draft_tokens_count"] > 0
         assert plain and ask({}).status_code == 200
+        assert ask({"draft_max": 0}).json()["stats"]["speculative"]["draft_min"] == 0  # below the server's minimum
 
         for speculative, more, param in [
             ({"mode": "fast"}, {}, "speculative.mode"), ({"draft_max": 65}, {}, "speculative.draft_max"),

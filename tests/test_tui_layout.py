@@ -148,12 +148,17 @@ async def test_key_hints_show_what_fits_with_f1_first(home: Path) -> None:
         assert len(hints.shown(200)) == len(hints.hints) and "Serve" in hints.render().plain
 
 
+async def open_screen(pilot, app: TandemApp, key: str, screen: type) -> None:
+    """Once the models are loaded, press `key` and wait for `screen` to be on top."""
+    await until(pilot, lambda: app.engine is not None)
+    await pilot.press(key)
+    await until(pilot, lambda: isinstance(app.screen, screen))
+
+
 async def test_f1_lists_every_key_once_with_what_it_does(home: Path) -> None:
     app = make_app(home)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: app.engine is not None)
-        await pilot.press("f1")
-        await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        await open_screen(pilot, app, "f1", HelpScreen)
         sections = app.screen.sections()
         rows = [row for _, section in sections for row in section if row[0]]
         keys = [k for label, _ in rows for k in label.split(" / ")]
@@ -509,9 +514,7 @@ async def test_f6_says_a_whole_reason_at_80_columns(home: Path) -> None:
 
     app = make_app(home)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: app.engine is not None)
-        await pilot.press("f6")
-        await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        await open_screen(pilot, app, "f6", SettingsScreen)
         app.screen.query_one("#set-max_tokens").value = "-3"
         await pilot.press("ctrl+s")
         await pilot.pause()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import itertools
 import re
@@ -69,20 +70,21 @@ def render_chat(model: Model, messages: list[Message], add_generation_prompt: bo
         rendered = _render_builtin(name, messages, add_generation_prompt)
         if rendered is not None:
             used = "llama.cpp's built-in template" + ("" if name == template else f" '{name}'")
-            return RenderedChat(rendered, TemplateFallback(model.path.name, reason, used, _first_report(model, reason)))
+            return RenderedChat(rendered, TemplateFallback(model.path.name, reason, used))
     rendered = _render_chatml(messages, add_generation_prompt)
-    return RenderedChat(rendered, TemplateFallback(model.path.name, reason, "ChatML", _first_report(model, reason)))
+    return RenderedChat(rendered, TemplateFallback(model.path.name, reason, "ChatML"))
 
 
 _reported: set[tuple[str, str]] = set()
 
 
-def _first_report(model: Model, reason: str) -> bool:
-    """True the first time this model falls back for this reason in this process (front-ends say it once)."""
-    key = (str(model.path), reason)
+def _first_report(fallback: TemplateFallback) -> TemplateFallback:
+    """The fallback, `first` only the first time this model falls back for this reason in this process (a chat
+    need not say it every turn). Decided once per turn, where the turn's notices are made, not per rendering."""
+    key = (fallback.model, fallback.reason)
     first = key not in _reported
     _reported.add(key)
-    return first
+    return dataclasses.replace(fallback, first=first)
 
 
 def _first_line(exc: Exception) -> str:
@@ -248,7 +250,8 @@ class FittedChat:
 
     def notices(self, total: int) -> list[TemplateFallback | EarlierMessagesLeftOut]:
         """What a front-end should say before the reply (total: the conversation's messages)."""
-        said: list[TemplateFallback | EarlierMessagesLeftOut] = [self.rendered.fallback] if self.rendered.fallback else []
+        fallback = self.rendered.fallback
+        said: list[TemplateFallback | EarlierMessagesLeftOut] = [_first_report(fallback)] if fallback else []
         return said + ([EarlierMessagesLeftOut(self.left_out, total)] if self.left_out else [])
 
 
@@ -282,10 +285,12 @@ def fit_chat(model: Model, messages: list[Message], n_ctx: int, reserve: int, wi
                 fitted, high = found, middle - 1
             else:
                 low = middle + 1
-        if fitted is None:  # even the last question alone does not fit: the engine says so (ContextOverflowError)
-            kept = head + body[starts[-1] :]
+        if fitted is None:  # nothing fits in 3/4: the longest suffix that fits the whole budget, if any
+            fitted = next((f for s in later if (f := attempt(s, budget)) is not None), None)
+        if fitted is None:  # even the last question alone does not fit: the engine says so (ContextOverflowError);
+            kept = head + body[starts[-1] :]  # the window stays where it was, for the next, shorter question
             rendered = render_chat(model, kept)
-            fitted = FittedChat(tokenize_chat(model, kept, rendered=rendered), rendered, starts[-1])
+            return FittedChat(tokenize_chat(model, kept, rendered=rendered), rendered, starts[-1])
     window.start = fitted.left_out
     return fitted
 

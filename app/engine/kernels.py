@@ -262,7 +262,10 @@ def trial(path: Path, bufts: tuple[str, ...], n_threads: int, cancel: threading.
             try:
                 stdout, _ = child.communicate(timeout=0.25)  # retried: no output is lost
                 break
-            except subprocess.TimeoutExpired:
+            except BaseException as exc:  # Ctrl+C or an error here: no trial child is left running
+                if not isinstance(exc, subprocess.TimeoutExpired):
+                    child.kill()
+                    raise
                 called_off = cancel is not None and cancel.is_set()
                 if called_off or time.monotonic() > deadline:
                     child.kill()

@@ -304,13 +304,23 @@ def _mode_draft(parsed: Parsed, host: EngineHost, main: str | None) -> str | Non
             raise BadRequest(f"'speculative.mode' is {mode!r} but 'draft_model' names {draft!r}", "speculative.mode")
         return mode
     if mode == "model" and draft in (None, LOOKUP, NO_DRAFT):
-        main_path = main or (str(host.spec.main) if host.spec else None)
+        loaded = host.spec
+        if draft is None and loaded is not None and loaded.draft_path is not None and (main is None or _same(main, loaded.main)):
+            return str(loaded.draft_path)  # the loaded pair's draft model
+        main_path = main or (str(loaded.main) if loaded else host.config.main)
         spec = resolve_spec(host.config, main_path) if main_path else None
         if draft is not None or spec is None or spec.draft_path is None:
             raise BadRequest("'speculative.mode' is 'model' but no draft model goes with this model: name one with "
                              "'draft_model'", "speculative.mode")  # fmt: skip
         return str(spec.draft_path)
     return draft
+
+
+def _same(path: str, other: Path) -> bool:
+    try:
+        return Path(path).resolve() == other.resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def _kind(exc: TandemError) -> str:

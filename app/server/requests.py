@@ -171,13 +171,16 @@ def _speculative(body: dict, settings: Settings) -> Speculative | None:
     mode = value.get("mode", "auto")
     if mode not in SPECULATIVE_MODES:
         raise BadRequest(f"'speculative.mode' must be one of {', '.join(SPECULATIVE_MODES)}, got {mode!r}", "speculative.mode")
-    numbers = {}
+    numbers: dict[str, Any] = {}
     for name, integer in fields.items():
         if integer is None:
             continue
         low, high = Settings.LIMITS[name]
+        default = getattr(settings, name)
+        if name == "draft_min" and "draft_max" in numbers:  # a smaller draft_max alone lowers the server's minimum
+            default = min(default, numbers["draft_max"])
         try:
-            numbers[name] = _number(value, name, getattr(settings, name), low or 0, high, integer=integer)
+            numbers[name] = _number(value, name, default, low or 0, high, integer=integer)
         except BadRequest as exc:
             raise BadRequest(exc.message.replace(f"'{name}'", f"'speculative.{name}'"), f"speculative.{name}") from None
     if numbers["draft_min"] > numbers["draft_max"]:

@@ -318,6 +318,7 @@ class TandemApp(App[None]):
         self.loading_row.display = False
         previous, messages = self.engine, (self.session.messages if self.session else [])
         self.engine, self.spec, self.main_choice = engine, spec, main_choice
+        self.last_finished, self.live = None, LiveStats()  # the last pair's figures are not this one's
         self.ctx_used = 0  # a new context: the conversation is read on the next turn (with progress)
         self.session = ChatSession(engine, system=self.config.settings.system or None)
         # the conversation carries over to the new pair (its tokens are evaluated on the next turn)
@@ -862,8 +863,17 @@ class TandemApp(App[None]):
         threading.Thread(target=self._read_history, args=(Path(choice),), name="tandem-history", daemon=True).start()
 
     def _read_history(self, path: Path) -> None:
-        conversation = read_conversation(path)  # a long one is tens of MB: read off the UI thread
+        try:
+            conversation = read_conversation(path)  # a long one is tens of MB: read off the UI thread
+        except Exception as exc:  # never a traceback, never a chat that refuses every message afterwards
+            self._from_thread(self._reopen_failed, f"{path.name} could not be read: {type(exc).__name__}: {exc}")
+            return
         self._from_thread(self._reopen, conversation)
+
+    def _reopen_failed(self, message: str) -> None:
+        self.history_busy = False
+        self.loading_row.display = self.loading
+        self.notify(message + " The current chat goes on.", title="Could not reopen", severity="error", timeout=12)
 
     async def _reopen(self, conversation: Conversation) -> None:
         """Show the end of a reopened conversation (what fits: the file keeps the rest) and make it the chat."""
@@ -881,7 +891,11 @@ class TandemApp(App[None]):
                 widgets.append(UserMessage(message.content))
             elif message.role == "assistant":
                 widgets.append(self._saved_reply(conversation, index, title))
-        await chat.mount_all(widgets)  # one layout pass for the lot
+        try:
+            await chat.mount_all(widgets)  # one layout pass for the lot
+        except Exception as exc:  # a widget that cannot show its text: say so, keep the app usable
+            self._reopen_failed(f"{conversation.path.name} could not be shown: {type(exc).__name__}: {exc}")
+            return
         chat.scroll_end(animate=False)
         if self.session is not None:
             system = [m for m in self.session.messages if m.role == "system"]
