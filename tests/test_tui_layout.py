@@ -82,7 +82,7 @@ async def test_status_bar_keeps_its_figures_at_80_and_60_columns(home: Path) -> 
 
         # the names users have: long ones, the draft off, a reply streaming, the API served
         info = replace(app._status_info(), main=LONG_MAIN, draft=LONG_DRAFT, draft_state="off", state="generating",
-                       acceptance=0.62, draft_length=4, tokens_per_second=41.3)  # fmt: skip
+                       acceptance=0.62, drafted=40, draft_length=4, tokens_per_second=41.3, speedup=0.78)  # fmt: skip
         app.status_bar.show(info)
         text = status_text(app)
         assert_figures(text, 80)
@@ -116,11 +116,12 @@ async def test_status_bar_keeps_its_figures_at_80_and_60_columns(home: Path) -> 
 
 
 def test_the_status_line_gives_up_names_before_figures() -> None:
-    info = StatusInfo(main=LONG_MAIN, draft=LONG_DRAFT, tokens_per_second=41.3, acceptance=0.62, draft_length=4,
-                      ctx_used=1234, ctx_size=4096, state="generating", exact=True, draft_state="off")  # fmt: skip
+    info = StatusInfo(main=LONG_MAIN, draft=LONG_DRAFT, tokens_per_second=41.3, acceptance=0.62, draft_length=4, drafted=40,
+                      ctx_used=1234, ctx_size=4096, state="generating", exact=True, draft_state="off", speedup=0.78)  # fmt: skip
     ram = 3 * 2**30
     wide = fit_status(info, ram, 200).plain
-    assert LONG_MAIN in wide and LONG_DRAFT in wide and "RAM 3.0 GiB" in wide
+    assert LONG_MAIN in wide and LONG_DRAFT in wide and "RAM 3.0 GiB" in wide  # the speedup estimate went first
+    assert "(0.78x plain)" in fit_status(info, ram, 220).plain
     for width in range(60, 200):
         text = fit_status(info, ram, width).plain
         assert_figures(text, width)

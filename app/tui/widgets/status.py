@@ -77,6 +77,7 @@ class Shape:
     draft: int | None = None  # likewise; 0: left out when the draft is off, else 6 cells
     state_words: int = 0  # how the draft's state is said: DRAFT_STATE's longest (0) to shortest (2)
     speedup: bool = True
+    drafted: bool = True
     vram: bool = True
     ram: bool = True
     k: bool = True
@@ -89,10 +90,10 @@ class Shape:
 
 # applied one after another until the line fits: the least important parts go first
 STEPS: list[Callable[[Shape], Shape]] = [
+    lambda s: replace(s, speedup=False),  # an estimate about the last reply: the first to go
     lambda s: replace(s, main=34, draft=28),
     lambda s: replace(s, vram=False),
     lambda s: replace(s, ram=False),
-    lambda s: replace(s, speedup=False),
     lambda s: replace(s, main=24, draft=18),
     lambda s: replace(s, state_words=1, serving="short"),
     lambda s: replace(s, gap=" ", accept="acc "),
@@ -104,6 +105,7 @@ STEPS: list[Callable[[Shape], Shape]] = [
     lambda s: replace(s, state="short", draft=8),
     lambda s: replace(s, draft=0),  # the draft's name goes when it is off; else its first letters stay
     lambda s: replace(s, serving="compact"),
+    lambda s: replace(s, drafted=False),  # on the narrowest lines the rate stands alone
 ]
 STATE_SHORT = {"generating": "gen", "loading": "load", "no model": "none"}
 DRAFT_STATE = {
@@ -143,7 +145,7 @@ def status_line(info: StatusInfo, ram: int | None, shape: Shape) -> Text:
         text.append(f" ({info.speedup:.2f}x plain)", "dim")
     text.append(f"{gap}{shape.accept}", "dim")
     text.append("—" if info.acceptance is None else f"{info.acceptance:.0%}")
-    if info.acceptance is not None and info.drafted is not None:  # a rate of how much: 95% of 3 is not 95% of 300
+    if shape.drafted and info.acceptance is not None and info.drafted is not None:  # a rate of how much: 95% of 3 is not 95% of 300
         text.append(f" of {info.drafted:,}" if shape.accept == "accept " else f"/{info.drafted:,}", "dim")
     if shape.k:
         text.append(f"{gap}k ", "dim")
