@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from app.config import Config
-from app.engine.chat import ChatWindow, FittedChat, Message, fit_chat, render_chat, reply_reserve, tokenize_chat, tokenize_prompt
+from app.engine.chat import ChatWindow, Message, fit_chat, read_chat, reply_reserve, tokenize_prompt
 from app.engine.errors import TandemError
 from app.engine.events import Finished, RoundEvent
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
@@ -175,7 +175,6 @@ class EngineHost:
         self.spec: EngineSpec | None = None
         self.state = "loading"  # loading -> ready, or failed (with load_error)
         self.load_error = ""
-        self.served = 0
         self.counters = Counters()
         self.adopted = False  # the engine belongs to someone else: never switched, never closed here
         self._on_ready = on_ready
@@ -205,6 +204,11 @@ class EngineHost:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def served(self) -> int:
+        """Requests answered (the front-ends' own chat turns are not counted)."""
+        return self.counters.requests
 
     @property
     def queued(self) -> int:
@@ -293,17 +297,14 @@ class EngineHost:
                     reserve = reply_reserve(job.config, engine.n_ctx)
                     fitted = fit_chat(engine.main, job.messages, engine.n_ctx, reserve, job.window)
                 else:  # a request's messages, as sent (too long: ContextOverflowError, a 400)
-                    rendered = render_chat(engine.main, job.messages)
-                    fitted = FittedChat(tokenize_chat(engine.main, job.messages, rendered=rendered), rendered, 0)
+                    fitted = read_chat(engine.main, job.messages)
                 for notice in fitted.notices(len(job.messages)):
                     self._put(job, notice)
                 tokens = fitted.tokens
             else:
                 tokens = tokenize_prompt(engine.main, job.prompt or "")
             for event in engine.generate(tokens, job.config, job.cancel):
-                if isinstance(event, Finished) and job.counted:
-                    self.served += 1  # before the event goes out: whoever reads it sees the count include it
-                self._put(job, event)
+                self._put(job, event)  # counted (Counters) before it goes out: whoever reads it sees the count include it
                 if not isinstance(event, Finished):  # a finished reply holds nothing: the next job may start
                     job.wait_for_reader()
         except TandemError as exc:
@@ -328,8 +329,8 @@ class EngineHost:
     def _adopted_engine(self, job: Job) -> SpeculativeEngine:
         """The adopted pair, or a clear failure for a job that names another one."""
         assert self.engine is not None and self.spec is not None
-        same_main = job.main is None or _same_file(job.main, str(self.spec.main))
-        same_draft = job.draft is None or job.draft == self.spec.draft or _same_file(job.draft, self.spec.draft)
+        same_main = job.main is None or same_file(job.main, str(self.spec.main))
+        same_draft = job.draft is None or job.draft == self.spec.draft or same_file(job.draft, self.spec.draft)
         if not (same_main and same_draft):
             wanted = f"{Path(job.main).name if job.main else self.engine.main.name} with {describe_draft(job.draft or self.spec.draft)}"
             raise PairLocked(f"this server serves only the pair loaded in the Tandem app ({self.describe()}), "
@@ -348,9 +349,10 @@ class EngineHost:
             self.state, self.load_error = "ready", ""
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_file(a: str, b: str) -> bool:
+    """Two paths to one file, however written (relative, through a link)."""
     try:
         return Path(a).resolve() == Path(b).resolve()
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a link that loops (before Python 3.13)
         return a == b
 

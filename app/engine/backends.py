@@ -152,8 +152,9 @@ def _preload_cuda_runtime() -> None:
     """Load the CUDA runtime from NVIDIA's wheels globally, so that libggml-cuda's own loading finds it by
     name; where it is missing, the system's copy (a CUDA toolkit's, ld.so.conf) is used, and with none the
     CUDA backend is skipped: the machine runs on its CPU."""
+    directories = cuda_runtime_dirs()
     for name in CUDA_RUNTIME:
-        for path in (f for d in cuda_runtime_dirs() for f in sorted(d.glob(name + ".*"))):
+        for path in (f for d in directories for f in sorted(d.glob(name + ".*"))):
             try:
                 ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
                 break

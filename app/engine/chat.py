@@ -255,6 +255,12 @@ class FittedChat:
         return said + ([EarlierMessagesLeftOut(self.left_out, total)] if self.left_out else [])
 
 
+def read_chat(model: Model, messages: list[Message], left_out: int = 0) -> FittedChat:
+    """`messages` as the model reads them (they are what is left after the `left_out` oldest)."""
+    rendered = render_chat(model, messages)
+    return FittedChat(tokenize_chat(model, messages, rendered=rendered), rendered, left_out)
+
+
 def fit_chat(model: Model, messages: list[Message], n_ctx: int, reserve: int, window: ChatWindow | None = None) -> FittedChat:
     """The chat's prompt, leaving `reserve` tokens of the context for the reply: the system message and as many
     of the latest turns as fit (a conversation may be longer than any context: reopened, or simply long)."""
@@ -267,10 +273,8 @@ def fit_chat(model: Model, messages: list[Message], n_ctx: int, reserve: int, wi
     def attempt(start: int, budget: int) -> FittedChat | None:
         if suffix_chars[start] > budget * MAX_CHARS_PER_TOKEN:
             return None  # too long to fit, whatever its tokens: not worth rendering
-        kept = head + body[start:]
-        rendered = render_chat(model, kept)
-        tokens = tokenize_chat(model, kept, rendered=rendered)
-        return FittedChat(tokens, rendered, start) if len(tokens) <= budget else None
+        fitted = read_chat(model, head + body[start:], start)
+        return fitted if len(fitted.tokens) <= budget else None
 
     budget = n_ctx - reserve
     current = window.start if window.start in starts else starts[0]
@@ -288,9 +292,7 @@ def fit_chat(model: Model, messages: list[Message], n_ctx: int, reserve: int, wi
         if fitted is None:  # nothing fits in 3/4: the longest suffix that fits the whole budget, if any
             fitted = next((f for s in later if (f := attempt(s, budget)) is not None), None)
         if fitted is None:  # even the last question alone does not fit: the engine says so (ContextOverflowError);
-            kept = head + body[starts[-1] :]  # the window stays where it was, for the next, shorter question
-            rendered = render_chat(model, kept)
-            return FittedChat(tokenize_chat(model, kept, rendered=rendered), rendered, starts[-1])
+            return read_chat(model, head + body[starts[-1] :], starts[-1])  # the window stays, for a shorter question
     window.start = fitted.left_out
     return fitted
 

@@ -30,7 +30,7 @@ from app.engine.events import Finished, RoundEvent
 from app.engine.gguf_info import read_gguf_info
 from app.engine.loading import LOOKUP, NO_DRAFT
 from app.engine.speculative import CONTEXT_FULL, MAX_TOKENS
-from app.host import DONE, EngineHost, Job, JobFailed, PairLocked, QueueFull, resolve_spec
+from app.host import DONE, EngineHost, Job, JobFailed, PairLocked, QueueFull, resolve_spec, same_file
 from app.server.requests import BadRequest, Parsed, Speculative, parse
 
 MAX_BODY = 4 << 20  # bytes: a chat far longer than any context, far shorter than a memory problem
@@ -305,7 +305,7 @@ def _mode_draft(parsed: Parsed, host: EngineHost, main: str | None) -> str | Non
         return mode
     if mode == "model" and draft in (None, LOOKUP, NO_DRAFT):
         loaded = host.spec
-        if draft is None and loaded is not None and loaded.draft_path is not None and (main is None or _same(main, loaded.main)):
+        if draft is None and loaded is not None and loaded.draft_path is not None and (main is None or same_file(main, str(loaded.main))):
             return str(loaded.draft_path)  # the loaded pair's draft model
         main_path = main or (str(loaded.main) if loaded else host.config.main)
         spec = resolve_spec(host.config, main_path) if main_path else None
@@ -314,13 +314,6 @@ def _mode_draft(parsed: Parsed, host: EngineHost, main: str | None) -> str | Non
                              "'draft_model'", "speculative.mode")  # fmt: skip
         return str(spec.draft_path)
     return draft
-
-
-def _same(path: str, other: Path) -> bool:
-    try:
-        return Path(path).resolve() == other.resolve()
-    except (OSError, RuntimeError):
-        return False
 
 
 def _kind(exc: TandemError) -> str:

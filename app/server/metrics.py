@@ -9,14 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from app.host import EngineHost
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
+CONTENT_TYPE = CONTENT_TYPE_LATEST  # the format generate_latest writes, as prometheus_client names it
 
 class HostCollector:
     """Reads the host's counters at each scrape (nothing is kept twice)."""
