@@ -78,6 +78,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _parallel(text: str) -> int:
+    from app.config import Settings
+
+    value = _integer(text)
+    low, high = Settings.LIMITS["parallel"]
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+    return value
+
+
 def _layers(text: str) -> int:
     value = -1 if text.lower() in ("all", "-1") else _integer(text)
     if value < -1:
@@ -176,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=_port, default=5001, metavar="N", help="port (default 5001, as KoboldCpp)")
     server.add_argument("--max-queue", type=_positive_int, default=16, metavar="N",
                         help="requests that may wait for the engine; more are answered 503 (default 16)")
+    server.add_argument("--parallel", "-np", type=_parallel, default=4, metavar="N",
+                        help="requests generated together, one main-model batch per round (default 4, as llama-server's -np)")
     server.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every API request")
     server.add_argument("--any-model-path", action="store_true",
                         help="let requests load any GGUF file on this machine by its path (default: only the model folders' files)")
@@ -270,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.serve:
             from app.server import serve
 
-            return serve(launch_config(args), args.host, args.port, args.max_queue, args.api_key, any_path=args.any_model_path)
+            return serve(launch_config(args), args.host, args.port, args.max_queue, args.api_key, any_path=args.any_model_path,
+                         parallel=args.parallel)  # fmt: skip
         return run_headless(args) if args.prompt is not None else run_chat(args)
     except TandemError as exc:
         sys.stderr.write(f"tandem: error: {exc}\n")

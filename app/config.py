@@ -58,6 +58,7 @@ class Settings:
         "repeat_penalty": (0.01, None), "max_tokens": (1, None), "seed": (-1, None), "draft_max": (0, 64),
         "draft_min": (0, 64), "draft_p_min": (0.0, 1.0), "gpu_layers": (-1, None), "ctx_size": (16, None),
         "threads": (1, 512),
+        "parallel": (1, 64),  # --serve --parallel (not a stored setting): replies generated together
     }  # fmt: skip
 
     def set(self, name: str, value: Any) -> None:

@@ -28,6 +28,7 @@ from app.engine.chat import ChatWindow, Message, fit_chat, read_chat, reply_rese
 from app.engine.errors import TandemError
 from app.engine.events import Finished, RoundEvent
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
+from app.engine.rounds import Rounds
 from app.engine.speculative import GenerationConfig, SpeculativeEngine
 
 
@@ -147,18 +148,16 @@ class Job:
         self.last_read = time.monotonic()
         return self.events.get_nowait()
 
-    def wait_for_reader(self) -> None:
-        """Hold generation while the reader is READER_BACKLOG rounds behind; cancel the job when it has read
-        nothing for `reader_timeout` seconds (the worker then starts the next job)."""
-        if self.reader_timeout is None:
-            return
-        while self.events.qsize() > READER_BACKLOG and not self.cancel.is_set():
-            idle = time.monotonic() - self.last_read
-            if idle >= self.reader_timeout:
-                self.stalled = True
-                self.cancel.set()
-                return
-            self.cancel.wait(min(0.05, self.reader_timeout - idle))
+    def ready(self) -> bool:
+        """Whether generation may go on: not while the reader is READER_BACKLOG rounds behind. A reader that has
+        taken nothing for `reader_timeout` seconds meanwhile ends the job (cancelled: its sequence is freed)."""
+        if self.reader_timeout is None or self.cancel.is_set() or self.events.qsize() <= READER_BACKLOG:
+            return True
+        if time.monotonic() - self.last_read >= self.reader_timeout:
+            self.stalled = True
+            self.cancel.set()
+            return True
+        return False
 
 
 class EngineHost:
@@ -168,9 +167,11 @@ class EngineHost:
         max_queue: int = 16,
         on_ready: Callable[[SpeculativeEngine], None] | None = None,
         on_event: Callable[[Job, object], None] | None = None,
+        parallel: int = 1,  # replies generated together (--parallel): one main-model batch per round carries them
     ):
         self.config = config
         self.max_queue = max_queue
+        self.parallel = parallel
         self.engine: SpeculativeEngine | None = None
         self.spec: EngineSpec | None = None
         self.state = "loading"  # loading -> ready, or failed (with load_error)
@@ -184,7 +185,9 @@ class EngineHost:
         self._queued: list[Job] = []  # submitted, not yet started
         self._closed = False
         self._lock = threading.Lock()
-        self.running: Job | None = None
+        self.active: list[Job] = []  # being generated (one sequence each)
+        self._rounds: Rounds | None = None  # over the current engine
+        self._held: Job | None = None  # the next job, waiting for the active ones to end (it needs another pair)
         self._thread = threading.Thread(target=self._work, name="tandem-host", daemon=True)
 
     @classmethod
@@ -198,12 +201,30 @@ class EngineHost:
     ) -> EngineHost:
         """A host over a loaded pair that its owner keeps using after `stop()` (which leaves it open).
         `start()` loads nothing; a job naming another pair fails (switching would close the owner's engine)."""
-        host = cls(config, max_queue=max_queue, on_event=on_event)
+        host = cls(config, max_queue=max_queue, on_event=on_event, parallel=engine.n_seq)
         host.engine, host.spec, host.state, host.adopted = engine, spec, "ready", True
         return host
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the worker (once: the chat app's host is started at load, and F9 then only adds the server)."""
+        if self._thread.ident is None:
+            self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def cancel_requests(self) -> None:
+        """Cancel the requests queued or running (counted jobs), not a front-end's own turn: the server going
+        away while the chat app keeps its host. Each ends within a round and gets its DONE."""
+        with self._lock:
+            for job in [*self._queued, *self.active, *([self._held] if self._held else [])]:
+                if job.counted:
+                    job.cancel.set()
+
+    def requests_pending(self) -> bool:
+        with self._lock:
+            return any(job.counted for job in [*self._queued, *self.active, *([self._held] if self._held else [])])
 
     @property
     def served(self) -> int:
@@ -213,6 +234,12 @@ class EngineHost:
     @property
     def queued(self) -> int:
         return len(self._queued)
+
+    @property
+    def running(self) -> Job | None:
+        """The first job being generated (None: idle)."""
+        active = self.active
+        return active[0] if active else None
 
     def submit(self, job: Job) -> Job:
         with self._lock:
@@ -229,11 +256,8 @@ class EngineHost:
         the engine unless it was adopted. New submissions are refused from here on."""
         with self._lock:
             self._closed = True
-            for job in self._queued:
+            for job in [*self._queued, *self.active, *([self._held] if self._held else [])]:
                 job.cancel.set()
-        running = self.running
-        if running is not None:
-            running.cancel.set()
         self._jobs.put(None)
         if self._thread.ident is not None:
             self._thread.join(timeout=timeout)
@@ -267,29 +291,60 @@ class EngineHost:
     def _work(self) -> None:
         if self.engine is None:
             try:
-                self._switch(resolve_spec(self.config))
+                self._switch(self._resolve(None, None))
                 self.state = "ready"
                 if self._on_ready is not None:
                     self._on_ready(self.engine)
             except TandemError as exc:  # the server keeps answering (health says why); requests may name another model
                 self.state, self.load_error = "failed", str(exc)
-        while (job := self._jobs.get()) is not None:
-            with self._lock:
-                at = next((i for i, queued in enumerate(self._queued) if queued is job), None)
-                if at is None:  # already ended by a stop() that came before this worker started
-                    continue
-                del self._queued[at]
-                self.running = job
-                job.last_read = time.monotonic()  # time spent queued is not the reader's stall
-            try:
-                if not job.cancel.is_set():  # a client that left while queued costs nothing
-                    self._run(job)
-            finally:
-                self.running = None
-                self.counters.stalled += job.stalled
-                self._put(job, DONE)
+        stopping = False
+        while not stopping or self.active:
+            stopping = self._admit(block=not self.active) or stopping
+            if self.active:
+                self._round()
+        if self._held is not None:  # it waited for another pair: stop() cancelled it, it never started
+            held, self._held = self._held, None
+            self._end(held)
+        if self._rounds is not None:
+            self._rounds.close()
 
-    def _run(self, job: Job) -> None:
+    def _admit(self, block: bool) -> bool:
+        """Start queued jobs while sequences are free, in arrival order; True once stop() has been called. A job
+        that needs another pair waits (and everything after it) until the active jobs end."""
+        while True:
+            job = self._held
+            if job is None:
+                try:
+                    job = self._jobs.get(block=block and not self.active)
+                except queue.Empty:
+                    return False
+                if job is None:
+                    return True
+                with self._lock:
+                    at = next((i for i, queued in enumerate(self._queued) if queued is job), None)
+                    if at is None:  # already ended by a stop() that came before this worker started
+                        continue
+                    del self._queued[at]
+            self._held = None
+            if job.cancel.is_set():  # a client that left while queued costs nothing
+                self._end(job)
+                continue
+            if self.active and (self._needs_switch(job) or (self._rounds is not None and self._rounds.full)):
+                self._held = job
+                return False
+            self._begin(job)
+
+    def _needs_switch(self, job: Job) -> bool:
+        if self.adopted or self.engine is None:
+            return self.engine is None
+        try:
+            return self._wanted(job) != self.spec
+        except TandemError:
+            return False  # it fails when it starts, in its turn
+
+    def _begin(self, job: Job) -> None:
+        """Read the job's prompt into tokens and start it on a sequence (a failure ends it here)."""
+        job.last_read = time.monotonic()  # time spent queued is not the reader's stall
         try:
             engine = self._engine_for(job)
             if job.messages is not None:
@@ -303,25 +358,61 @@ class EngineHost:
                 tokens = fitted.tokens
             else:
                 tokens = tokenize_prompt(engine.main, job.prompt or "")
-            for event in engine.generate(tokens, job.config, job.cancel):
-                self._put(job, event)  # counted (Counters) before it goes out: whoever reads it sees the count include it
-                if not isinstance(event, Finished):  # a finished reply holds nothing: the next job may start
-                    job.wait_for_reader()
-        except TandemError as exc:
-            self._put(job, JobFailed(exc))
-        except Exception as exc:  # never a dead worker: the job fails, the next one runs
-            self._put(job, JobFailed(TandemError(f"generation failed: {type(exc).__name__}: {exc}")))
+            if self._rounds is None or self._rounds.engine is not engine:
+                self._rounds = Rounds(engine)
+            self.active.append(job)
+            outcomes = self._rounds.start(job, tokens, job.config, job.cancel)
+        except Exception as exc:
+            self._fail(job, exc)
+            self._end(job)
+            return
+        self._deliver(outcomes)
 
-    def _engine_for(self, job: Job) -> SpeculativeEngine:
-        if self.adopted:
-            return self._adopted_engine(job)
+    def _round(self) -> None:
+        assert self._rounds is not None
+        outcomes = self._rounds.round(ready=lambda job: job.ready())
+        if not outcomes and not any(job.ready() for job in self.active):
+            time.sleep(0.02)  # every reader is behind: wait for one to read (or to time out)
+        self._deliver(outcomes)
+
+    def _deliver(self, outcomes: list) -> None:
+        for job, item in outcomes:
+            if item is None:
+                self._end(job)
+            elif isinstance(item, BaseException):
+                self._fail(job, item)
+                self._end(job)
+            else:
+                self._put(job, item)  # counted (Counters) before it goes out: whoever reads it sees the count include it
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        if not isinstance(exc, TandemError):  # never a dead worker: the job fails, the others go on
+            exc = TandemError(f"generation failed: {type(exc).__name__}: {exc}")
+        self._put(job, JobFailed(exc))
+
+    def _end(self, job: Job) -> None:
+        with contextlib.suppress(ValueError):
+            self.active.remove(job)
+        self.counters.stalled += job.stalled
+        self._put(job, DONE)
+
+    def _resolve(self, main: str | None, draft: str | None) -> EngineSpec:
+        return replace(resolve_spec(self.config, main, draft), parallel=self.parallel)
+
+    def _wanted(self, job: Job) -> EngineSpec:
+        """The pair a job asks for (the loaded one when it names none)."""
         current = self.spec
         main = job.main or (str(current.main) if current else None)
         draft = job.draft
         if draft is None and current is not None and main == str(current.main):
             draft = current.draft  # the loaded pair, as launched
-        spec = resolve_spec(self.config, main, draft)
-        if self.engine is None or spec != current:
+        return self._resolve(main, draft)
+
+    def _engine_for(self, job: Job) -> SpeculativeEngine:
+        if self.adopted:
+            return self._adopted_engine(job)
+        spec = self._wanted(job)
+        if self.engine is None or spec != self.spec:
             self._switch(spec)
         assert self.engine is not None
         return self.engine
@@ -344,7 +435,7 @@ class EngineHost:
         engine = load_engine(spec, reuse_main=keep, main_profile=self.engine.main_profile if keep else None)
         if self.engine is not None:
             self.engine.close()
-        self.engine, self.spec = engine, spec
+        self.engine, self.spec, self._rounds = engine, spec, None
         if self.state == "failed":
             self.state, self.load_error = "ready", ""
 

@@ -1,11 +1,14 @@
-"""The HTTP server under load: requests/s and latency percentiles (time to first token and total, p50/p95)
-for 1, 4 and 16 concurrent clients, plain decoding vs the default speculative mode, on one pair.
+"""The HTTP server under load: aggregate tok/s and latency percentiles (time to first token and total, p50/p95)
+for 1, 4 and 16 concurrent clients; plain decoding and the default speculative mode, each at `--parallel 1`
+(one request at a time) and `--parallel 4` (four sequences in one batch per round), on one pair; side by
+side with llama.cpp's `llama-server -np 4 -md DRAFT` on the same files when its tools are built
+(../shared/tools/build-llama-anchor.sh).
 
-Each mode runs `tandem --serve` in its own process (as users run it) and streaming chat requests from
-real HTTP clients (httpx). The engine serves one request at a time, so with more clients throughput
-stays put and latency grows with the queue; what differs between modes is how fast each request runs.
+Every server runs in its own process (as users run it), all loaded before the first request; each client
+level then runs on every server in turn (interleaved: a machine that gets busy touches them all alike), with
+streaming chat requests from real HTTP clients (httpx), greedy. Ratios are read within one run.
 
-    .venv/bin/python bench/server_bench.py [--pair demo|real] [--max-tokens 64] [--clients 1 4 16]
+    .venv/bin/python bench/server_bench.py [--pair demo|real] [--max-tokens 64] [--clients 1 4 16] [--no-anchor]
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench import load_prompts, machine, real_pair  # noqa: E402
+from app.engine.backend import amx_cpu  # noqa: E402
+from bench.bench import anchor_dir, load_prompts, machine, real_pair  # noqa: E402
+
+CTX = 4096  # tokens per sequence
 
 
 def free_port() -> int:
@@ -35,21 +41,42 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model_args: list[str], mode_args: list[str], threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    args = [sys.executable, "-m", "app", "--serve", "--port", str(port), "-t", str(threads), "-c", "4096", "--max-queue", "64"]
-    process = subprocess.Popen([*args, *model_args, *mode_args], cwd=ROOT, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+def wait_ready(process: subprocess.Popen, base: str) -> None:
+    deadline = time.monotonic() + 900
     while True:
         try:
             if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return process, base
+                return
         except httpx.HTTPError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the server did not start")
+            raise SystemExit(f"the server at {base} did not start")
         time.sleep(0.2)
+
+
+def ready(process: subprocess.Popen, base: str, prompt: str) -> None:
+    """One server at a time: a load (and any first-run measurement) never shares the machine with another."""
+    wait_ready(process, base)
+    one_request(base, prompt, 8)  # warm-up: the first request pays for loading what is cached
+
+
+def start_tandem(model_args: list[str], mode_args: list[str], threads: int, parallel: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = [sys.executable, "-m", "app", "--serve", "--port", str(port), "-t", str(threads), "-c", str(CTX), "--max-queue", "64",
+            "--parallel", str(parallel)]  # fmt: skip
+    process = subprocess.Popen([*args, *model_args, *mode_args], cwd=ROOT, stderr=subprocess.DEVNULL)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def start_llama_server(bin_dir: Path, main: Path, draft: Path, threads: int, parallel: int) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's server with the draft model, `-c` its total: CTX per slot, as ours."""
+    port = free_port()
+    cmd = [str(bin_dir / "llama-server"), "-m", str(main), "-md", str(draft), "-np", str(parallel), "-c", str(CTX * parallel),
+           "-t", str(threads), "-td", str(threads), "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
+    if amx_cpu():  # llama.cpp's AMX kernels crash on batches of quantized weights (see engine/kernels.py)
+        cmd.append("--no-repack")
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, f"http://127.0.0.1:{port}"
 
 
 def one_request(base: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
@@ -58,7 +85,7 @@ def one_request(base: str, prompt: str, max_tokens: int) -> tuple[float, float, 
             "stream_options": {"include_usage": True}}  # fmt: skip
     started = time.perf_counter()
     first = 0.0
-    tokens = 0
+    usage = counted = 0
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -66,10 +93,11 @@ def one_request(base: str, prompt: str, max_tokens: int) -> tuple[float, float, 
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif not first and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - started
-    return first, time.perf_counter() - started, tokens
+                usage = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                counted += 1  # llama-server without usage: one token per chunk
+                first = first or time.perf_counter() - started
+    return first, time.perf_counter() - started, usage or counted
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,28 +125,43 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-anchor", action="store_true", help="leave out llama.cpp's llama-server")
     args = parser.parse_args()
-    model_args: list[str] = []
-    draft_args: list[str] = []
     if args.pair == "real":
         main_path, draft_path = real_pair()
-        model_args, draft_args = ["--model", str(main_path)], ["--draft", str(draft_path)]
+    else:
+        from app.engine.demo import ensure_demo_pair
+
+        main_path, draft_path = ensure_demo_pair()
+    model_args, draft_args = ["--model", str(main_path)], ["--draft", str(draft_path)]
     prompts = [p["prompt"] for p in load_prompts(None)]
-    modes = {"plain": ["--no-draft"], "speculative (default)": draft_args}
-    print(f"machine: {machine()}; pair: {args.pair}; {args.threads} threads; {args.max_tokens} tokens per request, greedy")
-    print("| mode | clients | requests | req/s | tok/s | TTFT p50 | TTFT p95 | total p50 | total p95 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for mode, mode_args in modes.items():
-        process, base = start_server(model_args, mode_args, args.threads)
-        try:
-            one_request(base, prompts[0], 8)  # warm-up: the first request pays for the kernel probe's cache check
-            for clients in args.clients:
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for mode, mode_args in {"plain": ["--no-draft"], "speculative": draft_args}.items():
+            for parallel in (1, 4):
+                servers[f"Tandem {mode}, --parallel {parallel}"] = start_tandem(model_args, mode_args, args.threads, parallel)
+                ready(*servers[f"Tandem {mode}, --parallel {parallel}"], prompts[0])
+        bin_dir = None if args.no_anchor else anchor_dir(None)
+        if bin_dir is not None and (bin_dir / "llama-server").exists():
+            servers["llama-server -np 4 -md"] = start_llama_server(bin_dir, main_path, draft_path, args.threads, 4)
+            ready(*servers["llama-server -np 4 -md"], prompts[0])
+        print(f"machine: {machine()}; pair: {args.pair} ({main_path.name} + {draft_path.name}); {args.threads} threads; "
+              f"{args.max_tokens} tokens per request, greedy, streaming")  # fmt: skip
+        print("| server | clients | requests | tok/s | TTFT p50 | TTFT p95 | total p50 | total p95 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for clients in args.clients:
+            for name, (_, base) in servers.items():
                 r = run_level(base, prompts, clients, args.max_tokens)
-                print(f"| {mode} | {clients} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} s | "
+                print(f"| {name} | {clients} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} s | "
                       f"{r['ttft_p95']:.2f} s | {r['total_p50']:.2f} s | {r['total_p95']:.2f} s |", flush=True)  # fmt: skip
-        finally:
+    finally:
+        for process, _ in servers.values():
             process.send_signal(signal.SIGINT)
-            process.wait(timeout=60)
+        for process, _ in servers.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ from textual.widgets import Label
 
 from app.config import default_config_path, load_config
 from app.engine import speculative
-from app.engine.chat import ChatSession
-from app.engine.events import PromptProgress
+from app.engine.events import PromptProgress, RoundEvent
 from app.engine.probe import DraftProfile
 from app.engine.speculative import CANCELLED
 from app.history import HistoryStore, read_conversation
@@ -97,15 +96,21 @@ async def test_prompt_streams_a_reply_and_saves_it(home: Path) -> None:
     assert saved[0].messages[1].content == app.last_finished.text
 
 
+def pace(monkeypatch: pytest.MonkeyPatch, kind: type, seconds: float) -> None:
+    """Slow the engine's replies down (each `kind` item waits `seconds`), on the host's worker as it runs them."""
+    real = speculative.SpeculativeEngine.sequence
+
+    def paced(self, *args, **kwargs):
+        for item in real(self, *args, **kwargs):
+            if isinstance(item, kind):
+                time.sleep(seconds)
+            yield item
+
+    monkeypatch.setattr(speculative.SpeculativeEngine, "sequence", paced)
+
+
 async def test_escape_cancels_and_keeps_the_partial_reply(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_send = ChatSession.send
-
-    def paced_send(self, *args, **kwargs):  # the tiny model is too fast to catch: 20 ms per round
-        for event in real_send(self, *args, **kwargs):
-            time.sleep(0.02)
-            yield event
-
-    monkeypatch.setattr(ChatSession, "send", paced_send)
+    pace(monkeypatch, RoundEvent, 0.02)  # the tiny model is too fast to catch: 20 ms per round
     app = make_app(home, max_tokens=100_000, ctx_size=1024)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.engine is not None)
@@ -411,7 +416,7 @@ async def test_f9_serves_the_loaded_pair_and_chat_shares_its_host(home: Path) ->
 
         app.last_finished = None
         await send(pilot, app, "the cat sat")  # through the host's worker, as a job among the requests
-        assert app.last_reply_on_host
+        assert app.host is app.serving.engine_host
         assert app.last_finished.text == plain  # temperature 0: what plain chat gave
         assert app.query(AssistantMessage).last().text == plain
         assert [m.content for m in app.session.messages] == ["the cat sat", plain]
@@ -437,8 +442,9 @@ async def test_f9_serves_the_loaded_pair_and_chat_shares_its_host(home: Path) ->
             httpx.get(f"{base}/health", timeout=5)
         assert "served" not in app.status_bar.render().plain
         app.last_finished = None
-        await send(pilot, app, "the dog")  # on its own thread again, with the same engine, still open
-        assert not app.last_reply_on_host and app.engine is engine
+        host = app.host
+        await send(pilot, app, "the dog")  # the same host and engine: serving came and went around them
+        assert app.host is host and not host.stopped and app.engine is engine
         assert app.last_finished.stats.predicted_tokens_count > 0 and len(app.session.messages) == 4
 
 
@@ -466,7 +472,7 @@ async def test_serving_refuses_a_busy_port_and_model_switches_and_stops_on_quit(
             assert dict(app.screen.key_rows)["F9"] == "Serve"
             await pilot.press("escape")
             await send(pilot, app, "the cat")  # a chat turn while serving
-            assert app.last_reply_on_host
+            assert app.last_finished.stats.predicted_tokens_count > 0
             await pilot.press("ctrl+q")  # quitting while serving stops the server
     assert server.engine_host.stopped and not server._thread.is_alive()
     with pytest.raises(httpx.ConnectError):
@@ -474,14 +480,7 @@ async def test_serving_refuses_a_busy_port_and_model_switches_and_stops_on_quit(
 
 
 async def test_escape_stops_a_reply_that_runs_on_the_serving_host(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_generate = speculative.SpeculativeEngine.generate
-
-    def paced_generate(self, *args, **kwargs):  # the tiny model is too fast to catch: 20 ms per round
-        for event in real_generate(self, *args, **kwargs):
-            time.sleep(0.02)
-            yield event
-
-    monkeypatch.setattr(speculative.SpeculativeEngine, "generate", paced_generate)
+    pace(monkeypatch, RoundEvent, 0.02)  # the tiny model is too fast to catch: 20 ms per round
     app = make_app(home, max_tokens=100_000, ctx_size=1024)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.engine is not None)
@@ -513,15 +512,7 @@ async def test_reading_a_reopened_conversation_shows_progress_and_esc_stops_it(
 
     monkeypatch.setattr(speculative, "PROMPT_PROGRESS_AFTER", 0.0)
     monkeypatch.setattr(speculative, "PROMPT_CHUNK", 16)
-    real_generate = speculative.SpeculativeEngine.generate
-
-    def paced_generate(self, *args, **kwargs):
-        for event in real_generate(self, *args, **kwargs):
-            if isinstance(event, PromptProgress):
-                time.sleep(0.3)
-            yield event
-
-    monkeypatch.setattr(speculative.SpeculativeEngine, "generate", paced_generate)
+    pace(monkeypatch, PromptProgress, 0.3)
     app = make_app(home, ctx_size=1024)  # the whole conversation fits, with room for a reply: it is read from its start
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.engine is not None)

@@ -23,6 +23,7 @@ from rich.console import Console
 from app.engine import speculative
 from app.engine.events import Finished, GenerationStats, RoundEvent
 from app.engine.probe import KernelCheck, MainProfile
+from app.engine.speculative import Verify
 from app.tui.app import TandemApp
 from app.tui.generation import LiveStats
 from app.tui.screens.help import HelpScreen, key_name
@@ -367,11 +368,12 @@ SCRIPT = [
 STREAMING_AFTER = 5  # rounds shown when the "streaming" screenshot is taken
 
 
-def scripted_generate(gate: threading.Event):
-    def generate(self, prompt, config, cancel=None):
+def scripted_sequence(gate: threading.Event):
+    def sequence(self, seq, prompt, config, cancel=None):
         reply: list[int] = []
         texts = []
         for number, (pieces, accepted, main, source, decision) in enumerate(SCRIPT, start=1):
+            yield Verify(seq, [], logits=False)  # a step: the host hands each round's events on as it comes
             if number == STREAMING_AFTER + 1:
                 gate.wait(30)
             ended = number == len(SCRIPT)  # the drafted end-of-generation token ends the reply
@@ -384,7 +386,7 @@ def scripted_generate(gate: threading.Event):
                 drafted=tuple(range(500, 500 + len(pieces))), n_accepted=accepted, main_token=9,
                 n_ignored=1 if ended else 0, n_past_end=1 if ended else 0, tokens=tokens, text=text, draft_seconds=0.0004 * len(pieces),
                 verify_seconds=0.021 + 0.002 * len(pieces), draft_source=source, decision=decision,
-                pieces=(*pieces, main),
+                pieces=(*pieces, main), context=len(prompt) + len(reply),
             )  # fmt: skip
         stats = GenerationStats(
             tokens_per_second=38.2, time_to_first_token=0.182, generation_time=0.6, stop_reason="eos",
@@ -392,14 +394,14 @@ def scripted_generate(gate: threading.Event):
             rejected_draft_tokens_count=4, ignored_draft_tokens_count=1, prompt_tokens_count=30,
             prompt_tokens_evaluated=30, predicted_tokens_count=len(reply), rounds=len(SCRIPT), mean_draft_length=3.14,
         )  # fmt: skip
-        yield Finished(text="".join(texts), tail="", tokens=tuple(reply), stats=stats)
+        yield Finished(text="".join(texts), tail="", tokens=tuple(reply), stats=stats, context=len(prompt) + len(reply))
 
-    return generate
+    return sequence
 
 
 def steady(monkeypatch: pytest.MonkeyPatch, gate: threading.Event) -> None:
     """What differs between machines and runs held still: the reply, the kernel self-check, speeds, memory."""
-    monkeypatch.setattr(speculative.SpeculativeEngine, "generate", scripted_generate(gate))
+    monkeypatch.setattr(speculative.SpeculativeEngine, "sequence", scripted_sequence(gate))
     kernels = KernelCheck(exact=True, max_difference=0.0, differing_sizes=[], exact_up_to=64)
     monkeypatch.setattr(speculative, "profile_main", lambda model, n_threads, **_: MainProfile(kernels, {1: 0.001, 2: 0.0011, 5: 0.0013}))
     monkeypatch.setattr(LiveStats, "tokens_per_second", property(lambda self: 37.5))

@@ -215,16 +215,20 @@ class Model:
 
 
 class Context:
-    """One llama.cpp context over a model: a KV cache of `tokens`, a reusable batch, logits views."""
+    """One llama.cpp context over a model: a KV cache of `n_seq` sequences of `tokens`, a reusable batch,
+    logits views. Each sequence holds up to `n_ctx` tokens (the cache is one pool of n_ctx * n_seq cells,
+    llama.cpp's unified KV cache, so one decode may carry tokens of every sequence)."""
 
-    def __init__(self, model: Model, n_ctx: int, n_threads: int, n_batch: int = 512):
+    def __init__(self, model: Model, n_ctx: int, n_threads: int, n_batch: int = 512, n_seq: int = 1):
         self.model = model
         if model.on_cpu:  # no batch wider than the kernel trial checked (kernels.WIDEST): as cheap per token on a CPU
             n_batch = min(n_batch, kernels.WIDEST)
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
+        params.n_ctx = n_ctx * n_seq
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads = params.n_threads_batch = n_threads
+        params.n_seq_max = n_seq
+        params.kv_unified = n_seq > 1  # one pool: a split cache would break a mixed batch into one ubatch per sequence
         params.no_perf = True
         if model.on_cpu:
             # llama.cpp's CPU flash attention is slower for one token at a time (21.7 vs 18.4 ms for the demo
@@ -232,21 +236,26 @@ class Context:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
-            raise TandemError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path.name}: {_last_llama_error()}")
+            raise TandemError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {model.path.name}: {_last_llama_error()}")
         self.ptr = ptr
-        self.n_ctx: int = llama_cpp.llama_n_ctx(ptr)
+        self.n_seq = n_seq
+        self.n_ctx: int = llama_cpp.llama_n_ctx(ptr) // n_seq  # per sequence
         self.n_batch: int = llama_cpp.llama_n_batch(ptr)  # llama.cpp caps it at n_ctx; a bigger batch aborts
         self._memory = llama_cpp.llama_get_memory(ptr)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         for i in range(self.n_batch):
             self._batch.n_seq_id[i] = 1
-            self._batch.seq_id[i][0] = 0
-        self.tokens: list[int] = []  # the tokens whose K/V sit in the cache, position = index
+        self.seqs: list[list[int]] = [[] for _ in range(n_seq)]  # per sequence: the tokens cached, position = index
         self.n_evaluated = 0  # tokens run through the model since creation (tests check draft sync with it)
         self.decode_seconds = 0.0  # time inside llama_decode: the rest of a generation is our own overhead
         self._n_outputs = 0
         self._logits_address = 0
         self._logits_view = np.empty((0, model.n_vocab), dtype=np.float32)
+
+    @property
+    def tokens(self) -> list[int]:
+        """Sequence 0's tokens (a one-sequence context's)."""
+        return self.seqs[0]
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -257,35 +266,64 @@ class Context:
     def __del__(self) -> None:
         self.close()
 
-    def decode(self, tokens: Sequence[int], all_logits: bool = False) -> None:
-        """Append `tokens` to the cache. Logits are kept for the last token, or for every token."""
-        if len(self.tokens) + len(tokens) > self.n_ctx:
+    def decode(self, tokens: Sequence[int], all_logits: bool = False, seq: int = 0) -> None:
+        """Append `tokens` to sequence `seq`. Logits are kept for the last token, or for every token."""
+        if len(self.seqs[seq]) + len(tokens) > self.n_ctx:
             raise ContextOverflowError(
                 f"the context is full ({self.n_ctx} tokens); start a new chat or raise --ctx-size"
             )
-        if not tokens:
-            return
-        batch = self._batch
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             last_chunk = start + self.n_batch >= len(tokens)
-            pos0 = len(self.tokens)
-            for i, tok in enumerate(chunk):
+            self._decode([(seq, chunk, (len(chunk) if all_logits else 1) if last_chunk else 0)])
+
+    def decode_parts(self, parts: Sequence[tuple[int, Sequence[int], int]]) -> list[np.ndarray]:
+        """One llama_decode over several sequences' tokens: (seq, tokens, rows wanted: logits for the last that
+        many tokens). Returns each part's logits rows, views valid until the next decode."""
+        width = sum(len(tokens) for _, tokens, _ in parts)
+        if width > self.n_batch:
+            raise ValueError(f"{width} tokens in one decode, over n_batch {self.n_batch}")
+        for seq, tokens, _ in parts:
+            if len(self.seqs[seq]) + len(tokens) > self.n_ctx:
+                raise ContextOverflowError(f"the context is full ({self.n_ctx} tokens); start a new chat or raise --ctx-size")
+        self._decode(parts)
+        if not any(min(wanted, len(tokens)) for _, tokens, wanted in parts):
+            return [self._logits_view[:0] for _ in parts]
+        rows, views = self.logits(), []
+        at = 0
+        for _, tokens, wanted in parts:
+            n = min(wanted, len(tokens))
+            views.append(rows[at : at + n])
+            at += n
+        return views
+
+    def _decode(self, parts: Sequence[tuple[int, Sequence[int], int]]) -> None:
+        """(seq, tokens, logits for the last that many tokens): one llama_decode."""
+        batch = self._batch
+        i = outputs = 0
+        for seq, tokens, wanted in parts:
+            pos0 = len(self.seqs[seq])
+            first_out = len(tokens) - wanted
+            for j, tok in enumerate(tokens):
                 batch.token[i] = tok
-                batch.pos[i] = pos0 + i
-                batch.logits[i] = all_logits and last_chunk
-            if last_chunk:
-                batch.logits[len(chunk) - 1] = True
-            batch.n_tokens = len(chunk)
-            started = time.perf_counter()
-            rc = llama_cpp.llama_decode(self.ptr, batch)
-            self.decode_seconds += time.perf_counter() - started
-            raise_if_interrupted()
-            if rc != 0:
-                raise TandemError(f"llama.cpp failed to evaluate {len(chunk)} tokens (code {rc}): {_last_llama_error()}")
-            self.tokens.extend(chunk)
-            self.n_evaluated += len(chunk)
-            self._n_outputs = len(chunk) if all_logits else 1
+                batch.pos[i] = pos0 + j
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = j >= first_out
+                outputs += j >= first_out
+                i += 1
+        if not i:
+            return
+        batch.n_tokens = i
+        started = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.ptr, batch)
+        self.decode_seconds += time.perf_counter() - started
+        raise_if_interrupted()
+        if rc != 0:
+            raise TandemError(f"llama.cpp failed to evaluate {i} tokens (code {rc}): {_last_llama_error()}")
+        for seq, tokens, _ in parts:
+            self.seqs[seq].extend(tokens)
+        self.n_evaluated += i
+        self._n_outputs = outputs
 
     def logits(self) -> np.ndarray:
         """A (n_outputs, n_vocab) float32 view over llama.cpp's logits buffer: valid until the next decode."""
@@ -297,46 +335,61 @@ class Context:
             self._logits_address = address
         return self._logits_view[: self._n_outputs]
 
-    def truncate(self, n: int) -> bool:
-        """Forget every cached position >= n (rollback after rejected draft tokens). False when llama.cpp
-        cannot (a recurrent model's state keeps no positions to drop): then nothing was changed."""
-        if n < len(self.tokens):
-            if not llama_cpp.llama_memory_seq_rm(self._memory, 0, n, -1):
+    def truncate(self, n: int, seq: int = 0) -> bool:
+        """Forget every cached position >= n of sequence `seq` (rollback after rejected draft tokens). False
+        when llama.cpp cannot (a recurrent model's state keeps no positions to drop): then nothing was changed."""
+        tokens = self.seqs[seq]
+        if n < len(tokens):
+            if not llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1):
                 return False
-            del self.tokens[n:]
+            del tokens[n:]
         return True
 
-    def clear(self) -> None:
-        llama_cpp.llama_memory_clear(self._memory, True)
-        self.tokens.clear()
+    def clear(self, seq: int | None = None) -> None:
+        """Empty one sequence, or the whole cache."""
+        if seq is None:
+            llama_cpp.llama_memory_clear(self._memory, True)
+            for tokens in self.seqs:
+                tokens.clear()
+        else:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, 0, -1)
+            self.seqs[seq].clear()
 
-    def sync(self, tokens: Sequence[int]) -> int:
-        """Make the cache hold exactly `tokens`, evaluating only what differs; logits end on the last one.
+    def sync(self, tokens: Sequence[int], seq: int = 0) -> int:
+        """Make sequence `seq` hold exactly `tokens`, evaluating only what differs; logits end on the last one.
 
         Returns how many tokens were evaluated. This is how the draft catches up on the tokens the
         main model accepted: usually one or two per round, never the whole prompt again.
         """
-        return self._extend_from_common_prefix(tokens, min(len(self.tokens), len(tokens) - 1))
+        return self._extend_from_common_prefix(tokens, min(len(self.seqs[seq]), len(tokens) - 1), seq)
 
-    def sync_prefix(self, tokens: Sequence[int]) -> int:
+    def sync_prefix(self, tokens: Sequence[int], seq: int = 0) -> int:
         """Like sync, but logits are not needed: a fully cached sequence costs nothing (new chat turns)."""
-        return self._extend_from_common_prefix(tokens, min(len(self.tokens), len(tokens)))
+        return self._extend_from_common_prefix(tokens, min(len(self.seqs[seq]), len(tokens)), seq)
 
-    def keep_common_prefix(self, tokens: Sequence[int], limit: int | None = None) -> int:
+    def common_prefix(self, tokens: Sequence[int], seq: int = 0) -> int:
+        """How many leading `tokens` sequence `seq` already holds."""
+        cached = self.seqs[seq]
+        limit = min(len(cached), len(tokens))
+        keep = 0
+        while keep < limit and cached[keep] == tokens[keep]:
+            keep += 1
+        return keep
+
+    def keep_common_prefix(self, tokens: Sequence[int], limit: int | None = None, seq: int = 0) -> int:
         """Drop what follows the longest cached prefix of `tokens` (at most `limit` tokens kept); returns
         how many are kept. The caller evaluates the rest (sync_prefix does it in one go)."""
-        limit = min(len(self.tokens), len(tokens)) if limit is None else limit
-        keep = 0
-        while keep < limit and self.tokens[keep] == tokens[keep]:
-            keep += 1
-        if not self.truncate(keep):  # a recurrent model: start over rather than continue from a wrong state
-            self.clear()
+        keep = self.common_prefix(tokens, seq)
+        if limit is not None:
+            keep = min(keep, limit)
+        if not self.truncate(keep, seq):  # a recurrent model: start over rather than continue from a wrong state
+            self.clear(seq)
             keep = 0
         return keep
 
-    def _extend_from_common_prefix(self, tokens: Sequence[int], limit: int) -> int:
-        keep = self.keep_common_prefix(tokens, limit)
-        self.decode(tokens[keep:])
+    def _extend_from_common_prefix(self, tokens: Sequence[int], limit: int, seq: int) -> int:
+        keep = self.keep_common_prefix(tokens, limit, seq)
+        self.decode(tokens[keep:], seq=seq)
         return len(tokens) - keep
 
 
@@ -350,16 +403,20 @@ class SingleTokenContext(Context):
     without it (7.3 ms per token at any batch size).
     """
 
-    def decode(self, tokens: Sequence[int], all_logits: bool = False) -> None:
+    def decode(self, tokens: Sequence[int], all_logits: bool = False, seq: int = 0) -> None:
         if all_logits and len(tokens) > 1:
             raise ValueError("a single-token context keeps logits for its last token only")
         for token in tokens:
-            super().decode([token])
+            super().decode([token], seq=seq)
+
+    def decode_parts(self, parts: Sequence[tuple[int, Sequence[int], int]]) -> list[np.ndarray]:
+        raise ValueError("a single-token context decodes one sequence's token at a time")
 
 
-def draft_context(model: Model, n_ctx: int, n_threads: int) -> Context:
+def draft_context(model: Model, n_ctx: int, n_threads: int, n_seq: int = 1) -> Context:
     """The context a draft model decodes in: token by token where its kernels are safe only that way."""
-    return Context(model, n_ctx, n_threads) if model.kernels.batches else SingleTokenContext(model, n_ctx, n_threads)
+    kind = Context if model.kernels.batches else SingleTokenContext
+    return kind(model, n_ctx, n_threads, n_seq=n_seq)
 
 
 def gpu_memory() -> tuple[int, int] | None:

@@ -13,6 +13,7 @@ and probes again every few rounds so it notices when acceptance returns.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 DECAY = 0.9  # per-round decay of acceptance evidence: about the last 10-20 rounds count
@@ -61,6 +62,9 @@ class VerifyCost:
     # x -> how many samples in a row came in under STALE_RATIO of the prior (the engine re-times a stale probe)
     runs: dict[int, int] = field(default_factory=dict)
     _known: dict[int, float] | None = None  # prior (scaled) and samples merged; None: to be rebuilt
+    _sizes: list[int] = field(default_factory=list)  # _known's sizes in order
+    _fitted: float = 0.0  # the slope above the largest known size
+    _scale: float = 1.0
 
     def add(self, x: int, seconds: float) -> None:
         old = self.samples.get(x)
@@ -75,13 +79,16 @@ class VerifyCost:
     @property
     def scale(self) -> float:
         """Live figures / the probe's, where both exist: how much slower (or faster) than probed."""
-        both = [x for x in self.samples if x in self.prior]
-        return sum(self.samples[x] / self.prior[x] for x in both) / len(both) if both else 1.0
+        self._merged()
+        return self._scale
 
     def _merged(self) -> dict[int, float]:
         if self._known is None:
-            scale = self.scale
+            both = [x for x in self.samples if x in self.prior]
+            self._scale = scale = sum(self.samples[x] / self.prior[x] for x in both) / len(both) if both else 1.0
             self._known = {x: s * scale for x, s in self.prior.items()} | self.samples
+            self._sizes = sorted(self._known)
+            self._fitted = self._slope(self._known, self._sizes[-1]) if self._known else 0.0
         return self._known
 
     def at(self, x: int) -> float | None:
@@ -93,16 +100,16 @@ class VerifyCost:
             return None
         if x in known:
             return known[x]
-        below = [m for m in known if m < x]
-        above = [m for m in known if m > x]
-        if below and above:
-            lo, hi = max(below), min(above)
+        sizes = self._sizes  # a bisection, not a scan: the controller asks for dozens of sizes every round
+        i = bisect.bisect_left(sizes, x)
+        if 0 < i < len(sizes):
+            lo, hi = sizes[i - 1], sizes[i]
             return known[lo] + (known[hi] - known[lo]) * (x - lo) / (hi - lo)
-        if above:
-            hi = min(above)
+        if i == 0:
+            hi = sizes[0]
             return known[hi] * (1 + PRIOR_VERIFY_SLOPE * x) / (1 + PRIOR_VERIFY_SLOPE * hi)
-        lo = max(below)
-        return known[lo] + self._slope(known, lo) * (x - lo)
+        lo = sizes[-1]
+        return known[lo] + self._fitted * (x - lo)
 
     @staticmethod
     def _slope(known: dict[int, float], lo: int) -> float:
@@ -162,6 +169,14 @@ class SourceState:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """What else a round will carry (its last one's): other sequences verifying, and prompt tokens being read."""
+
+    prompt_tokens: int
+    sequences: int
+
+
+@dataclass(frozen=True)
 class Decision:
     source: str  # "none", "model" or "lookup"
     k: int
@@ -184,22 +199,32 @@ class DraftController:
         return self.verify_cost.at(n - 1)
 
     def expected_rate(
-        self, source: str, k: int, acceptance: float | None = None, behind: int = 0, horizon: int = CATCH_UP_HORIZON
-    ) -> float:
+        self, source: str, k: int, acceptance: float | None = None, behind: int = 0, horizon: int = CATCH_UP_HORIZON,
+        batch: Batch | None = None,
+    ) -> float:  # fmt: skip
         """Predicted tokens per second of a round; `behind`: tokens a draft model must evaluate before it
         can draft, beyond a round's usual one or two (a new prompt, or it sat idle while other sources
-        drafted), paid back over the next `horizon` tokens."""
-        one = self.verify_time(1) or 1.0
+        drafted), paid back over the next `horizon` tokens.
+
+        `batch`: other sequences share the round. Its rate is then the batch's, as if every sequence verifying
+        drafted like this one: n sequences make n(1 + accepted) tokens for n drafts and one decode of
+        n(1 + k) tokens (plus the prompt tokens read beside them), against n tokens for a decode of n. So drafting
+        shrinks as load makes the batch compute-bound (a CPU) and stays where a wider batch is nearly free (a
+        GPU). (Priced one sequence at a time against the others' actual drafts, each would find its own draft
+        cheap beside theirs, and all would draft where none should.)"""
+        n, prompt = (1 + batch.sequences, batch.prompt_tokens) if batch else (1, 0)
+        one = self.verify_time(prompt + n) or 1.0 + PRIOR_VERIFY_SLOPE * (prompt + n - 1)
         if k == 0:
-            return 1.0 / one
+            return n / one
         state = self.sources[source]
         a = min(state.acceptance if acceptance is None else acceptance, 0.999)
         accepted = a * (1 - a**k) / (1 - a)
         unit = self.unit_cost(source)
-        cost = unit * (k + a**k if source in CATCHES_UP else k)
+        cost = n * unit * (k + a**k if source in CATCHES_UP else k)
         if behind:  # the catch-up is paid once, then the model drafts for a while: charge each round its share
             cost += self.catch_up_cost(source) * behind * (accepted + 1.0) / max(horizon, 1)
-        return (accepted + 1.0) / (cost + (self.verify_time(k + 1) or one * (1 + PRIOR_VERIFY_SLOPE * k)))
+        verify = self.verify_time(prompt + n * (k + 1)) or one * (1 + PRIOR_VERIFY_SLOPE * n * k)
+        return n * (accepted + 1.0) / (cost + verify)
 
     def unit_cost(self, source: str) -> float:
         """Seconds per draft evaluation: measured live, else probed (scaled like verify costs), else a prior."""
@@ -259,13 +284,17 @@ class DraftController:
                 + f"; even if every drafted token were accepted it would run at best {gain:.2f}x plain decoding"
             )
 
-    def decide(self, available: dict[str, int], behind: dict[str, int] | None = None, horizon: int = CATCH_UP_HORIZON) -> Decision:
+    def decide(
+        self, available: dict[str, int], behind: dict[str, int] | None = None, horizon: int = CATCH_UP_HORIZON,
+        batch: Batch | None = None,
+    ) -> Decision:  # fmt: skip
         """`available`: source -> most tokens it can propose now (a lookup match may be short);
         `behind`: source -> tokens it must catch up on first (see expected_rate); `horizon`: tokens left
-        to pay a catch-up back (never more than what is left of the reply)."""
+        to pay a catch-up back (never more than what is left of the reply); `batch`: what other sequences are
+        expected to put in the same main-model decode (their last round's)."""
         behind = behind or {}
         horizon = min(horizon, CATCH_UP_HORIZON)
-        plain = self.expected_rate("none", 0)
+        plain = self.expected_rate("none", 0, batch=batch)
         measured = self.verify_time(1) is not None
         best = Decision("none", 0, f"plain {plain:.0f} tok/s" if measured else "plain (nothing measured yet)")
         best_rate = plain
@@ -274,7 +303,7 @@ class DraftController:
             state = self.state(source)
             lo, hi = max(1, self.draft_min), min(self.draft_max, limit)
             for k in range(lo, hi + 1):
-                rate = self.expected_rate(source, k, behind=behind.get(source, 0), horizon=horizon)
+                rate = self.expected_rate(source, k, behind=behind.get(source, 0), horizon=horizon, batch=batch)
                 if rate > best_rate * (MARGIN if best.source == "none" else 1.001):
                     best_rate = rate
                     best = Decision(source, k, f"expects {state.acceptance:.0%} accepted: {rate / plain:.2f}x plain")
@@ -293,7 +322,8 @@ class DraftController:
             # a source too dear even at near-perfect acceptance (its catch-up included) is not worth a probe
             lag = behind.get(source, 0)
             ceiling = max(
-                self.expected_rate(source, j, OPTIMISTIC_ACCEPTANCE, lag, horizon) for j in range(k, min(self.draft_max, limit) + 1)
+                self.expected_rate(source, j, OPTIMISTIC_ACCEPTANCE, lag, horizon, batch)
+                for j in range(k, min(self.draft_max, limit) + 1)
             )
             if ceiling > best_rate * PROBE_GAIN:
                 state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
@@ -317,11 +347,12 @@ class DraftController:
         n_drafted: int,
         n_accepted: int,
         draft_seconds: float,
-        verify_seconds: float,
+        verify_seconds: float | None,  # None: verified in a batch shared with other sequences (not this round's cost)
         draft_work: int | None = None,  # draft-model evaluations this round (catch-up included); default k
         catch_up: tuple[int, float] | None = None,  # (tokens, seconds) of a batched catch-up inside draft_seconds
     ) -> None:
-        self.verify_cost.add(n_drafted, verify_seconds)
+        if verify_seconds is not None:
+            self.verify_cost.add(n_drafted, verify_seconds)
         for source, state in self.sources.items():
             for evidence in (state.overall, state.cold, state.streak):
                 evidence.accepted *= DECAY

@@ -29,6 +29,7 @@ class RoundEvent:
     # of n_ignored, the drafts right after the n_accepted ones that the main model agreed with but the reply had
     # ended before (an end-of-generation token, a stop string): neither accepted nor rejected
     n_past_end: int = 0
+    context: int = 0  # tokens of this reply's sequence in the main context after the round (a front-end's "ctx")
 
     def drafted_piece(self, i: int) -> bytes:
         return self.pieces[i] if i < len(self.pieces) else b""
@@ -73,6 +74,7 @@ class GenerationStats:
     plain_time_estimate: float = 0.0
     speedup_estimate: float = 1.0
     closed_sources: tuple[str, ...] = ()  # draft sources ("model", "lookup") closed for this reply: they cannot pay here
+    widest_batch: int = 1  # the widest main-model decode this reply's verify tokens were part of (other sequences' too)
     backend: str = ""  # which llama.cpp build runs here and where each model's weights live (kernels.py)
 
     @property
@@ -122,6 +124,7 @@ class Finished:
     tail: str  # text released only now: held back until the end (a partial stop string, split UTF-8)
     tokens: tuple[int, ...]
     stats: GenerationStats
+    context: int = 0  # tokens of this reply's sequence left in the main context (the next turn goes on from them)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class EngineSpec:
     ctx_size: int = 4096
     threads: int = os.cpu_count() or 1
     exact: bool = False  # batch-invariant kernels for the main model (no repacking): output identical to plain decoding
+    parallel: int = 1  # replies generated together, one sequence each (--parallel, llama.cpp's -np)
 
     @property
     def draft_path(self) -> Path | None:
@@ -104,7 +105,7 @@ def load_engine(
         return SpeculativeEngine(
             main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=spec.draft != NO_DRAFT, exact=spec.exact,
             main_profile=None if main_profile is PLAIN_ONLY else main_profile,  # a plain-only engine never probed
-            progress=check,
+            progress=check, n_seq=spec.parallel,
         )  # fmt: skip
     except BaseException:
         if reuse_main is None:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engine.backend import Context, Model, draft_context
+from app.engine.backend import Context, Model, SingleTokenContext, draft_context
 from app.engine.backends import backends
 from app.engine.compat import check_compatibility, require_compatible
-from app.engine.controller import Decision, DraftController
+from app.engine.controller import Batch, Decision, DraftController
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError, TandemError
 from app.engine.events import Event, Finished, GenerationStats, PromptProgress, RoundEvent
 from app.engine.lookup import LookupDrafter
@@ -73,9 +73,98 @@ class Draft:
     caught_up: tuple[int, float] = (0, 0.0)  # (tokens, seconds) of the catch-up before drafting
 
 
+@dataclass
+class Verify:
+    """What one sequence needs from the main model this step: `tokens` appended to its cache, with logits for
+    every one (a verify batch) or none (a prompt chunk). Whoever decodes (generate, or Rounds for several
+    sequences in one batch) fills in the rows, the width of the decode they were part of, and its time."""
+
+    seq: int
+    tokens: list[int]
+    logits: bool
+    rows: np.ndarray | None = None
+    width: int = 0
+    seconds: float = 0.0
+    parts: int = 1  # the sequences in that decode, this one included
+    # the whole round's (Rounds), in one decode or several: the sequences verifying, and the prompt tokens read
+    # beside them. The controller prices the next draft against such a round (controller.Batch)
+    round_sequences: int = 1
+    round_prompt_tokens: int = 0
+
+    @property
+    def alone(self) -> bool:
+        return self.width == len(self.tokens)
+
+
+@dataclass
+class SequenceState:
+    """Per sequence: its prompt-lookup table and lookup's unused proposal (controller.observe)."""
+
+    lookup: LookupDrafter | None = None
+    shadow: tuple[int, list[int]] | None = None  # (position, tokens)
+    batch: Batch | None = None  # other sequences in its last verify decode: the decode it will likely share next
+
+
+@dataclass
+class DraftRequest:
+    """A sequence asks the draft model for up to k tokens following `tokens`; whoever drafts (the sequence's own
+    driver, or Rounds for every sequence drafting this round, in shared decodes) fills in the draft, the time,
+    and how many sequences shared that time."""
+
+    seq: int
+    tokens: list[int]
+    k: int
+    config: GenerationConfig
+    uniforms: PositionalUniforms
+    draft: Draft | None = None
+    seconds: float = 0.0
+    shared: int = 1
+
+
+class _Drafting:
+    """One sequence's draft being made, token by token (ModelDrafter)."""
+
+    def __init__(self, request: DraftRequest, confidence: Confidence):
+        self.request, self.confidence = request, confidence
+        self.draft = Draft()
+        self.penalty = PenaltyWindow(request.config.sampler)
+
+    def choose(self, row: np.ndarray) -> int | None:
+        """Take the draft's next token from the draft model's row; returns it when it must be evaluated for the
+        next one (None: the draft is complete)."""
+        request, draft, penalty = self.request, self.draft, self.penalty
+        config, settings = request.config, request.config.sampler
+        i = len(draft.tokens)
+        history = request.tokens + draft.tokens if penalty.active else ()
+        if settings.greedy:
+            token = greedy_token(row, penalty, history)
+            # a softmax over the vocabulary costs ~50 us: only pay it when the threshold can bite
+            confidence = self.confidence.top_prob(row) if config.draft_p_min > 0 else 1.0
+        else:
+            q = distribution(row, settings, penalty.ids(history) if penalty.active else None)
+            token = q.sample_at(request.uniforms.at(len(request.tokens) + i))  # coupled to the main model's draw (sampling.py)
+            confidence = q.max_prob()
+        if confidence < config.draft_p_min:
+            draft.n_ignored += 1  # llama.cpp's rule: an unsure token ends the draft and is not sent
+            return None
+        draft.tokens.append(token)
+        if i + 1 < request.k:  # the last drafted token is evaluated next round, only if accepted
+            draft.evaluated += 1
+            return token
+        return None
+
+    def close(self, seconds: float, shared: int) -> None:
+        draft, request = self.draft, self.request
+        if len(draft.tokens) < request.config.draft_min:
+            draft.n_ignored += len(draft.tokens)
+            draft.tokens = []
+        request.draft, request.seconds, request.shared = draft, seconds, shared
+
+
 class ModelDrafter:
-    """Drafts with a small model. Its context follows the accepted sequence incrementally:
-    each round it evaluates only the tokens it has not seen (usually the main model's last token)."""
+    """Drafts with a small model. Its context follows each sequence's accepted tokens incrementally:
+    each round it evaluates only the tokens it has not seen (usually the main model's last token).
+    Several sequences draft together: their catch-ups in one decode, then one decode per draft position."""
 
     source = "model"
 
@@ -83,35 +172,191 @@ class ModelDrafter:
         self.ctx = ctx
         self._confidence = Confidence(ctx.model.n_vocab)
 
-    def propose(self, tokens: list[int], k: int, config: GenerationConfig, uniforms: PositionalUniforms) -> Draft:
-        draft = Draft()
-        settings = config.sampler
-        penalty = PenaltyWindow(settings)
+    def propose(self, tokens: list[int], k: int, config: GenerationConfig, uniforms: PositionalUniforms, seq: int = 0) -> Draft:
+        request = DraftRequest(seq, tokens, k, config, uniforms)
+        self.propose_all([request])
+        return request.draft
+
+    def propose_all(self, requests: Sequence[DraftRequest]) -> None:
         started = time.perf_counter()
-        draft.evaluated = self.ctx.sync(tokens)
-        draft.caught_up = (draft.evaluated, time.perf_counter() - started)
-        for i in range(k):
+        if len(requests) == 1 or isinstance(self.ctx, SingleTokenContext):
+            for request in requests:  # alone, or a draft model safe one token at a time: sequence by sequence
+                self._propose_one(request)
+            return
+        ctx = self.ctx
+        drafting = [_Drafting(request, self._confidence) for request in requests]
+        # catch up: each sequence's unseen tokens, logits on its last; one decode while they fit the batch
+        waiting: list[tuple[_Drafting, list[int]]] = []
+        for d in drafting:
+            tokens = d.request.tokens
+            keep = ctx.keep_common_prefix(tokens, min(len(ctx.seqs[d.request.seq]), len(tokens) - 1), d.request.seq)
+            d.draft.evaluated = len(tokens) - keep
+            waiting.append((d, tokens[keep:]))
+        nexts: list[tuple[_Drafting, int]] = []
+        group: list[tuple[_Drafting, list[int]]] = []
+        for item in [*waiting, None]:
+            width = sum(len(missing) for _, missing in group)
+            if item is None or width + len(item[1]) > ctx.n_batch:
+                if group:  # decode the group, read its rows before the next decode
+                    rows = ctx.decode_parts([(d.request.seq, missing, 1) for d, missing in group])
+                    nexts += [(d, token) for (d, _), row in zip(group, rows, strict=True) if (token := d.choose(row[-1])) is not None]
+                group = []
+            if item is not None and len(item[1]) > ctx.n_batch:  # a long catch-up (a new prompt): alone, in chunks
+                d, missing = item
+                ctx.decode(missing, seq=d.request.seq)
+                if (token := d.choose(ctx.logits()[-1])) is not None:
+                    nexts.append((d, token))
+            elif item is not None:
+                group.append(item)
+        caught_up = time.perf_counter() - started
+        for d in drafting:
+            d.draft.caught_up = (d.draft.evaluated, caught_up / len(drafting))
+        # then one decode per draft position, over every sequence still drafting
+        while nexts:
+            rows = ctx.decode_parts([(d.request.seq, [token], 1) for d, token in nexts])
+            nexts = [(d, token) for (d, _), row in zip(nexts, rows, strict=True) if (token := d.choose(row[-1])) is not None]
+        seconds = time.perf_counter() - started
+        for d in drafting:
+            d.close(seconds, len(drafting))
+
+    def _propose_one(self, request: DraftRequest) -> None:
+        started = time.perf_counter()
+        drafting = _Drafting(request, self._confidence)
+        drafting.draft.evaluated = self.ctx.sync(request.tokens, request.seq)
+        drafting.draft.caught_up = (drafting.draft.evaluated, time.perf_counter() - started)
+        row = self.ctx.logits()[-1]
+        while (token := drafting.choose(row)) is not None:
+            self.ctx.decode([token], seq=request.seq)
             row = self.ctx.logits()[-1]
-            history = tokens + draft.tokens if penalty.active else ()
-            if settings.greedy:
-                token = greedy_token(row, penalty, history)
-                # a softmax over the vocabulary costs ~50 us: only pay it when the threshold can bite
-                confidence = self._confidence.top_prob(row) if config.draft_p_min > 0 else 1.0
-            else:
-                q = distribution(row, settings, penalty.ids(history) if penalty.active else None)
-                token = q.sample_at(uniforms.at(len(tokens) + i))  # coupled to the main model's draw (sampling.py)
-                confidence = q.max_prob()
-            if confidence < config.draft_p_min:
-                draft.n_ignored += 1  # llama.cpp's rule: an unsure token ends the draft and is not sent
+        drafting.close(time.perf_counter() - started, 1)
+
+
+class Reply:
+    """One reply as it is built: the stop rules, the text released so far, and its stats (the loop in
+    SpeculativeEngine.sequence only drafts, verifies and hands the kept tokens here)."""
+
+    def __init__(self, engine: SpeculativeEngine, config: GenerationConfig, n_prompt: int):
+        self.engine, self.config = engine, config
+        self.stats = GenerationStats(draft_model=engine.draft_name, backend=engine.backend)
+        self.stats.speculation = engine.speculation_state(config)
+        self.stats.closed_sources = engine.closed_sources(config)
+        self.stats.prompt_tokens_count = n_prompt
+        self.stream = TextStream(engine.main.piece, config.stop)
+        self.tokens: list[int] = []
+        self.released: list[str] = []
+        self.stop_reason = ""
+        self.started = time.perf_counter()
+        self.first_token_at = 0.0
+        self.first_round_tokens = 0
+        self.decode_seconds = 0.0  # in llama_decode for this reply (a shared batch's whole time)
+        self.consumed = 0  # of the last round's kept tokens, how many the reply took before it ended
+        self.shared_prompt = False  # a prompt chunk was read in a batch with other sequences' tokens
+
+    def read(self, need: Verify) -> None:
+        self.decode_seconds += need.seconds
+        self.shared_prompt |= not need.alone
+
+    def verified(self, need: Verify) -> None:
+        self.decode_seconds += need.seconds
+        self.stats.widest_batch = max(self.stats.widest_batch, need.width)
+
+    def drafted(self, seconds: float) -> None:
+        self.decode_seconds += seconds
+
+    def take(self, kept: list[int], tokens: list[int]) -> list[int]:
+        """Append the round's kept tokens to the reply (and to `tokens`, the whole sequence) until a stop rule
+        ends it; returns those taken."""
+        main = self.engine.main
+        emitted: list[int] = []
+        self.consumed = 0
+        for token in kept:
+            self.consumed += 1
+            if main.is_eog(token):
+                self.stop_reason = EOS
                 break
-            draft.tokens.append(token)
-            if i + 1 < k:  # the last drafted token is evaluated next round, only if accepted
-                self.ctx.decode([token])
-                draft.evaluated += 1
-        if len(draft.tokens) < config.draft_min:
-            draft.n_ignored += len(draft.tokens)
-            draft.tokens = []
-        return draft
+            tokens.append(token)
+            self.tokens.append(token)
+            emitted.append(token)
+            if self.stream.push(token):
+                self.stop_reason = STOP_STRING
+                break
+            if len(self.tokens) >= self.config.max_tokens:
+                self.stop_reason = MAX_TOKENS
+                break
+        return emitted
+
+    def round(self, decision: Decision, draft: Draft, n_accepted: int, main_token: int, emitted: list[int],
+              draft_seconds: float, verify_seconds: float, context: int) -> RoundEvent:  # fmt: skip
+        text = self.stream.release()
+        self.released.append(text)
+        if not self.first_token_at:
+            self.first_token_at = time.perf_counter()
+            self.first_round_tokens = len(self.tokens)
+        stats = self.stats
+        n_drafted = len(draft.tokens)
+        # accepted drafts after the reply's end (an end-of-generation token, a stop string, the token
+        # budget) were never used: LM Studio's "ignored", so accepted never exceeds the tokens generated
+        past_end = n_accepted - min(n_accepted, self.consumed)
+        n_accepted -= past_end
+        n_ignored = draft.n_ignored + past_end
+        stats.rounds += 1
+        stats.total_draft_tokens_count += n_drafted + draft.n_ignored
+        stats.accepted_draft_tokens_count += n_accepted
+        stats.rejected_draft_tokens_count += n_drafted - n_accepted - past_end
+        stats.ignored_draft_tokens_count += n_ignored
+        stats.draft_length_histogram[n_drafted] = stats.draft_length_histogram.get(n_drafted, 0) + 1
+        stats.draft_time += draft_seconds
+        stats.verify_time += verify_seconds
+        return RoundEvent(
+            drafted=tuple(draft.tokens),
+            n_accepted=n_accepted,
+            main_token=main_token,
+            n_ignored=n_ignored,
+            n_past_end=past_end,
+            tokens=tuple(emitted),
+            text=text,
+            draft_seconds=draft_seconds,
+            verify_seconds=verify_seconds,
+            draft_source=decision.source if draft.tokens or draft.n_ignored else "none",
+            decision=decision.reason,
+            pieces=tuple(self.engine.main.piece(t) for t in (*draft.tokens, main_token)),
+            context=context,
+        )
+
+    def finish(self, controller: DraftController | None, context: int) -> Finished:
+        engine, stats = self.engine, self.stats
+        tail = self.stream.finish()
+        self.released.append(tail)
+        finished_at = time.perf_counter()
+        stats.stop_reason = self.stop_reason
+        stats.predicted_tokens_count = len(self.tokens)
+        stats.generation_time = finished_at - self.started
+        stats.time_to_first_token = (self.first_token_at or finished_at) - self.started
+        stats.overhead_time = stats.generation_time - self.decode_seconds
+        # a batch no wider than the self-check's exact ones is plain decoding, bit for bit; so is a prompt read
+        # alone, in the chunks plain decoding reads it in
+        kernels = engine.main_profile.kernels
+        stats.exact = engine.exact_kernels or (stats.widest_batch <= kernels.exact_up_to and not self.shared_prompt)
+        stats.exact_check = kernels.describe()
+        after_first = len(self.tokens) - self.first_round_tokens
+        if after_first > 0 and finished_at > self.first_token_at:
+            stats.tokens_per_second = after_first / (finished_at - self.first_token_at)
+        elif self.tokens:
+            stats.tokens_per_second = len(self.tokens) / stats.generation_time
+        sent = sum(n * c for n, c in stats.draft_length_histogram.items())
+        stats.mean_draft_length = sent / stats.rounds if stats.rounds else 0.0
+        stats.plain_time_estimate = self._plain_estimate(after_first, controller)
+        stats.speedup_estimate = stats.plain_time_estimate / stats.generation_time if stats.generation_time > 0 else 1.0
+        return Finished(text="".join(self.released), tail=tail, tokens=tuple(self.tokens), stats=stats, context=context)
+
+    def _plain_estimate(self, after_first: int, controller: DraftController | None) -> float:
+        """Seconds plain decoding would have taken for this reply (GenerationStats.plain_time_estimate)."""
+        stats, profile = self.stats, self.engine.main_profile
+        if not stats.total_draft_tokens_count or profile is PLAIN_ONLY:
+            return stats.generation_time  # nothing was drafted: this was plain decoding
+        one_token = controller.verify_cost.at(0) if controller is not None else None
+        one_token = one_token or profile.verify_seconds.get(1, 0.0)
+        return stats.time_to_first_token + max(after_first, 0) * one_token
 
 
 class SpeculativeEngine:
@@ -135,6 +380,7 @@ class SpeculativeEngine:
         main_profile: MainProfile | None = None,  # measured (or cached) when not given
         draft_profile: DraftProfile | None = None,
         progress: Progress | None = None,  # the self-check's steps, when it runs (not cached yet)
+        n_seq: int = 1,  # sequences served together (--parallel): one batch per round carries them all
     ):
         n_ctx = min(n_ctx, main.n_ctx_train) if main.n_ctx_train > 0 else n_ctx
         # a recurrent main model cannot roll rejected drafts back: it decodes plainly, exact by construction
@@ -159,12 +405,14 @@ class SpeculativeEngine:
             main_profile = profile_main(main, n_threads, progress=progress) if draft is not None or lookup else PLAIN_ONLY
         self.main_profile = main_profile
         self.n_threads = n_threads
-        self.main_ctx = Context(main, n_ctx, n_threads)
+        self.n_seq = n_seq
+        self.main_ctx = Context(main, n_ctx, n_threads, n_seq=n_seq)
         self.draft_profile: DraftProfile | None = None
         if draft is not None:
             self.draft_profile = draft_profile or profile_draft(draft, n_threads)
-            self.drafter = ModelDrafter(draft_context(draft, n_ctx, n_threads))
-        self.lookup = LookupDrafter() if lookup else None
+            self.drafter = ModelDrafter(draft_context(draft, n_ctx, n_threads, n_seq))
+        self.lookup = lookup and not recurrent
+        self._states = [SequenceState(LookupDrafter() if self.lookup else None) for _ in range(n_seq)]
         self.n_ctx = self.main_ctx.n_ctx
         self.prompt_chunk = PROMPT_CHUNK if main.on_cpu else self.main_ctx.n_batch
         kernels = self.main_profile.kernels
@@ -179,7 +427,6 @@ class SpeculativeEngine:
         # what the controller learned (costs, acceptance) carries over to the next reply of this pair:
         # later chat turns start from measured figures instead of priors
         self._controllers: dict[tuple[int, int], DraftController] = {}
-        self._shadow: tuple[int, list[int]] | None = None
 
     def close(self) -> None:
         self.main_ctx.close()
@@ -234,6 +481,39 @@ class SpeculativeEngine:
     def generate(
         self, prompt: Sequence[int], config: GenerationConfig, cancel: threading.Event | None = None
     ) -> Iterator[Event]:
+        """One reply on sequence 0, alone: each step's main-model need is decoded as it comes."""
+        for item in self.sequence(0, prompt, config, cancel):
+            if isinstance(item, Verify):
+                self.decode([item])
+            elif isinstance(item, DraftRequest):
+                self.drafter.propose_all([item])
+            else:
+                yield item
+
+    def decode(self, needs: Sequence[Verify]) -> None:
+        """One main-model decode over several sequences' needs; each gets its rows, the width and the time."""
+        started = time.perf_counter()
+        rows = self.main_ctx.decode_parts([(need.seq, need.tokens, len(need.tokens) if need.logits else 0) for need in needs])
+        seconds = time.perf_counter() - started
+        width = sum(len(need.tokens) for need in needs)
+        for need, view in zip(needs, rows, strict=True):
+            need.rows, need.width, need.seconds, need.parts = view, width, seconds, len(needs)
+
+    def pick_sequence(self, prompt: Sequence[int], busy: set[int]) -> int:
+        """The free sequence that already holds the longest part of `prompt` (a continuing conversation lands
+        where its prefix is cached), else the emptiest one."""
+        free = [seq for seq in range(self.n_seq) if seq not in busy]
+        if not free:
+            raise ValueError("every sequence is busy")
+        ctx = self.main_ctx
+        return max(free, key=lambda seq: (ctx.common_prefix(prompt, seq), -len(ctx.seqs[seq])))
+
+    def sequence(
+        self, seq: int, prompt: Sequence[int], config: GenerationConfig, cancel: threading.Event | None = None
+    ) -> Iterator[Event | Verify | DraftRequest]:
+        """One reply on sequence `seq`, as steps: yields events, a DraftRequest when it drafts with the draft model
+        and a Verify each time it needs the main model (which the caller fulfils, alone or together with other
+        sequences', before asking for the next item)."""
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) >= self.n_ctx:
@@ -244,158 +524,86 @@ class SpeculativeEngine:
         settings = config.sampler
         uniforms = PositionalUniforms(settings.seed)  # one number per position: seeded runs repeat exactly
         penalty = PenaltyWindow(settings)
-        stats = GenerationStats(draft_model=self.draft_name, backend=self.backend)
-        stats.speculation = self.speculation_state(config)
-        stats.closed_sources = self.closed_sources(config)
+        reply = Reply(self, config, len(prompt))
         controller = self.controller(*self._bounds(config)) if config.adaptive else None
-        stats.prompt_tokens_count = len(prompt)
-        stream = TextStream(self.main.piece, config.stop)
         tokens = list(prompt)
-        reply: list[int] = []
-        released: list[str] = []
-        contexts = [self.main_ctx, *([self.drafter.ctx] if self.drafter else [])]
-        decode_before = sum(c.decode_seconds for c in contexts)
-        started = time.perf_counter()
-        first_token_at = 0.0
-        first_round_tokens = 0
-        stop_reason = ""
-        widest = 1  # the widest verify batch of this reply
-        self._shadow = None  # (position, tokens): lookup's unused proposal, checked next round (controller.observe)
-        if self.lookup:
-            self.lookup.start(tokens)
+        state = self._states[seq]
+        state.shadow, state.batch = None, None
+        if state.lookup is not None:
+            state.lookup.start(tokens)
 
         # the last prompt token opens the first verify batch. The draft model is not fed the prompt here:
         # it catches up only when the controller first chooses it (a reply that never drafts never pays)
         prefix = tokens[:-1]
-        kept = self.main_ctx.keep_common_prefix(prefix)
-        stats.prompt_tokens_evaluated = len(prefix) - kept + 1
-        yield from self._read_prompt(prefix, kept, cancel)  # stopped early by a cancel: the loop ends at once
+        kept = self.main_ctx.keep_common_prefix(prefix, seq=seq)
+        reply.stats.prompt_tokens_evaluated = len(prefix) - kept + 1
+        yield from self._read_prompt(seq, prefix, kept, cancel, reply)  # stopped early by a cancel: the loop ends at once
 
-        while not stop_reason:
+        while not reply.stop_reason:
             if cancel is not None and cancel.is_set():
-                stop_reason = CANCELLED
+                reply.stop_reason = CANCELLED
                 break
             room = self.n_ctx - len(tokens)  # verify batch = last token + k drafts must fit
             if room <= 0:
-                stop_reason = CONTEXT_FULL
+                reply.stop_reason = CONTEXT_FULL
                 break
-            limit = 0 if self.blocked else min(config.draft_max, config.max_tokens - len(reply) - 1, room - 1)
+            limit = 0 if self.blocked else min(config.draft_max, config.max_tokens - len(reply.tokens) - 1, room - 1)
             if self.exact_cap is not None:
                 limit = min(limit, self.exact_cap)
 
             t0 = time.perf_counter()
-            if stats.rounds:
-                decision, draft = self._make_draft(tokens, limit, config, uniforms, controller, config.max_tokens - len(reply))
+            if reply.stats.rounds:
+                decision, draft = self._make_draft(seq, tokens, limit, config, uniforms, controller,
+                                                   config.max_tokens - len(reply.tokens))  # fmt: skip
             else:  # the first round is plain: time to first token is plain decoding's, whatever drafting costs
                 decision, draft = Decision("none", 0, "first token: plain decoding"), Draft()
-            t1 = time.perf_counter()
-            self.main_ctx.decode([tokens[-1], *draft.tokens], all_logits=True)
-            rows = self.main_ctx.logits()
+            draft_seconds = time.perf_counter() - t0
+            if isinstance(draft, DraftRequest):
+                request, decoded = draft, self.drafter.ctx.decode_seconds
+                yield request
+                draft = request.draft
+                # drafted together with other sequences: this one's share of the time
+                draft_seconds += request.seconds / request.shared
+                reply.drafted((self.drafter.ctx.decode_seconds - decoded) / request.shared)
+            need = Verify(seq, [tokens[-1], *draft.tokens], logits=True)
+            yield need
+            resumed = time.perf_counter()  # (with other sequences, their work came between the decode and now)
             if settings.greedy and not penalty.active:
-                n_accepted, main_token = _verify_greedy(rows, draft.tokens)
+                n_accepted, main_token = _verify_greedy(need.rows, draft.tokens)
             else:
-                n_accepted, main_token = _verify_sampled(rows, draft, tokens, settings, penalty, uniforms)
-            if not self.main_ctx.truncate(len(tokens) + n_accepted):  # drop rejected drafts from the KV cache
+                n_accepted, main_token = _verify_sampled(need.rows, draft, tokens, settings, penalty, uniforms)
+            if not self.main_ctx.truncate(len(tokens) + n_accepted, seq):  # drop rejected drafts from the KV cache
                 raise TandemError(f"llama.cpp could not drop rejected draft tokens from {self.main.path.name}'s cache")
-            t2 = time.perf_counter()
-            widest = max(widest, len(draft.tokens) + 1)
+            verify_seconds = need.seconds + time.perf_counter() - resumed
+            others = need.round_sequences - 1
+            # (a prompt chunk read beside is left out: a one-off, decoded apart, its cost the same whatever is drafted)
+            state.batch = Batch(0, others) if others else None
+            reply.verified(need)
             if controller is not None:
-                work = draft.evaluated if decision.source == "model" else None
-                catch_up = draft.caught_up if decision.source == "model" else None
-                controller.record(decision, len(draft.tokens), n_accepted, t1 - t0, t2 - t1, work, catch_up)
+                model = decision.source == "model"
+                # a shared batch's time is not this sequence's verify cost: only its acceptance is evidence then
+                controller.record(decision, len(draft.tokens), n_accepted, draft_seconds, verify_seconds if need.alone else None,
+                                  draft.evaluated if model else None, draft.caught_up if model else None)  # fmt: skip
+            emitted = reply.take([*draft.tokens[:n_accepted], main_token], tokens)
+            yield reply.round(decision, draft, n_accepted, main_token, emitted, draft_seconds, verify_seconds,
+                              context=len(self.main_ctx.seqs[seq]))  # fmt: skip
 
-            emitted: list[int] = []
-            consumed = 0  # of the accepted drafts and the main token, how many the reply took before it ended
-            for token in (*draft.tokens[:n_accepted], main_token):
-                consumed += 1
-                if self.main.is_eog(token):
-                    stop_reason = EOS
-                    break
-                tokens.append(token)
-                reply.append(token)
-                emitted.append(token)
-                if stream.push(token):
-                    stop_reason = STOP_STRING
-                    break
-                if len(reply) >= config.max_tokens:
-                    stop_reason = MAX_TOKENS
-                    break
-            text = stream.release()
-            released.append(text)
-            if not first_token_at:
-                first_token_at = time.perf_counter()
-                first_round_tokens = len(reply)
-
-            n_drafted = len(draft.tokens)
-            # accepted drafts after the reply's end (an end-of-generation token, a stop string, the token
-            # budget) were never used: LM Studio's "ignored", so accepted never exceeds the tokens generated
-            past_end = n_accepted - min(n_accepted, consumed)
-            n_accepted -= past_end
-            n_ignored = draft.n_ignored + past_end
-            stats.rounds += 1
-            stats.total_draft_tokens_count += n_drafted + draft.n_ignored
-            stats.accepted_draft_tokens_count += n_accepted
-            stats.rejected_draft_tokens_count += n_drafted - n_accepted - past_end
-            stats.ignored_draft_tokens_count += n_ignored
-            stats.draft_length_histogram[n_drafted] = stats.draft_length_histogram.get(n_drafted, 0) + 1
-            stats.draft_time += t1 - t0
-            stats.verify_time += t2 - t1
-            yield RoundEvent(
-                drafted=tuple(draft.tokens),
-                n_accepted=n_accepted,
-                main_token=main_token,
-                n_ignored=n_ignored,
-                n_past_end=past_end,
-                tokens=tuple(emitted),
-                text=text,
-                draft_seconds=t1 - t0,
-                verify_seconds=t2 - t1,
-                draft_source=decision.source if draft.tokens or draft.n_ignored else "none",
-                decision=decision.reason,
-                pieces=tuple(self.main.piece(t) for t in (*draft.tokens, main_token)),
-            )
-
-        tail = stream.finish()
-        released.append(tail)
-        finished_at = time.perf_counter()
-        stats.stop_reason = stop_reason
-        stats.predicted_tokens_count = len(reply)
-        stats.generation_time = finished_at - started
-        stats.time_to_first_token = (first_token_at or finished_at) - started
-        stats.overhead_time = stats.generation_time - (sum(c.decode_seconds for c in contexts) - decode_before)
-        # a batch no wider than the self-check's exact ones is plain decoding, bit for bit
-        stats.exact = self.exact_kernels or widest <= self.main_profile.kernels.exact_up_to
-        stats.exact_check = self.main_profile.kernels.describe()
-        after_first = len(reply) - first_round_tokens
-        if after_first > 0 and finished_at > first_token_at:
-            stats.tokens_per_second = after_first / (finished_at - first_token_at)
-        elif reply:
-            stats.tokens_per_second = len(reply) / stats.generation_time
-        sent = sum(n * c for n, c in stats.draft_length_histogram.items())
-        stats.mean_draft_length = sent / stats.rounds if stats.rounds else 0.0
-        stats.plain_time_estimate = self._plain_estimate(stats, after_first, controller)
-        stats.speedup_estimate = stats.plain_time_estimate / stats.generation_time if stats.generation_time > 0 else 1.0
+        yield reply.finish(controller, context=len(self.main_ctx.seqs[seq]))
         if controller is not None and self._profile_is_stale(controller):
             self.main_profile = retime_main(self.main, self.n_threads, self.main_profile)
             for ctl in self._controllers.values():
                 ctl.verify_cost.set_prior({n - 1: s for n, s in self.main_profile.verify_seconds.items()})
-        yield Finished(text="".join(released), tail=tail, tokens=tuple(reply), stats=stats)
-
-    def _plain_estimate(self, stats: GenerationStats, after_first: int, controller: DraftController | None) -> float:
-        """Seconds plain decoding would have taken for this reply (GenerationStats.plain_time_estimate)."""
-        if not stats.total_draft_tokens_count or self.main_profile is PLAIN_ONLY:
-            return stats.generation_time  # nothing was drafted: this was plain decoding
-        one_token = controller.verify_cost.at(0) if controller is not None else None
-        one_token = one_token or self.main_profile.verify_seconds.get(1, 0.0)
-        return stats.time_to_first_token + max(after_first, 0) * one_token
 
     def _profile_is_stale(self, controller: DraftController) -> bool:
         """Live one-token rounds have run well under the probe's time for a sustained stretch (STALE_AFTER)."""
         return self.main_profile is not PLAIN_ONLY and controller.verify_cost.runs.get(0, 0) >= STALE_AFTER
 
-    def _read_prompt(self, prefix: list[int], kept: int, cancel: threading.Event | None) -> Iterator[PromptProgress]:
-        """Evaluate prefix[kept:] in batches of prompt_chunk, stopping early when cancelled. Progress goes out
-        between batches once reading looks like taking over PROMPT_PROGRESS_AFTER seconds."""
+    def _read_prompt(
+        self, seq: int, prefix: list[int], kept: int, cancel: threading.Event | None, reply: Reply
+    ) -> Iterator[PromptProgress | Verify]:
+        """Evaluate prefix[kept:] in batches of prompt_chunk (each a step: other sequences' rounds run between
+        them), stopping early when cancelled. Progress goes out between batches once reading looks like taking
+        over PROMPT_PROGRESS_AFTER seconds."""
         total = len(prefix) - kept
         started = time.perf_counter()
         done = 0
@@ -404,27 +612,29 @@ class SpeculativeEngine:
             if cancel is not None and cancel.is_set():
                 return
             size = self.prompt_chunk if done else min(PROMPT_FIRST_CHUNK, self.prompt_chunk)
-            chunk = prefix[kept + done : kept + done + size]
-            self.main_ctx.decode(chunk)
-            done += len(chunk)
+            need = Verify(seq, prefix[kept + done : kept + done + size], logits=False)
+            yield need
+            reply.read(need)
+            done += len(need.tokens)
             if done < total:
                 elapsed = time.perf_counter() - started
                 if announced or elapsed * total / done >= PROMPT_PROGRESS_AFTER:
                     announced = True
                     yield PromptProgress(done, total, elapsed, kept)
 
-    def _check_shadow(self, tokens: list[int], controller: DraftController) -> None:
+    @staticmethod
+    def _check_shadow(state: SequenceState, tokens: list[int], controller: DraftController) -> None:
         """Judge lookup's unused proposal against the tokens that came since, as if it had been verified:
         evidence is recorded once the proposal is settled (a token differed, or all of it came true), so a
         proposal right at its first token but wrong at its third counts as what it would have been."""
-        start, proposal = self._shadow
+        start, proposal = state.shadow
         came = tokens[start : start + len(proposal)]
         n = 0
         while n < len(came) and came[n] == proposal[n]:
             n += 1
         if n < len(came) or n == len(proposal):
             controller.observe("lookup", n, n + (n < len(proposal)))
-            self._shadow = None
+            state.shadow = None
 
     @property
     def backend(self) -> str:
@@ -450,21 +660,24 @@ class SpeculativeEngine:
 
     def _make_draft(
         self,
+        seq: int,
         tokens: list[int],
         limit: int,
         config: GenerationConfig,
         uniforms: PositionalUniforms,
         controller: DraftController | None,
         remaining: int,
-    ) -> tuple[Decision, Draft]:
-        """Pick a source and a length (the controller, or fixed draft_max), then draft."""
+    ) -> tuple[Decision, Draft | DraftRequest]:
+        """Pick a source and a length (the controller, or fixed draft_max), then draft (lookup) or say what the
+        draft model is to draft."""
         if limit <= 0 or not (self.drafter or self.lookup):
             return Decision("none", 0, self.blocked or "no drafting"), Draft()
         if limit < config.draft_min:  # the end of the reply is nearer than draft-min: a draft would be thrown away
             return Decision("none", 0, f"at most {limit} tokens left to draft, under draft-min {config.draft_min}"), Draft()
-        match = self.lookup.match(tokens, limit) if self.lookup else []
-        if controller is not None and self._shadow is not None:
-            self._check_shadow(tokens, controller)
+        state = self._states[seq]
+        match = state.lookup.match(tokens, limit) if state.lookup else []
+        if controller is not None and state.shadow is not None:
+            self._check_shadow(state, tokens, controller)
         if controller is None:  # fixed length: the draft model when there is one (llama.cpp's rule), else lookup
             if self.drafter:
                 decision = Decision("model", limit, f"fixed k={limit}")
@@ -478,12 +691,12 @@ class SpeculativeEngine:
                 available["model"] = limit
             # beyond the main model's last token and an accepted draft's last token, the draft model
             # evaluates what it missed: a new prompt, or what lookup and plain rounds produced meanwhile
-            behind = {"model": max(len(tokens) - len(self.drafter.ctx.tokens) - 2, 0)} if self.drafter else {}
-            decision = controller.decide(available, behind, horizon=remaining)
-            if match and decision.source != "lookup" and self._shadow is None:
-                self._shadow = (len(tokens), match[:SHADOW_TOKENS])
+            behind = {"model": max(len(tokens) - len(self.drafter.ctx.seqs[seq]) - 2, 0)} if self.drafter else {}
+            decision = controller.decide(available, behind, horizon=remaining, batch=state.batch)
+            if match and decision.source != "lookup" and state.shadow is None:
+                state.shadow = (len(tokens), match[:SHADOW_TOKENS])
         if decision.source == "model":
-            return decision, self.drafter.propose(tokens, decision.k, config, uniforms)
+            return decision, DraftRequest(seq, tokens, decision.k, config, uniforms)  # drafted by whoever steps this sequence
         if decision.source == "lookup":
             return decision, Draft(tokens=match[: decision.k])
         return decision, Draft()

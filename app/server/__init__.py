@@ -64,8 +64,11 @@ class ServerThread:
     takes a free one (`port` then says which). Uvicorn's log stays out of the terminal the app draws on."""
 
     def __init__(self, engine_host: EngineHost, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 api_key: str | None = None, dirs: list[str] | None = None):  # fmt: skip
+                 api_key: str | None = None, dirs: list[str] | None = None, owns_host: bool = True):  # fmt: skip
         self.engine_host, self.host, self.port = engine_host, host, port
+        # False: the host is a front-end's (the chat app's), running before and after; stop() then cancels the
+        # requests only and leaves the host (and the front-end's own turn) alone
+        self.owns_host = owns_host
         self.api_key, self.dirs = api_key, dirs
         self.server = None  # uvicorn.Server once started
         self._thread: threading.Thread | None = None
@@ -120,7 +123,13 @@ class ServerThread:
         self._stopping = True
         if self.server is not None:
             self.server.should_exit = True
-        self.engine_host.stop(timeout=timeout)  # the handlers waiting on jobs get their DONE at once
+        if self.owns_host:
+            self.engine_host.stop(timeout=timeout)  # the handlers waiting on jobs get their DONE at once
+        else:  # the requests end within a round; the front-end's host goes on
+            self.engine_host.cancel_requests()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self.engine_host.requests_pending() and (deadline is None or time.monotonic() < deadline):
+                time.sleep(0.01)
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -133,6 +142,7 @@ def serve(
     api_key: str | None = None,
     log: TextIO = sys.stderr,
     any_path: bool = False,  # requests may load any GGUF file by path, not only the catalog's
+    parallel: int = 4,  # requests generated together (--parallel)
 ) -> int:
     import uvicorn
 
@@ -149,7 +159,7 @@ def serve(
     url = base_url(host, port)
 
     def ready(_engine) -> None:
-        log.write(f"tandem: ready: {engine_host.describe()} at {url}/v1 (LM Studio API at {url}/api/v0)\n")
+        log.write(f"tandem: ready: {engine_host.describe()}, {parallel} at once, at {url}/v1 (LM Studio API at {url}/api/v0)\n")
         log.flush()
 
     def observe(_job, item: object) -> None:  # on the worker thread: one line, once per model and reason
@@ -157,7 +167,7 @@ def serve(
             log.write(f"tandem: {item.sentence()}\n")
             log.flush()
 
-    engine_host = EngineHost(config, max_queue=max_queue, on_ready=ready, on_event=observe)
+    engine_host = EngineHost(config, max_queue=max_queue, on_ready=ready, on_event=observe, parallel=parallel)
     app = create_app(engine_host, api_key=api_key, dirs=config.dirs, any_path=any_path)
     # explicit loop and protocol: no implementation picked by import at run time (the one-file binary has these)
     server = uvicorn.Server(uvicorn.Config(app, loop="asyncio", http="h11", ws="none", lifespan="off", log_level="warning",

@@ -43,7 +43,8 @@ class HostCollector:
         for position, value in enumerate(list(counted.accepted_at), start=1):
             by_position.add_metric([str(position)], value)
         yield by_position
-        yield GaugeMetricFamily("tandem:requests_processing", "Requests being generated now", value=int(host.running is not None))
+        yield GaugeMetricFamily("tandem:requests_processing", "Requests being generated now", value=len(host.active))
+        yield GaugeMetricFamily("tandem:sequences", "Replies that can be generated together (--parallel)", value=host.parallel)
         yield GaugeMetricFamily("tandem:requests_deferred", "Requests waiting in the queue", value=host.queued)
         yield GaugeMetricFamily("tandem:model_ready", "1 when the models are loaded and serving", value=int(host.state == "ready"))
 

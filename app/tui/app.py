@@ -38,7 +38,7 @@ from app.history import Conversation, ConversationLog, HistoryStore, read_conver
 from app.host import DONE, EngineHost, Job, JobFailed
 from app.server import DEFAULT_HOST, DEFAULT_PORT, ServerThread
 from app.tui.choices import DEMO, conversation_choices, draft_choices, model_choices, model_label
-from app.tui.generation import ChatJob, Failed, Generation, HostGeneration, LiveStats
+from app.tui.generation import ChatJob, Failed, HostGeneration, LiveStats
 from app.tui.pacing import BUDGET_SHARED, RefreshPacer, ui_budget
 from app.tui.screens.help import HelpScreen
 from app.tui.screens.picker import PickerScreen
@@ -129,13 +129,14 @@ class TandemApp(App[None]):
         self.spec: EngineSpec | None = None
         self.main_choice = DEMO
         self.session: ChatSession | None = None
-        self.generation: Generation | HostGeneration | None = None
-        self.reply_thread: threading.Thread | None = None  # the last own-thread reply's: it may still be unwinding
+        self.generation: HostGeneration | None = None
+        # the one path to the engine: every chat turn is a job of this host (adopting the loaded pair), and F9 serves
+        # requests through it too; no UI thread ever touches the engine
+        self.host: EngineHost | None = None
         self.load_thread: threading.Thread | None = None  # the last load's; it may be running
         self.history_busy = False  # F7's list is being read, or a saved conversation is being opened
         self.left_out_said = 0  # how many early messages the model was last said to leave out
         self.load_cancel = threading.Event()  # set on quit: that load stops at its next step
-        self.last_reply_on_host = False  # the last reply ran as a job on the serving host
         self.reply: AssistantMessage | None = None
         self.transcript: ReplyTranscript | None = None
         self.live = LiveStats()
@@ -210,10 +211,10 @@ class TandemApp(App[None]):
         generation = self.generation
         if generation is not None:  # quitting mid-reply: stop the worker; what streamed is already saved
             generation.cancel.set()
-        if self.serving is not None:  # quitting while serving: stop listening, cancel the requests, end the worker
+        if self.serving is not None:  # quitting while serving: stop listening, cancel the requests
             self.serving.stop(timeout=5.0)
-        if generation is not None:
-            generation.wait(2.0)
+        if self.host is not None:  # the worker ends once the turn in flight has seen its cancel
+            self.host.stop(timeout=5.0)
         if self.load_thread is not None:
             self.load_thread.join(timeout=LOAD_STOP_WAIT)
         self.log_file.close()
@@ -323,6 +324,10 @@ class TandemApp(App[None]):
         self.session = ChatSession(engine, system=self.config.settings.system or None)
         # the conversation carries over to the new pair (its tokens are evaluated on the next turn)
         self.session.messages += [m for m in messages if m.role != "system"]
+        if self.host is not None:  # idle (loading waits for the reply to end and refuses while serving)
+            self.host.stop(timeout=None)
+        self.host = EngineHost.adopt(self.config, engine, spec, on_event=self._host_event)
+        self.host.start()
         if previous is not None:
             previous.close()
         self.config.main = main_choice
@@ -385,12 +390,10 @@ class TandemApp(App[None]):
         self.reading, self.turn_started = None, False
         header = f"── reply {len(self.session.messages) // 2 + 1}: {text[:60]}"
         config = self.config.settings.generation_config()
-        if self.serving is not None:  # the host's worker runs it, between API requests; its header comes in order
-            self.generation = HostGeneration(self.serving.engine_host, self.session, text, config, self.log_file)
-            self.generation.header = header
-        else:
-            self.debug_pane.note(header)
-            self.generation = Generation(self.session, text, config, self.log_file)
+        assert self.host is not None  # adopted with the engine
+        # the host's worker runs it (beside API requests while serving); its header comes in order with theirs
+        self.generation = HostGeneration(self.host, self.session, text, config, self.log_file)
+        self.generation.header = header
         self.refresh_status()
         self.prompt_box.cursor_blink = False  # a blink is a repaint: none while the engine needs the CPU
         self.pending = []
@@ -401,7 +404,7 @@ class TandemApp(App[None]):
 
     async def pump(self) -> None:
         """Drain the worker's queue: one batch of widget updates per tick, however many rounds arrived."""
-        if self.serving is not None or not self.host_events.empty():
+        if not self.host_events.empty():
             self._show_host_events()
         generation = self.generation
         if generation is None or self.reply is None or self.transcript is None or self.engine is None:
@@ -423,8 +426,6 @@ class TandemApp(App[None]):
         for event in rounds:
             self.transcript.add(event)
             self.live.add(event)
-        if not generation.debug_from_host:
-            self.debug_pane.add_rounds(rounds)
         self.reply.append("".join(e.text for e in rounds))
         for event in events:
             if isinstance(event, Finished):
@@ -432,16 +433,14 @@ class TandemApp(App[None]):
             elif isinstance(event, Failed):
                 await self._failed(event)
             elif isinstance(event, TemplateFallback | EarlierMessagesLeftOut):
-                self._say_notice(event, in_debug_pane=not generation.debug_from_host)
+                self._say_notice(event)
         self.refresh_status()
         self.chat_log.follow()
         self.pacer.updated()
         self._warn_history()
 
-    def _say_notice(self, notice: TemplateFallback | EarlierMessagesLeftOut, in_debug_pane: bool) -> None:
-        """A turn's notice: in the debug pane every time, as a toast when it is news."""
-        if in_debug_pane:
-            self.debug_pane.note(notice.sentence(), "yellow")
+    def _say_notice(self, notice: TemplateFallback | EarlierMessagesLeftOut) -> None:
+        """A turn's notice as a toast when it is news (the debug pane has it every time, from the host's events)."""
         if isinstance(notice, TemplateFallback) and notice.first:
             self.notify(notice.sentence(), title="chat template", severity="warning", timeout=12)
         elif isinstance(notice, EarlierMessagesLeftOut) and notice.left_out != self.left_out_said:
@@ -460,8 +459,6 @@ class TandemApp(App[None]):
             note = (f"stopped while reading the conversation ({read.done:,}/{read.total:,} tokens read; "
                     "the next message goes on from there)")  # fmt: skip
         await self.reply.finish(finished.text, note, cancelled)
-        if self.generation is not None and not self.generation.debug_from_host:
-            self.debug_pane.note(stats.summary(), "bold cyan")
         self._reply_done()
         self.prompt_box.cursor_blink = True
         self.last_finished = finished
@@ -489,9 +486,6 @@ class TandemApp(App[None]):
             self.ctx_used = generation.ctx_tokens
         if self.reading is not None:
             self._reading_done()
-        self.last_reply_on_host = isinstance(generation, HostGeneration)
-        if isinstance(generation, Generation):  # only the thread: nothing that keeps the engine alive
-            self.reply_thread = generation.thread
 
     def action_cancel_reply(self) -> None:
         if self.generation is not None:
@@ -564,12 +558,9 @@ class TandemApp(App[None]):
         if self.generation is not None:
             self.notify("A reply is streaming; Esc stops it first.", severity="warning")
             return
-        if self.reply_thread is not None:  # it has put its last event: let it return before the host's worker starts
-            self.reply_thread.join(timeout=2.0)
-            self.reply_thread = None
-        host = EngineHost.adopt(self.config, self.engine, self.spec, on_event=self._host_event)
-        server = ServerThread(host, DEFAULT_HOST, self.serve_port, dirs=list(self.config.dirs))
-        # from here the app's chat turns are host jobs (they wait in its queue until its worker starts)
+        assert self.host is not None
+        # the app's host, its turns among the requests (one more sequence when loaded with --parallel N)
+        server = ServerThread(self.host, DEFAULT_HOST, self.serve_port, dirs=list(self.config.dirs), owns_host=False)
         self.serving, self.serving_starting, self.serving_stopping = server, True, False
         self.refresh_status()
         threading.Thread(target=self._start_serving_thread, args=(server,), name="tandem-serve", daemon=True).start()
@@ -581,10 +572,8 @@ class TandemApp(App[None]):
         except OSError as exc:
             port = server.port
             reason = f"port {port} is in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-            server.engine_host.stop(timeout=None)  # a chat turn that was queued meanwhile is told it stopped
             self._from_thread(self._serving_failed, server, f"Could not serve on {server.host}:{port}: {reason}.")
         except Exception as exc:  # never a traceback in the UI
-            server.engine_host.stop(timeout=None)
             self._from_thread(self._serving_failed, server, f"Could not serve: {type(exc).__name__}: {exc}")
         else:
             self._from_thread(self._serving_started, server)
@@ -614,7 +603,7 @@ class TandemApp(App[None]):
         threading.Thread(target=self._stop_serving_thread, args=(server,), name="tandem-stop-serving", daemon=True).start()
 
     def _stop_serving_thread(self, server: ServerThread) -> None:
-        server.stop(timeout=None)  # returns once the host's worker has ended: the engine is the app's alone again
+        server.stop(timeout=None)  # returns once the requests have ended (the app's own turn goes on)
         self._from_thread(self._serving_stopped, server)
 
     def _serving_stopped(self, server: ServerThread) -> None:
@@ -691,8 +680,8 @@ class TandemApp(App[None]):
             info.ctx_size = self.engine.n_ctx
             # while a turn runs, the context as the engine fills it; between turns, as the last turn of this
             # conversation left it (a new or reopened chat: none of it until its first turn reads it)
-            live = self.generation is not None and self.turn_started
-            info.ctx_used = len(self.engine.main_ctx.tokens) if live else self.ctx_used
+            live = self.generation is not None and self.turn_started and self.live.context
+            info.ctx_used = self.live.context if live else self.ctx_used
             info.vram = gpu_memory()
             info.exact = self.engine.exact_kernels or self.spec.draft == NO_DRAFT or bool(self.engine.blocked)
         if self.loading:

@@ -4,9 +4,8 @@ The engine loop must not wait for the UI: it only puts events on a queue (no UI 
 per round). The UI picks them up in batches, 20 times a second. The conversation file is appended
 here, on the worker thread, so a kill loses at most the round in flight.
 
-`Generation` runs a reply on a thread of its own; `HostGeneration` (while the app serves its pair over
-HTTP) submits it to the EngineHost, whose one worker runs it between API requests, so two threads never
-use the engine at once. Both have the same face: start, drain, cancel, running, wait.
+`HostGeneration` submits the reply to the app's EngineHost, whose one worker owns the engine (and runs API
+requests beside it while the app serves): one path to the engine, never a second thread on it.
 """
 
 from __future__ import annotations
@@ -39,53 +38,6 @@ def drain(events: queue.SimpleQueue) -> list[Event | Failed]:
             return out
 
 
-class Generation:
-    debug_from_host = False  # the app feeds the debug pane from this reply's own events
-
-    def __init__(self, session: ChatSession, user_text: str, config: GenerationConfig, log: ConversationLog):
-        self.session, self.user_text, self.config, self.log = session, user_text, config, log
-        self.events: queue.SimpleQueue[Event | Failed] = queue.SimpleQueue()
-        self.cancel = threading.Event()
-        self.started = time.perf_counter()
-        self.thread = threading.Thread(target=self._run, name="tandem-generate", daemon=True)
-        self.ctx_tokens: int | None = None  # the main context's length when the turn ended (read on the engine thread)
-
-    def start(self) -> None:
-        self.log.user(self.user_text)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for event in self.session.send(self.user_text, self.config, self.cancel):
-                if isinstance(event, RoundEvent):
-                    self.log.assistant(event.text)
-                elif isinstance(event, Finished):
-                    self.ctx_tokens = len(self.session.engine.main_ctx.tokens)
-                    self.log.assistant(event.tail)
-                    self.log.end(event.stats.as_dict(), cancelled=event.stats.stop_reason == CANCELLED)
-                self.events.put(event)  # PromptProgress too: the app shows the prompt being read
-        except TandemError as exc:
-            self._failed(str(exc))
-        except Exception as exc:  # never a traceback in the UI: say what failed, keep the conversation
-            self._failed(f"generation failed: {type(exc).__name__}: {exc}")
-
-    def _failed(self, message: str) -> None:
-        self.ctx_tokens = len(self.session.engine.main_ctx.tokens)
-        self.log.failed()
-        self.events.put(Failed(message))
-
-    def drain(self) -> list[Event | Failed]:
-        return drain(self.events)
-
-    @property
-    def running(self) -> bool:
-        return self.thread.is_alive()
-
-    def wait(self, timeout: float) -> None:
-        if self.thread.ident is not None:  # started (a quit can come before the start, queued after a repaint)
-            self.thread.join(timeout=timeout)
-
-
 @dataclass
 class ChatJob(Job):
     """A host job that tells its reply each item as it is put (on the host's worker thread)."""
@@ -99,12 +51,10 @@ class ChatJob(Job):
 
 
 class HostGeneration:
-    """One reply as an EngineHost job (the app is serving). The conversation and its file are updated on
+    """One reply as an EngineHost job. The conversation and its file are updated on
     the worker thread, as Generation and ChatSession.send do: the user's message joins the chat when the
     turn starts, the assistant's on Finished (a stopped reply too), and a failed turn leaves the chat as
     it was. The host's observer feeds the debug pane, in the order the worker ran the jobs."""
-
-    debug_from_host = True
 
     def __init__(self, host: EngineHost, session: ChatSession, user_text: str, config: GenerationConfig, log: ConversationLog):
         self.host, self.session, self.user_text, self.config, self.log = host, session, user_text, config, log
@@ -116,7 +66,7 @@ class HostGeneration:
         self._done = threading.Event()  # the host put the job's last item
         self._started = False
         self.header = f"── reply: {user_text[:60]}"  # the debug pane's line above its rounds (the app numbers it)
-        self.ctx_tokens: int | None = None  # the main context's length when the turn ended (read on the worker)
+        self.ctx_tokens: int | None = None  # the sequence's length in the main context when the turn ended (events say)
 
     def start(self) -> None:
         self._started = True
@@ -133,18 +83,18 @@ class HostGeneration:
         """Called on the host's worker thread with each item of the job, before the host's observer sees it."""
         if isinstance(item, RoundEvent):
             self.log.assistant(item.text)
+            self.ctx_tokens = item.context
             self.events.put(item)
         elif isinstance(item, PromptProgress | TemplateFallback | EarlierMessagesLeftOut):
             self.events.put(item)
         elif isinstance(item, Finished):
-            self.ctx_tokens = len(self.session.engine.main_ctx.tokens)
+            self.ctx_tokens = item.context
             self.session.messages.append(Message("assistant", item.text))
             self.log.assistant(item.tail)
             self.log.end(item.stats.as_dict(), cancelled=item.stats.stop_reason == CANCELLED)
             self._ended = True
             self.events.put(item)
         elif isinstance(item, JobFailed):
-            self.ctx_tokens = len(self.session.engine.main_ctx.tokens)
             self._fail(str(item.error))
         elif item is DONE:
             if not self._ended:  # stopped while it waited behind an API request: it never started
@@ -182,6 +132,7 @@ class LiveStats:
         self.last_k = 0
         self.rounds = 0
         self.last_source = ""  # the last round's draft source ("model", "lookup"; "none": it drafted nothing)
+        self.context = 0  # the reply's sequence length in the main context, as of the last round
 
     def add(self, event: RoundEvent) -> None:
         self.rounds += 1
@@ -190,6 +141,7 @@ class LiveStats:
         self.sent += len(event.drafted)
         self.last_k = len(event.drafted)
         self.last_source = event.draft_source
+        self.context = event.context
         if not self.first_at:
             self.first_at = time.perf_counter()
             self.tokens_at_first = self.tokens
