@@ -49,8 +49,8 @@ def config_for(tiny, **settings) -> Config:
 
 @contextlib.contextmanager
 def running_server(tiny, api_key: str | None = None, max_queue: int = 16, start_host: bool = True, any_path: bool = False,
-                   **settings):  # fmt: skip
-    host = EngineHost(config_for(tiny, **settings), max_queue=max_queue)
+                   parallel: int = 1, **settings):  # fmt: skip
+    host = EngineHost(config_for(tiny, **settings), max_queue=max_queue, parallel=parallel)
     submitted: list[Job] = []
     submit = host.submit
 
@@ -186,6 +186,68 @@ def test_sixteen_concurrent_clients_get_their_sequential_answers(tiny) -> None:
         with ThreadPoolExecutor(16) as pool:
             concurrent = list(pool.map(ask, prompts))
         assert concurrent == sequential
+
+
+def test_parallel_requests_share_batches_and_each_gets_its_answer_alone(tiny) -> None:
+    """--parallel 4: four requests with different options run in shared decodes (widest_batch), and each
+    gets what it gets alone (temperature 0; the tiny models' kernels are batch-invariant: exact)."""
+    prompts = ["the cat sat on the mat", "def sort ( x ) : return", "hello world , hello", "the dog ran to the cat"]
+    options = [{}, {"speculative": {"mode": "none"}}, {"speculative": {"mode": "lookup"}},
+               {"speculative": {"mode": "model", "draft_max": 3}}]  # fmt: skip
+    with running_server(tiny, parallel=4, max_tokens=48) as (base, host, _):
+
+        def ask(i: int) -> dict:
+            body = {"messages": [{"role": "user", "content": prompts[i]}], "temperature": 0, "max_tokens": 48, **options[i]}
+            response = httpx.post(f"{base}/api/v0/chat/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        alone = [ask(i) for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(ask, range(4)))
+        assert [r["choices"][0]["message"]["content"] for r in together] == [r["choices"][0]["message"]["content"] for r in alone]
+        assert max(r["stats"]["widest_batch"] for r in together) > max(r["stats"]["widest_batch"] for r in alone)
+        assert all(r["stats"]["exact"] for r in together)
+        assert together[1]["stats"]["total_draft_tokens_count"] == 0  # mode none: this request drafted nothing
+        assert host.parallel == 4 and not host.active
+
+
+def test_a_disconnect_mid_batch_ends_that_request_only(tiny) -> None:
+    with running_server(tiny, parallel=3, ctx_size=1024) as (base, _host, submitted):
+        reference = client(base).chat.completions.create(model="main", messages=CHAT, temperature=0, max_tokens=40)
+        with ThreadPoolExecutor(2) as pool:
+            others = [pool.submit(client(base).chat.completions.create, model="main", messages=CHAT, temperature=0,
+                                  max_tokens=40) for _ in range(2)]  # fmt: skip
+            body = {"messages": CHAT, "max_tokens": 900, "stream": True, "temperature": 0.8}
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data:") and "content" in line:
+                        break  # one chunk read, then the connection closes
+            answers = [future.result(timeout=120) for future in others]
+        streamed = next(job for job in submitted if job.config.max_tokens == 900)
+        finished = next(e for e in events_of(streamed, timeout=30) if isinstance(e, Finished))
+        assert finished.stats.stop_reason == CANCELLED and finished.stats.predicted_tokens_count < 900
+        assert [a.choices[0].message.content for a in answers] == [reference.choices[0].message.content] * 2
+
+
+def test_a_hundred_streaming_clients_with_a_short_queue_each_get_200_or_503(tiny) -> None:
+    with running_server(tiny, parallel=4, max_queue=8) as (base, host, _):
+
+        def stream(i: int) -> int:
+            body = {"messages": [{"role": "user", "content": f"the cat {i}"}], "max_tokens": 8, "stream": True}
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as response:
+                lines = list(response.iter_lines())
+            if response.status_code == 200:
+                assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]", lines[-3:]
+            return response.status_code
+
+        with ThreadPoolExecutor(100) as pool:
+            statuses = list(pool.map(stream, range(100), timeout=300))
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 12  # 4 running and 8 queued at least
+        deadline = time.monotonic() + 30
+        while host.active or host.queued:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
