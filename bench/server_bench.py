@@ -106,7 +106,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_level(base: str, prompts: list[str], clients: int, max_tokens: int) -> dict[str, float]:
-    requests = [prompts[i % len(prompts)] for i in range(max(2 * clients, 8))]
+    requests = [prompts[i % len(prompts)] for i in range(max(3 * clients, 12))]  # enough that the last stragglers weigh little
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda p: one_request(base, p, max_tokens), requests))

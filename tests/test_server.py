@@ -206,7 +206,10 @@ def test_parallel_requests_share_batches_and_each_gets_its_answer_alone(tiny) ->
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(ask, range(4)))
         assert [r["choices"][0]["message"]["content"] for r in together] == [r["choices"][0]["message"]["content"] for r in alone]
-        assert max(r["stats"]["widest_batch"] for r in together) > max(r["stats"]["widest_batch"] for r in alone)
+        def shared(stats: dict) -> bool:  # a decode wider than this reply's own widest verify batch
+            return stats["widest_batch"] > 1 + max(int(k) for k in stats["draft_length_histogram"])
+
+        assert any(shared(r["stats"]) for r in together) and not any(shared(r["stats"]) for r in alone)
         assert all(r["stats"]["exact"] for r in together)
         assert together[1]["stats"]["total_draft_tokens_count"] == 0  # mode none: this request drafted nothing
         assert host.parallel == 4 and not host.active
