@@ -78,6 +78,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
+SERVE_PARALLEL = 4  # --serve's sequences unless --parallel says: llama-server's auto -np (4, one shared KV pool)
+
+
 def _parallel(text: str) -> int:
     from app.config import Settings
 
@@ -186,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=_port, default=5001, metavar="N", help="port (default 5001, as KoboldCpp)")
     server.add_argument("--max-queue", type=_positive_int, default=16, metavar="N",
                         help="requests that may wait for the engine; more are answered 503 (default 16)")
-    server.add_argument("--parallel", "-np", type=_parallel, default=4, metavar="N",
-                        help="requests generated together, one main-model batch per round (default 4, as llama-server's -np)")
+    server.add_argument("--parallel", "-np", type=_parallel, default=None, metavar="N",
+                        help="replies generated together, one main-model batch per round (default 4 with --serve, as "
+                             "llama-server's -np; 1 in the chat app, whose F9 server then shares it)")  # fmt: skip
     server.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every API request")
     server.add_argument("--any-model-path", action="store_true",
                         help="let requests load any GGUF file on this machine by its path (default: only the model folders' files)")
@@ -283,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from app.server import serve
 
             return serve(launch_config(args), args.host, args.port, args.max_queue, args.api_key, any_path=args.any_model_path,
-                         parallel=args.parallel)  # fmt: skip
+                         parallel=args.parallel or SERVE_PARALLEL)  # fmt: skip
         return run_headless(args) if args.prompt is not None else run_chat(args)
     except TandemError as exc:
         sys.stderr.write(f"tandem: error: {exc}\n")
@@ -446,5 +450,6 @@ def run_chat(args: argparse.Namespace) -> int:
         draft=draft,
         dirs=list(args.models_dir),
         settings=overrides,
+        parallel=args.parallel or 1,
     )
     return run_tui(options)

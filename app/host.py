@@ -140,7 +140,8 @@ class Job:
     def put(self, item: object) -> None:
         self.events.put(item)
         if self.wake is not None:
-            self.wake()
+            with contextlib.suppress(Exception):  # a reader's loop that has closed (a server stopping) is no reader
+                self.wake()
 
     def take(self) -> object:
         """The next item, for the job's reader (queue.Empty when none): reading, or finding nothing left to read,
@@ -299,9 +300,12 @@ class EngineHost:
                 self.state, self.load_error = "failed", str(exc)
         stopping = False
         while not stopping or self.active:
-            stopping = self._admit(block=not self.active) or stopping
-            if self.active:
-                self._round()
+            try:
+                stopping = self._admit(block=not self.active) or stopping
+                if self.active:
+                    self._round()
+            except Exception as exc:  # never a dead worker (the chat app's turns go through it too): end what ran
+                self._fail_all(exc)
         if self._held is not None:  # it waited for another pair: stop() cancelled it, it never started
             held, self._held = self._held, None
             self._end(held)
@@ -325,13 +329,16 @@ class EngineHost:
                     if at is None:  # already ended by a stop() that came before this worker started
                         continue
                     del self._queued[at]
-            self._held = None
+                    self._held = job  # in the same step: stop() and cancel_requests() always see it
             if job.cancel.is_set():  # a client that left while queued costs nothing
+                self._held = None
                 self._end(job)
                 continue
             if self.active and (self._needs_switch(job) or (self._rounds is not None and self._rounds.full)):
-                self._held = job
-                return False
+                return False  # it stays held
+            with self._lock:
+                self._held = None
+                self.active.append(job)
             self._begin(job)
 
     def _needs_switch(self, job: Job) -> bool:
@@ -340,7 +347,7 @@ class EngineHost:
         try:
             return self._wanted(job) != self.spec
         except TandemError:
-            return False  # it fails when it starts, in its turn
+            return True  # it fails when it starts, once nothing else runs (never a switch under active jobs)
 
     def _begin(self, job: Job) -> None:
         """Read the job's prompt into tokens and start it on a sequence (a failure ends it here)."""
@@ -360,7 +367,6 @@ class EngineHost:
                 tokens = tokenize_prompt(engine.main, job.prompt or "")
             if self._rounds is None or self._rounds.engine is not engine:
                 self._rounds = Rounds(engine)
-            self.active.append(job)
             outcomes = self._rounds.start(job, tokens, job.config, job.cancel)
         except Exception as exc:
             self._fail(job, exc)
@@ -385,13 +391,20 @@ class EngineHost:
             else:
                 self._put(job, item)  # counted (Counters) before it goes out: whoever reads it sees the count include it
 
+    def _fail_all(self, exc: Exception) -> None:
+        if self._rounds is not None:
+            self._rounds.close()
+        for job in list(self.active):
+            self._fail(job, exc)
+            self._end(job)
+
     def _fail(self, job: Job, exc: BaseException) -> None:
         if not isinstance(exc, TandemError):  # never a dead worker: the job fails, the others go on
             exc = TandemError(f"generation failed: {type(exc).__name__}: {exc}")
         self._put(job, JobFailed(exc))
 
     def _end(self, job: Job) -> None:
-        with contextlib.suppress(ValueError):
+        with self._lock, contextlib.suppress(ValueError):
             self.active.remove(job)
         self.counters.stalled += job.stalled
         self._put(job, DONE)

@@ -6,7 +6,8 @@ side with llama.cpp's `llama-server -np 4 -md DRAFT` on the same files when its 
 
 Every server runs in its own process (as users run it), all loaded before the first request; each client
 level then runs on every server in turn (interleaved: a machine that gets busy touches them all alike), with
-streaming chat requests from real HTTP clients (httpx), greedy. Ratios are read within one run.
+streaming chat requests from real HTTP clients (httpx), greedy, each with its own text (the shared prompts,
+numbered). Ratios are read within one run.
 
     .venv/bin/python bench/server_bench.py [--pair demo|real] [--max-tokens 64] [--clients 1 4 16] [--no-anchor]
 """
@@ -106,7 +107,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_level(base: str, prompts: list[str], clients: int, max_tokens: int) -> dict[str, float]:
-    requests = [prompts[i % len(prompts)] for i in range(max(3 * clients, 12))]  # enough that the last stragglers weigh little
+    # each request its own text, as independent clients send: the shared prompts repeated verbatim would let a
+    # server answer some from its prompt cache, by the luck of which sequence is free when (see the README)
+    requests = [f"Request {i + 1}. {prompts[i % len(prompts)]}" for i in range(max(3 * clients, 12))]
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda p: one_request(base, p, max_tokens), requests))

@@ -303,7 +303,7 @@ def test_the_controller_keeps_what_it_learned_for_the_next_reply(models) -> None
     (controller,) = engine._controllers.values()
     assert controller.verify_cost.samples and controller.sources["model"].unit_cost is not None
     second = list(engine.generate(models["main"].tokenize(PROMPTS[1]), config))
-    assert engine._controllers == {(0, 16): controller}
+    assert engine._controllers == {(0, 16, 0): controller}  # (draft-min, draft-max, sequence)
     assert "nothing measured" not in second[1].decision  # it starts from measured costs, not priors
     assert second[-1].tokens == run(models["main"], None, models["main"].tokenize(PROMPTS[1]), max_tokens=24)[0].tokens
 

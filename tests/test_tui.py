@@ -51,13 +51,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny) -> Path:
     return tmp_path
 
 
-def make_app(home: Path, **settings) -> TandemApp:
+def make_app(home: Path, parallel: int = 1, **settings) -> TandemApp:
     models = home / "models"
     options = LaunchOptions(
         config_path=default_config_path(),
         main=str(models / "main.gguf"),
         draft=str(models / "draft.gguf"),
         settings={"temperature": 0.0, "max_tokens": 40, "threads": 2, "ctx_size": 512, **settings},
+        parallel=parallel,
     )
     return TandemApp(options)
 
@@ -446,6 +447,33 @@ async def test_f9_serves_the_loaded_pair_and_chat_shares_its_host(home: Path) ->
         await send(pilot, app, "the dog")  # the same host and engine: serving came and went around them
         assert app.host is host and not host.stopped and app.engine is engine
         assert app.last_finished.stats.predicted_tokens_count > 0 and len(app.session.messages) == 4
+
+
+async def test_with_parallel_sequences_the_app_turn_shares_the_requests_batch(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Launched with --parallel 2 and serving: an API request and the app's own turn run at once, in shared
+    decodes, and each gets the text it gets alone (temperature 0, the tiny models' exact kernels)."""
+    pace(monkeypatch, RoundEvent, 0.03)  # long enough for the two to overlap
+    app = make_app(home, parallel=2, max_tokens=60, ctx_size=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        assert app.engine.n_seq == 2
+        await send(pilot, app, "the cat sat")
+        alone = app.last_finished
+        base = await start_serving(pilot, app)
+        body = {"messages": [{"role": "user", "content": "the dog ran"}], "temperature": 0, "max_tokens": 60}
+        request = asyncio.create_task(asyncio.to_thread(httpx.post, f"{base}/api/v0/chat/completions", json=body, timeout=60))
+        await until(pilot, lambda: app.serving.engine_host.active)
+        app.last_finished = None
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: not app.query(UserMessage))
+        await send(pilot, app, "the cat sat")
+        answer = (await request).json()
+        assert app.last_finished.text == alone.text and answer["choices"][0]["message"]["content"]
+        widest = (app.last_finished.stats.widest_batch, answer["stats"]["widest_batch"])
+        own = (1 + max(app.last_finished.stats.draft_length_histogram), 1 + max(int(k) for k in answer["stats"]["draft_length_histogram"]))
+        assert widest[0] > own[0] or widest[1] > own[1]  # a decode carried both
+        await pilot.press("f9")
+        await until(pilot, lambda: app.serving is None)
 
 
 async def test_serving_refuses_a_busy_port_and_model_switches_and_stops_on_quit(home: Path) -> None:

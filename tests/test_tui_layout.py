@@ -21,6 +21,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from app.engine import speculative
+from app.engine.controller import FIRST_TOKEN, FIXED, NEAR_END, OFF, PAYS, PLAIN, PROBE, Decision
 from app.engine.events import Finished, GenerationStats, RoundEvent
 from app.engine.probe import KernelCheck, MainProfile
 from app.engine.speculative import Verify
@@ -56,9 +57,12 @@ def round_lines(pane: DebugPane) -> list[str]:
     return [strip.text for strip in pane.lines if strip.text.startswith("#")]
 
 
+PAYING = Decision("model", 4, PAYS, acceptance=0.62, speedup=1.31)
+
+
 def event(
     pieces: list[bytes], n_accepted: int, main: bytes = b"!", *, n_past_end: int = 0, ended: bool = False,
-    decision: str = "expects 62% accepted: 1.31x plain", source: str = "model",
+    decision: Decision = PAYING, source: str = "model",
 ) -> RoundEvent:  # fmt: skip
     """A round as the engine reports it: `pieces` drafted, the first `n_accepted` kept, then the main model's token."""
     emitted = n_accepted + (0 if ended else 1)
@@ -66,7 +70,7 @@ def event(
         drafted=tuple(range(100, 100 + len(pieces))), n_accepted=n_accepted, main_token=7, n_ignored=n_past_end,
         n_past_end=n_past_end,
         tokens=tuple(range(emitted)), text="", draft_seconds=0.0021, verify_seconds=0.0052, draft_source=source,
-        decision=decision, pieces=(*pieces, main),
+        decision=decision.reason, why=decision, pieces=(*pieces, main),
     )  # fmt: skip
 
 
@@ -247,7 +251,7 @@ async def test_tokens_are_shaded_not_spaced_and_discarded_ones_struck(home: Path
 
 
 def test_one_line_at_any_width_never_cutting_the_verdict() -> None:
-    long = event([f" token{i}".encode() for i in range(16)], 5, b" main", decision="plain 41 tok/s")
+    long = event([f" token{i}".encode() for i in range(16)], 5, b" main", decision=Decision("none", 0, PLAIN, rate=41))
     for width in range(40, 200):
         line = format_round(1234, long, width).plain
         assert "\n" not in line and cell_len(line) <= width, (width, line)
@@ -273,17 +277,25 @@ def test_accepted_drafts_past_the_reply_end_are_not_a_rejection() -> None:
     # a rejection whose correction ends the reply (the main model's end-of-generation token): still a FAIL
     rejected = event([b"a", b"b"], 1, b"", n_past_end=0, ended=True)
     assert fates(rejected).verdict == "FAIL" and fates(rejected).rejected == 1
-    assert fates(event([], 0, b"x", decision="plain 41 tok/s", source="none")).verdict == "----"
+    assert fates(event([], 0, b"x", decision=Decision("none", 0, PLAIN, rate=41), source="none")).verdict == "----"
 
 
 def test_the_controller_reason_in_words() -> None:
-    assert explain("plain 41 tok/s").line == "plain: drafting would not pay"
-    assert explain("expects 62% accepted: 1.31x plain", "model").line == "pays: 1.31x plain, 62% accepted"
-    assert "tried again" in explain("probe: 40% accepted lately, at best 1.80x plain", "lookup").full
-    assert explain("first token: plain decoding").line == "first token: always plain"
-    assert explain("at most 2 tokens left to draft, under draft-min 3").line == "plain: too near the end"
-    assert explain("draft model off: verifying 5 tokens costs 4.0x one").short == "draft off"
-    assert explain("something new").line == "something new"
+    """The debug pane words the controller's decision from its code and figures; the engine's own words stay
+    what --json and the logs show."""
+    plain = Decision("none", 0, PLAIN, rate=41)
+    assert explain(plain).line == "plain: drafting would not pay" and "41 tok/s" in explain(plain).full
+    assert plain.reason == "plain 41 tok/s"
+    assert explain(PAYING, "model").line == "pays: 1.31x plain, 62% accepted"
+    assert PAYING.reason == "expects 62% accepted: 1.31x plain"
+    assert "tried again" in explain(Decision("lookup", 4, PROBE, acceptance=0.4, speedup=1.8), "lookup").full
+    assert explain(Decision("none", 0, FIRST_TOKEN)).line == "first token: always plain"
+    near = Decision("none", 0, NEAR_END, left=2, draft_min=3)
+    assert explain(near).line == "plain: too near the end" and "under draft-min 3" in explain(near).full
+    off = Decision("none", 0, OFF, detail="--exact: drafting off, no verify batch is bit-identical")
+    assert explain(off).short == "draft off" and explain(off).full == off.detail == off.reason
+    assert explain(Decision("model", 3, "a-new-code", detail="something new")).line == "something new"
+    assert explain(None).line == ""
 
 
 async def test_a_round_expands_by_key_and_by_click(home: Path) -> None:
@@ -295,7 +307,7 @@ async def test_a_round_expands_by_key_and_by_click(home: Path) -> None:
         pane.note("── reply 1: test")
         pane.add_rounds([
             event([b" the", b" cat", b" sat", b" on"], 2, b" mat"),
-            event([b"O", b"range"], 2, b" juice", decision="fixed k=2"),
+            event([b"O", b"range"], 2, b" juice", decision=Decision("model", 2, FIXED)),
         ])  # fmt: skip
         await pilot.pause()
         rows = len(pane.lines)
@@ -357,13 +369,14 @@ def normalized(text: str) -> str:
 # where their logits nearly tie), and rounds of every kind: plain, passed, failed with discarded tokens, a probe,
 # accepted drafts past the reply's end (an end-of-generation token)
 SCRIPT = [
-    ([], 0, b"Here", "none", "first token: plain decoding"),
-    ([b" is", b" a", b" short", b" one"], 4, b":", "model", "expects 71% accepted: 1.42x plain"),
-    ([b"\n\n", b"```", b"py"], 2, b"python", "lookup", "expects 80% accepted: 1.65x plain"),
-    ([b"\n", b"def", b" sort", b"_list", b"(items"], 5, b"):", "model", "expects 71% accepted: 1.42x plain"),
-    ([b"\n   ", b" return", b" sorted", b"(list", b")\n", b"```"], 3, b"(items", "model", "expects 74% accepted: 1.51x plain"),
-    ([], 0, b")\n", "none", "plain 41 tok/s"),
-    ([b"```", b"\n", b"", b"That"], 3, b" is", "lookup", "probe: 40% accepted lately, at best 1.80x plain"),
+    ([], 0, b"Here", "none", Decision("none", 0, FIRST_TOKEN)),
+    ([b" is", b" a", b" short", b" one"], 4, b":", "model", Decision("model", 4, PAYS, acceptance=0.71, speedup=1.42)),
+    ([b"\n\n", b"```", b"py"], 2, b"python", "lookup", Decision("lookup", 3, PAYS, acceptance=0.80, speedup=1.65)),
+    ([b"\n", b"def", b" sort", b"_list", b"(items"], 5, b"):", "model", Decision("model", 5, PAYS, acceptance=0.71, speedup=1.42)),
+    ([b"\n   ", b" return", b" sorted", b"(list", b")\n", b"```"], 3, b"(items", "model",
+     Decision("model", 6, PAYS, acceptance=0.74, speedup=1.51)),
+    ([], 0, b")\n", "none", Decision("none", 0, PLAIN, rate=41)),
+    ([b"```", b"\n", b"", b"That"], 3, b" is", "lookup", Decision("lookup", 4, PROBE, acceptance=0.40, speedup=1.80)),
 ]
 STREAMING_AFTER = 5  # rounds shown when the "streaming" screenshot is taken
 
@@ -385,7 +398,7 @@ def scripted_sequence(gate: threading.Event):
             yield RoundEvent(
                 drafted=tuple(range(500, 500 + len(pieces))), n_accepted=accepted, main_token=9,
                 n_ignored=1 if ended else 0, n_past_end=1 if ended else 0, tokens=tokens, text=text, draft_seconds=0.0004 * len(pieces),
-                verify_seconds=0.021 + 0.002 * len(pieces), draft_source=source, decision=decision,
+                verify_seconds=0.021 + 0.002 * len(pieces), draft_source=source, decision=decision.reason, why=decision,
                 pieces=(*pieces, main), context=len(prompt) + len(reply),
             )  # fmt: skip
         stats = GenerationStats(

@@ -236,7 +236,9 @@ class Context:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
-            raise TandemError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {model.path.name}: {_last_llama_error()}")
+            shared = f" ({n_seq} sequences of {n_ctx}: lower --parallel or --ctx-size)" if n_seq > 1 else ""
+            raise TandemError(f"llama.cpp could not create a context of {params.n_ctx} tokens{shared} for {model.path.name}: "
+                              f"{_last_llama_error()}")  # fmt: skip
         self.ptr = ptr
         self.n_seq = n_seq
         self.n_ctx: int = llama_cpp.llama_n_ctx(ptr) // n_seq  # per sequence
@@ -344,6 +346,23 @@ class Context:
                 return False
             del tokens[n:]
         return True
+
+    def borrow_prefix(self, tokens: Sequence[int], seq: int, least: int) -> int:
+        """Let sequence `seq` share the longest cached prefix of `tokens` that another sequence holds, when it is
+        at least `least` tokens longer than its own: a new request whose prompt (a shared system prompt, a
+        conversation continued on another sequence) sits in a busy sequence reads none of it again. In the
+        unified cache the cells are shared (llama.cpp's seq_cp), not copied. Returns the tokens it now holds."""
+        own = self.common_prefix(tokens, seq)
+        best, source = own, seq
+        for other in range(self.n_seq):
+            if other != seq and (n := self.common_prefix(tokens, other)) > best:
+                best, source = n, other
+        if best - own < least or self.model.recurrent:  # a recurrent state is not a prefix of positions
+            return own
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, 0, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, source, seq, 0, best)
+        self.seqs[seq] = self.seqs[source][:best]
+        return best
 
     def clear(self, seq: int | None = None) -> None:
         """Empty one sequence, or the whole cache."""

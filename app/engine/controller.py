@@ -34,18 +34,27 @@ CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up after idling
 CATCH_UP_BATCH = 3  # a draft context evaluating more tokens than this in one sync is catching up (a new prompt, idling)
 REVIEW_EVERY = 16  # rounds between re-checks of which sources could pay at all
 STALE_RATIO = 0.75  # a live time under this fraction of the probe's: the probe was timed on a busy machine
-CATCHES_UP = {"model"}  # sources whose fully accepted draft leaves its last token to evaluate next round
-STREAKY = {"lookup"}  # sources whose acceptance runs in streaks (see SourceState)
-# sources that cost nothing to ask: what they would have proposed is checked against the tokens that came
-# (observe), so their acceptance is known without ever spending a verify batch on a probe
-OBSERVED = {"lookup"}
-
-
-# a lookup draft is a dictionary probe: microseconds. Until measured, a model's draft token is priced
-# at a quarter of a main-model token: optimistic enough that each source is tried once, early, and then
-# judged on what it really costs.
-PRIOR_DRAFT_COST = {"lookup": 0.0}
+# Until measured, a model's draft token is priced at a quarter of a main-model token: optimistic enough that
+# each source is tried once, early, and then judged on what it really costs.
 PRIOR_MODEL_COST = 0.25
+
+
+@dataclass(frozen=True)
+class SourceTraits:
+    """What the controller must know of a draft source, carried by the source itself (ModelDrafter.traits,
+    LookupDrafter.traits), as llama.cpp's common/speculative.cpp gives every draft source one small interface."""
+
+    # a fully accepted draft leaves its last token to evaluate next round (a draft model's context)
+    catches_up: bool = False
+    streaky: bool = False  # acceptance runs in streaks (see SourceState)
+    # costs nothing to ask: what it would have proposed is checked against the tokens that came (observe), so
+    # its acceptance is known without ever spending a verify batch on a probe
+    observed: bool = False
+    prior_cost: float | None = None  # seconds per drafted token until measured; None: PRIOR_MODEL_COST of a main token
+
+
+MODEL_TRAITS = SourceTraits(catches_up=True)
+LOOKUP_TRAITS = SourceTraits(streaky=True, observed=True, prior_cost=0.0)  # a dictionary probe: microseconds
 
 
 @dataclass
@@ -176,11 +185,50 @@ class Batch:
     sequences: int
 
 
+# Why a round drafted what it did, as a code with its figures (Decision): front-ends word it themselves.
+PAYS = "pays"  # drafting is expected to beat plain decoding (acceptance, speedup)
+PLAIN = "plain"  # no draft length was expected to beat plain decoding (rate: plain tok/s)
+UNMEASURED = "unmeasured"  # plain: nothing measured yet
+PROBE = "probe"  # a source left unused for a while is tried again (acceptance lately, speedup at best)
+FIRST_TOKEN = "first-token"  # the first token is always plain
+FIXED = "fixed"  # adaptive off: the draft model drafts k
+FIXED_LOOKUP = "fixed-lookup"  # adaptive off, no draft model: lookup matched k tokens
+NO_MATCH = "no-match"  # adaptive off, no draft model: lookup matched nothing
+NO_SOURCE = "no-source"  # no draft source (or none allowed this round)
+NEAR_END = "near-end"  # fewer tokens left to draft (left) than draft-min
+OFF = "off"  # drafting is off here (detail: the engine's sentence, e.g. --exact's)
+
+
 @dataclass(frozen=True)
 class Decision:
+    """A round's draft source and length, and why (a code above with the figures behind it)."""
+
     source: str  # "none", "model" or "lookup"
     k: int
-    reason: str
+    why: str = PLAIN
+    acceptance: float = 0.0
+    speedup: float = 0.0  # predicted rate / plain decoding's
+    rate: float = 0.0  # plain decoding's predicted tok/s
+    left: int = 0
+    draft_min: int = 0
+    detail: str = ""
+
+    @property
+    def reason(self) -> str:
+        """The engine's own terse words for it (--json, logs, the debug pane's "engine:" line)."""
+        words = {
+            PAYS: f"expects {self.acceptance:.0%} accepted: {self.speedup:.2f}x plain",
+            PLAIN: f"plain {self.rate:.0f} tok/s",
+            UNMEASURED: "plain (nothing measured yet)",
+            PROBE: f"probe: {self.acceptance:.0%} accepted lately, at best {self.speedup:.2f}x plain",
+            FIRST_TOKEN: "first token: plain decoding",
+            FIXED: f"fixed k={self.k}",
+            FIXED_LOOKUP: f"fixed, lookup match of {self.k}",
+            NO_MATCH: "no lookup match",
+            NO_SOURCE: "no drafting",
+            NEAR_END: f"at most {self.left} tokens left to draft, under draft-min {self.draft_min}",
+        }
+        return words.get(self.why, self.detail)
 
 
 @dataclass
@@ -192,6 +240,8 @@ class DraftController:
     # sources that cannot beat plain decoding on this machine even if every drafted token were accepted:
     # never drafted, never probed (a draft model is then never even fed the prompt). Source -> why.
     closed: dict[str, str] = field(default_factory=dict)
+    # each source's traits, by name (the engine passes its sources'; these two are the ones it has)
+    traits: dict[str, SourceTraits] = field(default_factory=lambda: {"model": MODEL_TRAITS, "lookup": LOOKUP_TRAITS})
     _rounds: int = 0
 
     def verify_time(self, n: int) -> float | None:
@@ -220,7 +270,7 @@ class DraftController:
         a = min(state.acceptance if acceptance is None else acceptance, 0.999)
         accepted = a * (1 - a**k) / (1 - a)
         unit = self.unit_cost(source)
-        cost = n * unit * (k + a**k if source in CATCHES_UP else k)
+        cost = n * unit * (k + a**k if self.traits[source].catches_up else k)
         if behind:  # the catch-up is paid once, then the model drafts for a while: charge each round its share
             cost += self.catch_up_cost(source) * behind * (accepted + 1.0) / max(horizon, 1)
         verify = self.verify_time(prompt + n * (k + 1)) or one * (1 + PRIOR_VERIFY_SLOPE * n * k)
@@ -233,7 +283,8 @@ class DraftController:
             return state.unit_cost
         if state.probed_cost is not None:
             return state.probed_cost * self.verify_cost.scale
-        return PRIOR_DRAFT_COST.get(source, PRIOR_MODEL_COST * (self.verify_time(1) or 1.0))
+        prior = self.traits[source].prior_cost
+        return prior if prior is not None else PRIOR_MODEL_COST * (self.verify_time(1) or 1.0)
 
     def catch_up_cost(self, source: str) -> float:
         state = self.sources[source]
@@ -245,14 +296,17 @@ class DraftController:
 
     def state(self, source: str) -> SourceState:
         if source not in self.sources:
-            self.sources[source] = SourceState(streaky=source in STREAKY)
+            self.sources[source] = SourceState(streaky=self.traits[source].streaky)
         return self.sources[source]
 
     def seed(
         self, verify_seconds: dict[int, float], draft_token_seconds: float | None = None, catch_up_seconds: float | None = None
     ) -> None:
-        """Start from the probe's figures for this machine (probe.py) instead of blind priors."""
-        self.verify_cost.set_prior({n - 1: s for n, s in verify_seconds.items()})
+        """Start from the probe's figures for this machine (probe.py) instead of blind priors (a verify curve
+        shared with other controllers keeps what it has learned when it already starts from them)."""
+        prior = {n - 1: s for n, s in verify_seconds.items()}
+        if self.verify_cost.prior != prior:
+            self.verify_cost.set_prior(prior)
         if draft_token_seconds is not None:
             model = self.state("model")
             model.probed_cost, model.probed_catch_up = draft_token_seconds, catch_up_seconds
@@ -296,7 +350,7 @@ class DraftController:
         horizon = min(horizon, CATCH_UP_HORIZON)
         plain = self.expected_rate("none", 0, batch=batch)
         measured = self.verify_time(1) is not None
-        best = Decision("none", 0, f"plain {plain:.0f} tok/s" if measured else "plain (nothing measured yet)")
+        best = Decision("none", 0, PLAIN, rate=plain) if measured else Decision("none", 0, UNMEASURED)
         best_rate = plain
         available = {s: n for s, n in available.items() if s not in self.closed}
         for source, limit in available.items():
@@ -306,16 +360,16 @@ class DraftController:
                 rate = self.expected_rate(source, k, behind=behind.get(source, 0), horizon=horizon, batch=batch)
                 if rate > best_rate * (MARGIN if best.source == "none" else 1.001):
                     best_rate = rate
-                    best = Decision(source, k, f"expects {state.acceptance:.0%} accepted: {rate / plain:.2f}x plain")
+                    best = Decision(source, k, PAYS, acceptance=state.acceptance, speedup=rate / plain)
         # a source left unused for a while gets a probe round when even near-perfect acceptance would make
         # it clearly better than this round's choice: prose can turn into code, text into copying
         for source, limit in available.items():
             state = self.sources[source]
-            if source == best.source or source in OBSERVED or limit < max(1, self.draft_min):
+            if source == best.source or self.traits[source].observed or limit < max(1, self.draft_min):
                 continue
             if state.rounds_since_used < state.probe_interval:
                 continue
-            if source in CATCHES_UP:  # a first probe is longer: it decides whether drafting starts early in a reply
+            if self.traits[source].catches_up:  # a first probe is longer: it decides whether drafting starts early in a reply
                 k = min(max(FIRST_PROBE if state.unit_cost is None else 2, self.draft_min), limit, self.draft_max)
             else:  # free drafts: a fully accepted probe of 4 is evidence enough to switch, a failed one costs little
                 k = min(limit, self.draft_max, max(FIRST_PROBE, self.draft_min))
@@ -327,13 +381,13 @@ class DraftController:
             )
             if ceiling > best_rate * PROBE_GAIN:
                 state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
-                return Decision(source, k, f"probe: {state.acceptance:.0%} accepted lately, at best {ceiling / plain:.2f}x plain")
+                return Decision(source, k, PROBE, acceptance=state.acceptance, speedup=ceiling / plain)
         if best.source != "none":
             self.sources[best.source].probe_interval = PROBE_EVERY  # it wins on merit: probe it promptly again
         return best
 
     def observe(self, source: str, n_matched: int, n_checked: int) -> None:
-        """Free evidence for an OBSERVED source: of the n_checked tokens that came after it was asked (and not
+        """Free evidence for an observed source (SourceTraits.observed): of the n_checked tokens that came after it was asked (and not
         used), its proposal had the first n_matched right."""
         state = self.state(source)
         for evidence in (state.overall, state.evidence) if state.streaky else (state.overall,):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from app.engine.controller import Decision
+
 
 @dataclass(frozen=True)
 class RoundEvent:
@@ -22,7 +24,7 @@ class RoundEvent:
     draft_seconds: float
     verify_seconds: float
     draft_source: str  # "model", "lookup" or "none"
-    decision: str = ""  # why this draft length (the adaptive controller's reasoning)
+    decision: str = ""  # why this draft length, in the engine's terse words (why.reason)
     # the bytes of each drafted token, then of main_token: consumers show tokens without calling llama.cpp
     # (its token-to-piece buffer is the engine thread's), and without keeping the model alive
     pieces: tuple[bytes, ...] = ()
@@ -30,6 +32,7 @@ class RoundEvent:
     # ended before (an end-of-generation token, a stop string): neither accepted nor rejected
     n_past_end: int = 0
     context: int = 0  # tokens of this reply's sequence in the main context after the round (a front-end's "ctx")
+    why: Decision | None = None  # the same as data: a code and its figures, for front-ends to word
 
     def drafted_piece(self, i: int) -> bytes:
         return self.pieces[i] if i < len(self.pieces) else b""

@@ -5,9 +5,12 @@ LlamaPromptLookupDecoding."""
 
 from __future__ import annotations
 
+from app.engine.controller import LOOKUP_TRAITS
+
 
 class LookupDrafter:
     source = "lookup"
+    traits = LOOKUP_TRAITS
 
     # 2-gram matches mislead right where copying breaks off: after a renamed identifier the new name's two
     # tokens last appeared at its definition, whose continuation is wrong (rename prompt, Qwen2.5-Coder-1.5B,

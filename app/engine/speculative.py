@@ -17,7 +17,20 @@ import numpy as np
 from app.engine.backend import Context, Model, SingleTokenContext, draft_context
 from app.engine.backends import backends
 from app.engine.compat import check_compatibility, require_compatible
-from app.engine.controller import Batch, Decision, DraftController
+from app.engine.controller import (
+    FIRST_TOKEN,
+    FIXED,
+    FIXED_LOOKUP,
+    MODEL_TRAITS,
+    NEAR_END,
+    NO_MATCH,
+    NO_SOURCE,
+    OFF,
+    Batch,
+    Decision,
+    DraftController,
+    VerifyCost,
+)
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError, TandemError
 from app.engine.events import Event, Finished, GenerationStats, PromptProgress, RoundEvent
 from app.engine.lookup import LookupDrafter
@@ -108,8 +121,8 @@ class SequenceState:
 @dataclass
 class DraftRequest:
     """A sequence asks the draft model for up to k tokens following `tokens`; whoever drafts (the sequence's own
-    driver, or Rounds for every sequence drafting this round, in shared decodes) fills in the draft, the time,
-    and how many sequences shared that time."""
+    driver, or Rounds for every sequence drafting this round, in shared decodes) fills in the draft and this
+    sequence's share of the time."""
 
     seq: int
     tokens: list[int]
@@ -117,8 +130,7 @@ class DraftRequest:
     config: GenerationConfig
     uniforms: PositionalUniforms
     draft: Draft | None = None
-    seconds: float = 0.0
-    shared: int = 1
+    seconds: float = 0.0  # this sequence's share of the drafting time (its catch-up, its share of shared decodes)
 
 
 class _Drafting:
@@ -128,6 +140,7 @@ class _Drafting:
         self.request, self.confidence = request, confidence
         self.draft = Draft()
         self.penalty = PenaltyWindow(request.config.sampler)
+        self.seconds = 0.0  # this sequence's share of the drafting time
 
     def choose(self, row: np.ndarray) -> int | None:
         """Take the draft's next token from the draft model's row; returns it when it must be evaluated for the
@@ -153,12 +166,17 @@ class _Drafting:
             return token
         return None
 
-    def close(self, seconds: float, shared: int) -> None:
+    def caught_up(self, tokens: int, seconds: float) -> None:
+        self.draft.evaluated += tokens
+        self.draft.caught_up = (tokens, seconds)
+        self.seconds += seconds
+
+    def close(self) -> None:
         draft, request = self.draft, self.request
         if len(draft.tokens) < request.config.draft_min:
             draft.n_ignored += len(draft.tokens)
             draft.tokens = []
-        request.draft, request.seconds, request.shared = draft, seconds, shared
+        request.draft, request.seconds = draft, self.seconds
 
 
 class ModelDrafter:
@@ -167,6 +185,7 @@ class ModelDrafter:
     Several sequences draft together: their catch-ups in one decode, then one decode per draft position."""
 
     source = "model"
+    traits = MODEL_TRAITS
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -178,7 +197,8 @@ class ModelDrafter:
         return request.draft
 
     def propose_all(self, requests: Sequence[DraftRequest]) -> None:
-        started = time.perf_counter()
+        """Draft for every request. Each is charged its own share of the time: its catch-up (by its tokens'
+        share of a shared decode), then an equal share of each draft-position decode it was in."""
         if len(requests) == 1 or isinstance(self.ctx, SingleTokenContext):
             for request in requests:  # alone, or a draft model safe one token at a time: sequence by sequence
                 self._propose_one(request)
@@ -190,45 +210,50 @@ class ModelDrafter:
         for d in drafting:
             tokens = d.request.tokens
             keep = ctx.keep_common_prefix(tokens, min(len(ctx.seqs[d.request.seq]), len(tokens) - 1), d.request.seq)
-            d.draft.evaluated = len(tokens) - keep
             waiting.append((d, tokens[keep:]))
         nexts: list[tuple[_Drafting, int]] = []
         group: list[tuple[_Drafting, list[int]]] = []
         for item in [*waiting, None]:
             width = sum(len(missing) for _, missing in group)
-            if item is None or width + len(item[1]) > ctx.n_batch:
-                if group:  # decode the group, read its rows before the next decode
-                    rows = ctx.decode_parts([(d.request.seq, missing, 1) for d, missing in group])
-                    nexts += [(d, token) for (d, _), row in zip(group, rows, strict=True) if (token := d.choose(row[-1])) is not None]
+            if group and (item is None or width + len(item[1]) > ctx.n_batch):  # decode; read its rows before the next
+                started = time.perf_counter()
+                rows = ctx.decode_parts([(d.request.seq, missing, 1) for d, missing in group])
+                seconds = time.perf_counter() - started
+                for (d, missing), row in zip(group, rows, strict=True):
+                    d.caught_up(len(missing), seconds * len(missing) / width)
+                    if (token := d.choose(row[-1])) is not None:
+                        nexts.append((d, token))
                 group = []
             if item is not None and len(item[1]) > ctx.n_batch:  # a long catch-up (a new prompt): alone, in chunks
                 d, missing = item
+                started = time.perf_counter()
                 ctx.decode(missing, seq=d.request.seq)
+                d.caught_up(len(missing), time.perf_counter() - started)
                 if (token := d.choose(ctx.logits()[-1])) is not None:
                     nexts.append((d, token))
             elif item is not None:
                 group.append(item)
-        caught_up = time.perf_counter() - started
-        for d in drafting:
-            d.draft.caught_up = (d.draft.evaluated, caught_up / len(drafting))
         # then one decode per draft position, over every sequence still drafting
         while nexts:
+            started = time.perf_counter()
             rows = ctx.decode_parts([(d.request.seq, [token], 1) for d, token in nexts])
+            share = (time.perf_counter() - started) / len(nexts)
+            for d, _ in nexts:
+                d.seconds += share
             nexts = [(d, token) for (d, _), row in zip(nexts, rows, strict=True) if (token := d.choose(row[-1])) is not None]
-        seconds = time.perf_counter() - started
         for d in drafting:
-            d.close(seconds, len(drafting))
+            d.close()
 
     def _propose_one(self, request: DraftRequest) -> None:
         started = time.perf_counter()
         drafting = _Drafting(request, self._confidence)
-        drafting.draft.evaluated = self.ctx.sync(request.tokens, request.seq)
-        drafting.draft.caught_up = (drafting.draft.evaluated, time.perf_counter() - started)
+        drafting.caught_up(self.ctx.sync(request.tokens, request.seq), time.perf_counter() - started)
         row = self.ctx.logits()[-1]
         while (token := drafting.choose(row)) is not None:
             self.ctx.decode([token], seq=request.seq)
             row = self.ctx.logits()[-1]
-        drafting.close(time.perf_counter() - started, 1)
+        drafting.seconds = time.perf_counter() - started
+        drafting.close()
 
 
 class Reply:
@@ -319,6 +344,7 @@ class Reply:
             verify_seconds=verify_seconds,
             draft_source=decision.source if draft.tokens or draft.n_ignored else "none",
             decision=decision.reason,
+            why=decision,
             pieces=tuple(self.engine.main.piece(t) for t in (*draft.tokens, main_token)),
             context=context,
         )
@@ -426,7 +452,8 @@ class SpeculativeEngine:
         )
         # what the controller learned (costs, acceptance) carries over to the next reply of this pair:
         # later chat turns start from measured figures instead of priors
-        self._controllers: dict[tuple[int, int], DraftController] = {}
+        self._controllers: dict[tuple[int, int, int], DraftController] = {}
+        self._verify_cost = VerifyCost()
 
     def close(self) -> None:
         self.main_ctx.close()
@@ -437,15 +464,19 @@ class SpeculativeEngine:
     def exact_kernels(self) -> bool:
         return self.main_profile.kernels.exact
 
-    def controller(self, draft_min: int, draft_max: int) -> DraftController:
-        """The adaptive controller for these bounds, started from this machine's measured costs."""
-        bounds = (draft_min, draft_max)
-        if bounds not in self._controllers:
-            ctl = DraftController(*bounds)
+    def controller(self, draft_min: int, draft_max: int, seq: int = 0) -> DraftController:
+        """The adaptive controller for these bounds on sequence `seq`, started from this machine's measured costs.
+        Acceptance and draft costs are each sequence's own (a reply's text is not another's); the verify costs
+        are the machine's, one curve for all (VerifyCost, shared)."""
+        key = (draft_min, draft_max, seq)
+        if key not in self._controllers:
+            sources = [s for s in (self.drafter, LookupDrafter if self.lookup else None) if s is not None]
+            ctl = DraftController(draft_min, draft_max, verify_cost=self._verify_cost,
+                                  traits={source.source: source.traits for source in sources})  # fmt: skip
             draft = self.draft_profile
             ctl.seed(self.main_profile.verify_seconds, draft.token_seconds if draft else None, draft.catch_up_seconds if draft else None)
-            self._controllers[bounds] = ctl
-        return self._controllers[bounds]
+            self._controllers[key] = ctl
+        return self._controllers[key]
 
     def speculation_state(self, config: GenerationConfig) -> str:
         """In words: what drafting a reply with `config` will do on this machine, and why (empty: nothing to say)."""
@@ -501,12 +532,23 @@ class SpeculativeEngine:
 
     def pick_sequence(self, prompt: Sequence[int], busy: set[int]) -> int:
         """The free sequence that already holds the longest part of `prompt` (a continuing conversation lands
-        where its prefix is cached), else the emptiest one."""
+        where its prefix is cached); else the free one whose cache is worth least: what no other sequence also
+        holds (a prefix borrowed from another, see Context.borrow_prefix, costs nothing to drop), the emptiest."""
         free = [seq for seq in range(self.n_seq) if seq not in busy]
         if not free:
             raise ValueError("every sequence is busy")
         ctx = self.main_ctx
-        return max(free, key=lambda seq: (ctx.common_prefix(prompt, seq), -len(ctx.seqs[seq])))
+        best = max(free, key=lambda seq: ctx.common_prefix(prompt, seq))
+        if ctx.common_prefix(prompt, best) >= PROMPT_FIRST_CHUNK or len(free) == 1:
+            return best
+        return min(free, key=lambda seq: (self._unique_tokens(seq), len(ctx.seqs[seq])))
+
+    def _unique_tokens(self, seq: int) -> int:
+        """Tokens of sequence `seq`'s cache that no other sequence holds too (what dropping it would lose)."""
+        ctx = self.main_ctx
+        tokens = ctx.seqs[seq]
+        shared = max((ctx.common_prefix(tokens, other) for other in range(self.n_seq) if other != seq), default=0)
+        return len(tokens) - shared
 
     def sequence(
         self, seq: int, prompt: Sequence[int], config: GenerationConfig, cancel: threading.Event | None = None
@@ -525,7 +567,7 @@ class SpeculativeEngine:
         uniforms = PositionalUniforms(settings.seed)  # one number per position: seeded runs repeat exactly
         penalty = PenaltyWindow(settings)
         reply = Reply(self, config, len(prompt))
-        controller = self.controller(*self._bounds(config)) if config.adaptive else None
+        controller = self.controller(*self._bounds(config), seq) if config.adaptive else None
         tokens = list(prompt)
         state = self._states[seq]
         state.shadow, state.batch = None, None
@@ -535,6 +577,10 @@ class SpeculativeEngine:
         # the last prompt token opens the first verify batch. The draft model is not fed the prompt here:
         # it catches up only when the controller first chooses it (a reply that never drafts never pays)
         prefix = tokens[:-1]
+        if self.n_seq > 1:  # a prefix another sequence holds is shared, not read again (both contexts)
+            self.main_ctx.borrow_prefix(prefix, seq, PROMPT_FIRST_CHUNK)
+            if self.drafter:
+                self.drafter.ctx.borrow_prefix(prefix, seq, PROMPT_FIRST_CHUNK)
         kept = self.main_ctx.keep_common_prefix(prefix, seq=seq)
         reply.stats.prompt_tokens_evaluated = len(prefix) - kept + 1
         yield from self._read_prompt(seq, prefix, kept, cancel, reply)  # stopped early by a cancel: the loop ends at once
@@ -547,7 +593,8 @@ class SpeculativeEngine:
             if room <= 0:
                 reply.stop_reason = CONTEXT_FULL
                 break
-            limit = 0 if self.blocked else min(config.draft_max, config.max_tokens - len(reply.tokens) - 1, room - 1)
+            limit = 0 if self.blocked else min(config.draft_max, config.max_tokens - len(reply.tokens) - 1, room - 1,
+                                               self.main_ctx.n_batch - 1)  # one verify is one decode  # fmt: skip
             if self.exact_cap is not None:
                 limit = min(limit, self.exact_cap)
 
@@ -556,15 +603,14 @@ class SpeculativeEngine:
                 decision, draft = self._make_draft(seq, tokens, limit, config, uniforms, controller,
                                                    config.max_tokens - len(reply.tokens))  # fmt: skip
             else:  # the first round is plain: time to first token is plain decoding's, whatever drafting costs
-                decision, draft = Decision("none", 0, "first token: plain decoding"), Draft()
+                decision, draft = Decision("none", 0, FIRST_TOKEN), Draft()
             draft_seconds = time.perf_counter() - t0
             if isinstance(draft, DraftRequest):
-                request, decoded = draft, self.drafter.ctx.decode_seconds
+                request = draft
                 yield request
                 draft = request.draft
-                # drafted together with other sequences: this one's share of the time
-                draft_seconds += request.seconds / request.shared
-                reply.drafted((self.drafter.ctx.decode_seconds - decoded) / request.shared)
+                draft_seconds += request.seconds  # drafted together with other sequences: this one's share
+                reply.drafted(request.seconds)
             need = Verify(seq, [tokens[-1], *draft.tokens], logits=True)
             yield need
             resumed = time.perf_counter()  # (with other sequences, their work came between the decode and now)
@@ -588,11 +634,18 @@ class SpeculativeEngine:
             yield reply.round(decision, draft, n_accepted, main_token, emitted, draft_seconds, verify_seconds,
                               context=len(self.main_ctx.seqs[seq]))  # fmt: skip
 
-        yield reply.finish(controller, context=len(self.main_ctx.seqs[seq]))
+        finished = reply.finish(controller, context=len(self.main_ctx.seqs[seq]))
         if controller is not None and self._profile_is_stale(controller):
+            self._retime()  # before the Finished: a reader that stops at it (--json, --benchmark) still gets it done
+        yield finished
+
+    def _retime(self) -> None:
+        """Time the verify curve again (it was timed on a busy machine); a failure keeps the old one."""
+        try:
             self.main_profile = retime_main(self.main, self.n_threads, self.main_profile)
-            for ctl in self._controllers.values():
-                ctl.verify_cost.set_prior({n - 1: s for n, s in self.main_profile.verify_seconds.items()})
+        except TandemError:
+            return
+        self._verify_cost.set_prior({n - 1: s for n, s in self.main_profile.verify_seconds.items()})
 
     def _profile_is_stale(self, controller: DraftController) -> bool:
         """Live one-token rounds have run well under the probe's time for a sustained stretch (STALE_AFTER)."""
@@ -671,20 +724,20 @@ class SpeculativeEngine:
         """Pick a source and a length (the controller, or fixed draft_max), then draft (lookup) or say what the
         draft model is to draft."""
         if limit <= 0 or not (self.drafter or self.lookup):
-            return Decision("none", 0, self.blocked or "no drafting"), Draft()
+            return (Decision("none", 0, OFF, detail=self.blocked) if self.blocked else Decision("none", 0, NO_SOURCE)), Draft()
         if limit < config.draft_min:  # the end of the reply is nearer than draft-min: a draft would be thrown away
-            return Decision("none", 0, f"at most {limit} tokens left to draft, under draft-min {config.draft_min}"), Draft()
+            return Decision("none", 0, NEAR_END, left=limit, draft_min=config.draft_min), Draft()
         state = self._states[seq]
         match = state.lookup.match(tokens, limit) if state.lookup else []
         if controller is not None and state.shadow is not None:
             self._check_shadow(state, tokens, controller)
         if controller is None:  # fixed length: the draft model when there is one (llama.cpp's rule), else lookup
             if self.drafter:
-                decision = Decision("model", limit, f"fixed k={limit}")
+                decision = Decision("model", limit, FIXED)
             elif len(match) >= max(1, config.draft_min):
-                decision = Decision("lookup", len(match), f"fixed, lookup match of {len(match)}")
+                decision = Decision("lookup", len(match), FIXED_LOOKUP)
             else:
-                return Decision("none", 0, "no lookup match"), Draft()
+                return Decision("none", 0, NO_MATCH), Draft()
         else:
             available = {"lookup": len(match)} if match else {}
             if self.drafter:

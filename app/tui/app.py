@@ -60,6 +60,7 @@ class LaunchOptions:
     settings: dict[str, Any] = field(default_factory=dict)  # flags given on the command line
     history_dir: Path | None = None
     serve_port: int = DEFAULT_PORT  # F9 serves on 127.0.0.1 at this port (0: any free one)
+    parallel: int = 1  # sequences the engine holds (--parallel): F9's requests and the app's turn share batches
 
 
 def key_label(key: str) -> str:
@@ -285,6 +286,7 @@ class TandemApp(App[None]):
             from app.host import resolve_spec  # one place decides what a choice loads (CLI, server, app)
 
             spec = resolve_spec(dataclasses.replace(self.config, settings=settings), main_path, draft or LOOKUP)
+            spec = dataclasses.replace(spec, parallel=self.options.parallel)
             # the first run of a model on this machine measures its kernels: say so, step by step
             engine = load_engine(spec, loading, measuring=lambda what, done, total: progress(f"{what}: {done}/{total}", done / total),
                                  cancel=self.load_cancel)  # fmt: skip

@@ -10,7 +10,6 @@ pane's width, when painted; so a hidden pane costs generation nothing, and a res
 
 from __future__ import annotations
 
-import re
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,6 +24,8 @@ from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from app.engine import controller as codes
+from app.engine.controller import Decision
 from app.engine.events import RoundEvent
 
 MAX_ENTRIES = 1000  # rounds and notes kept (the oldest go first)
@@ -115,74 +116,55 @@ class Reason:
     full: str  # in the expanded view
 
 
-# the engine's reasons (controller.py, speculative.py) -> (in the line, when tight, in full); {who}: the source's name
-_REASONS = [
-    (
-        r"expects (?P<a>\d+)% accepted: (?P<x>[\d.]+)x plain",
+# the engine's reasons (controller.Decision's codes) -> (in the line, when tight, in full); {who}: the source's name
+_REASONS: dict[str, tuple[str, str, str]] = {
+    codes.PAYS: (
         "pays: {x}x plain, {a}% accepted",
         "pays {x}x",
         "drafting should pay: {a}% of {who}'s drafts are expected to be accepted, which runs {x}x as fast as plain decoding",
     ),
-    (
-        r"plain (?P<rate>\d+) tok/s",
+    codes.PLAIN: (
         "plain: drafting would not pay",
         "no gain",
         "plain decoding: no draft length was expected to beat plain decoding ({rate} tok/s here)",
     ),
-    (
-        r"plain \(nothing measured yet\)",
-        "plain: nothing measured yet",
-        "measuring",
-        "plain decoding: nothing measured yet to judge drafting by",
-    ),
-    (
-        r"probe: (?P<a>\d+)% accepted lately, at best (?P<x>[\d.]+)x plain",
+    codes.UNMEASURED: ("plain: nothing measured yet", "measuring", "plain decoding: nothing measured yet to judge drafting by"),
+    codes.PROBE: (
         "probe: trying {who} again",
         "probe",
         "a probe: {who} was left unused for a while ({a}% of its drafts accepted lately); it is tried again since it could "
         "run up to {x}x plain decoding",
     ),
-    (
-        r"first token: plain decoding",
+    codes.FIRST_TOKEN: (
         "first token: always plain",
         "1st token",
         "the first token is decoded plainly: time to first token is plain decoding's, whatever drafting costs",
     ),
-    (
-        r"fixed k=(?P<k>\d+)",
-        "fixed k={k} (adaptive off)",
-        "fixed",
-        "a fixed draft length of {k}: the adaptive controller is off (settings)",
-    ),
-    (
-        r"fixed, lookup match of (?P<n>\d+)",
-        "fixed: lookup matched {n}",
+    codes.FIXED: ("fixed k={k} (adaptive off)", "fixed", "a fixed draft length of {k}: the adaptive controller is off (settings)"),
+    codes.FIXED_LOOKUP: (
+        "fixed: lookup matched {k}",
         "lookup",
-        "adaptive drafting is off; prompt lookup matched {n} tokens of earlier text",
+        "adaptive drafting is off; prompt lookup matched {k} tokens of earlier text",
     ),
-    (r"no lookup match", "plain: no lookup match", "no match", "plain decoding: prompt lookup found no earlier text like the last tokens"),
-    (r"no drafting", "plain: no draft source", "plain", "plain decoding: no draft model or lookup"),
-    (
-        r"at most (?P<n>\d+) tokens left to draft, under draft-min (?P<m>\d+)",
-        "plain: too near the end",
-        "near end",
-        "plain decoding: at most {n} tokens are left to draft, under draft-min {m}",
-    ),
-    (r"(--exact: )?(draft model|prompt lookup|drafting) off\b.*", "plain: drafting off here", "draft off", "{raw}"),
-]
+    codes.NO_MATCH: ("plain: no lookup match", "no match", "plain decoding: prompt lookup found no earlier text like the last tokens"),
+    codes.NO_SOURCE: ("plain: no draft source", "plain", "plain decoding: no draft model or lookup"),
+    codes.NEAR_END: ("plain: too near the end", "near end", "plain decoding: at most {left} tokens are left to draft, under draft-min {m}"),
+    codes.OFF: ("plain: drafting off here", "draft off", "{detail}"),
+}
 
 
-def explain(decision: str, source: str = "none") -> Reason:
-    """The controller's reason (the engine's terse words) for a user: why this round drafted what it did."""
-    if not decision:
+def explain(why: Decision | None, source: str = "none") -> Reason:
+    """The controller's reason (a code and its figures) for a user: why this round drafted what it did."""
+    if why is None:
         return Reason("", "", "")
-    for pattern, *texts in _REASONS:
-        found = re.fullmatch(pattern, decision)
-        if found:
-            values = {**found.groupdict(), "who": SOURCE_NAMES.get(source, source), "raw": decision}
-            line, short, full = (text.format(**values) for text in texts)
-            return Reason(line, short, full)
-    return Reason(decision, decision[:12].rstrip() + ("…" if len(decision) > 12 else ""), decision)
+    texts = _REASONS.get(why.why)
+    if texts is None:  # a code this pane does not know yet: the engine's own words
+        words = why.reason
+        return Reason(words, words[:12].rstrip() + ("…" if len(words) > 12 else ""), words)
+    values = {"a": f"{why.acceptance * 100:.0f}", "x": f"{why.speedup:.2f}", "rate": f"{why.rate:.0f}", "k": why.k,
+              "left": why.left, "m": why.draft_min, "detail": why.detail, "who": SOURCE_NAMES.get(source, source)}  # fmt: skip
+    line, short, full = (text.format(**values) for text in texts)
+    return Reason(line, short, full)
 
 
 # ---- one round, one line ---------------------------------------------------------------------------------
@@ -286,7 +268,7 @@ def format_round(number: int, event: RoundEvent, width: int = 1000, selected: bo
     if cell_len(tail.plain) > 14:  # a very long main token (a run of spaces, a code indent) gives way to the run
         tail = Text(" → ", "dim").append(_crop(tail.plain[3:], 10) + "…", "dim")
 
-    reason = explain(event.decision, event.draft_source)
+    reason = explain(event.why, event.draft_source)
     timing = f"  {event.draft_seconds * 1000:.1f}+{event.verify_seconds * 1000:.1f} ms"
     run = _run(event, fate)
     run_width = sum(cell_len(label) for label, _ in run)
@@ -348,11 +330,11 @@ def round_details(number: int, event: RoundEvent) -> list[Text]:
     if fate.ended:
         main.append(" (the reply ended this round)", "dim")
     out.append(main)
-    reason = explain(event.decision, event.draft_source)
+    reason = explain(event.why, event.draft_source)
     if reason.full:
         why = Text("why: ", "bold").append(reason.full, "italic")
-        if reason.full != event.decision:
-            why.append(f"  [engine: {event.decision}]", "dim")
+        if event.why is not None and reason.full != event.why.reason:
+            why.append(f"  [engine: {event.why.reason}]", "dim")
         out.append(why)
     total = event.draft_seconds + event.verify_seconds
     emitted = len(event.tokens)
