@@ -460,9 +460,10 @@ async def test_with_parallel_sequences_the_app_turn_shares_the_requests_batch(ho
         await send(pilot, app, "the cat sat")
         alone = app.last_finished
         base = await start_serving(pilot, app)
-        body = {"messages": [{"role": "user", "content": "the dog ran"}], "temperature": 0, "max_tokens": 60}
+        body = {"messages": [{"role": "user", "content": "the dog ran"}], "temperature": 0, "max_tokens": 300}
         request = asyncio.create_task(asyncio.to_thread(httpx.post, f"{base}/api/v0/chat/completions", json=body, timeout=60))
         await until(pilot, lambda: app.serving.engine_host.active)
+        assert app.host is app.serving.engine_host
         app.last_finished = None
         await pilot.press("ctrl+n")
         await until(pilot, lambda: not app.query(UserMessage))
