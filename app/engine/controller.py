@@ -375,6 +375,8 @@ class DraftController:
                 k = min(limit, self.draft_max, max(FIRST_PROBE, self.draft_min))
             # a source too dear even at near-perfect acceptance (its catch-up included) is not worth a probe
             lag = behind.get(source, 0)
+            if batch is not None and lag > CATCH_UP_BATCH:
+                continue  # nor is a catch-up in a shared round: every sequence would wait for it (probed when alone)
             ceiling = max(
                 self.expected_rate(source, j, OPTIMISTIC_ACCEPTANCE, lag, horizon, batch)
                 for j in range(k, min(self.draft_max, limit) + 1)
