@@ -167,14 +167,14 @@ def test_a_draft_costs_its_marginal_share_of_a_shared_batch() -> None:
     for _ in range(30):  # a model draft right 80% of the time, at 1 ms a token
         ctl.record(Decision("model", 4, ""), 4, 3, 0.004, None)
     alone = ctl.decide({"model": 8})
-    busy = ctl.decide({"model": 8}, batch=Batch(0, 3))
+    busy = ctl.decide({"model": 8}, batch=Batch(3))
     assert alone.source == "model" and alone.k >= 4
     assert busy.source == "none" or busy.k < alone.k
     gpu = DraftController(0, 8)
     gpu.seed({n: 0.010 + 0.0001 * n for n in (1, 2, 4, 8, 9, 12, 13, 16, 17, 21)}, 0.0004, 0.0002)
     for _ in range(30):
         gpu.record(Decision("model", 4, ""), 4, 3, 0.0004, None)
-    assert gpu.decide({"model": 8}, batch=Batch(0, 3)).source == "model"
+    assert gpu.decide({"model": 8}, batch=Batch(3)).source == "model"
     assert ctl.verify_cost.samples == {}  # shared batches' times are not recorded as one sequence's cost
 
 

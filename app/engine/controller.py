@@ -179,9 +179,8 @@ class SourceState:
 
 @dataclass(frozen=True)
 class Batch:
-    """What else a round will carry (its last one's): other sequences verifying, and prompt tokens being read."""
+    """What else a round will carry (its last one's): other sequences verifying."""
 
-    prompt_tokens: int
     sequences: int
 
 
@@ -258,12 +257,12 @@ class DraftController:
 
         `batch`: other sequences share the round. Its rate is then the batch's, as if every sequence verifying
         drafted like this one: n sequences make n(1 + accepted) tokens for n drafts and one decode of
-        n(1 + k) tokens (plus the prompt tokens read beside them), against n tokens for a decode of n. So drafting
+        n(1 + k) tokens, against n tokens for a decode of n. So drafting
         shrinks as load makes the batch compute-bound (a CPU) and stays where a wider batch is nearly free (a
         GPU). (Priced one sequence at a time against the others' actual drafts, each would find its own draft
         cheap beside theirs, and all would draft where none should.)"""
-        n, prompt = (1 + batch.sequences, batch.prompt_tokens) if batch else (1, 0)
-        one = self.verify_time(prompt + n) or 1.0 + PRIOR_VERIFY_SLOPE * (prompt + n - 1)
+        n = 1 + batch.sequences if batch else 1
+        one = self.verify_time(n) or 1.0 + PRIOR_VERIFY_SLOPE * (n - 1)
         if k == 0:
             return n / one
         state = self.sources[source]
@@ -273,7 +272,7 @@ class DraftController:
         cost = n * unit * (k + a**k if self.traits[source].catches_up else k)
         if behind:  # the catch-up is paid once, then the model drafts for a while: charge each round its share
             cost += self.catch_up_cost(source) * behind * (accepted + 1.0) / max(horizon, 1)
-        verify = self.verify_time(prompt + n * (k + 1)) or one * (1 + PRIOR_VERIFY_SLOPE * n * k)
+        verify = self.verify_time(n * (k + 1)) or one * (1 + PRIOR_VERIFY_SLOPE * n * k)
         return n * (accepted + 1.0) / (cost + verify)
 
     def unit_cost(self, source: str) -> float:

@@ -77,9 +77,8 @@ class Rounds:
                     self._advance(seq, active, out)
         waiting = [(seq, a) for seq, a in chosen if seq in self._active and isinstance(a.need, Verify)]
         verifying = sum(a.need.logits for _, a in waiting)
-        prompt_tokens = sum(len(a.need.tokens) for _, a in waiting if not a.need.logits)
         for _, active in waiting:
-            active.need.round_sequences, active.need.round_prompt_tokens = verifying, prompt_tokens
+            active.need.round_sequences = verifying
         for group in self._groups(waiting):
             needs = [a.need for _, a in group]
             try:

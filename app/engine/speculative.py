@@ -98,11 +98,9 @@ class Verify:
     rows: np.ndarray | None = None
     width: int = 0
     seconds: float = 0.0
-    parts: int = 1  # the sequences in that decode, this one included
-    # the whole round's (Rounds), in one decode or several: the sequences verifying, and the prompt tokens read
-    # beside them. The controller prices the next draft against such a round (controller.Batch)
+    # the sequences verifying in the whole round (Rounds), in one decode or several: the controller prices the
+    # next draft against such a round (controller.Batch)
     round_sequences: int = 1
-    round_prompt_tokens: int = 0
 
     @property
     def alone(self) -> bool:
@@ -191,11 +189,6 @@ class ModelDrafter:
         self.ctx = ctx
         self._confidence = Confidence(ctx.model.n_vocab)
 
-    def propose(self, tokens: list[int], k: int, config: GenerationConfig, uniforms: PositionalUniforms, seq: int = 0) -> Draft:
-        request = DraftRequest(seq, tokens, k, config, uniforms)
-        self.propose_all([request])
-        return request.draft
-
     def propose_all(self, requests: Sequence[DraftRequest]) -> None:
         """Draft for every request. Each is charged its own share of the time: its catch-up (by its tokens'
         share of a shared decode), then an equal share of each draft-position decode it was in."""
@@ -273,7 +266,8 @@ class Reply:
         self.started = time.perf_counter()
         self.first_token_at = 0.0
         self.first_round_tokens = 0
-        self.decode_seconds = 0.0  # in llama_decode for this reply (a shared batch's whole time)
+        # in llama_decode for this reply (a shared batch's whole time) and drafting (its share, DraftRequest.seconds)
+        self.decode_seconds = 0.0
         self.consumed = 0  # of the last round's kept tokens, how many the reply took before it ended
         self.shared_prompt = False  # a prompt chunk was read in a batch with other sequences' tokens
 
@@ -528,7 +522,7 @@ class SpeculativeEngine:
         seconds = time.perf_counter() - started
         width = sum(len(need.tokens) for need in needs)
         for need, view in zip(needs, rows, strict=True):
-            need.rows, need.width, need.seconds, need.parts = view, width, seconds, len(needs)
+            need.rows, need.width, need.seconds = view, width, seconds
 
     def pick_sequence(self, prompt: Sequence[int], busy: set[int]) -> int:
         """The free sequence that already holds the longest part of `prompt` (a continuing conversation lands
@@ -623,7 +617,7 @@ class SpeculativeEngine:
             verify_seconds = need.seconds + time.perf_counter() - resumed
             others = need.round_sequences - 1
             # (a prompt chunk read beside is left out: a one-off, decoded apart, its cost the same whatever is drafted)
-            state.batch = Batch(0, others) if others else None
+            state.batch = Batch(others) if others else None
             reply.verified(need)
             if controller is not None:
                 model = decision.source == "model"
