@@ -78,9 +78,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-SERVE_PARALLEL = 4  # --serve's sequences unless --parallel says: llama-server's auto -np (4, one shared KV pool)
-
-
 def _parallel(text: str) -> int:
     from app.config import Settings
 
@@ -287,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from app.server import serve
 
             return serve(launch_config(args), args.host, args.port, args.max_queue, args.api_key, any_path=args.any_model_path,
-                         parallel=args.parallel or SERVE_PARALLEL)  # fmt: skip
+                         parallel=args.parallel)  # fmt: skip
         return run_headless(args) if args.prompt is not None else run_chat(args)
     except TandemError as exc:
         sys.stderr.write(f"tandem: error: {exc}\n")

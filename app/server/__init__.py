@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from app.host import EngineHost
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 5001  # KoboldCpp's port: front-ends that know it find us there
+DEFAULT_PARALLEL = 4  # --serve's sequences unless --parallel says: llama-server's auto -np (4, one shared KV pool)
 
 
 def exposure_warning(host: str, port: int, api_key: str | None) -> str | None:
@@ -142,11 +143,13 @@ def serve(
     api_key: str | None = None,
     log: TextIO = sys.stderr,
     any_path: bool = False,  # requests may load any GGUF file by path, not only the catalog's
-    parallel: int = 4,  # requests generated together (--parallel)
+    parallel: int | None = None,  # requests generated together (--parallel); None: DEFAULT_PARALLEL
 ) -> int:
     import uvicorn
 
     from app.engine.events import TemplateFallback
+
+    parallel = parallel or DEFAULT_PARALLEL
     from app.host import EngineHost
     from app.server.api import create_app
 
