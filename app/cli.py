@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app import __version__
+from app.engine.rpc import DEFAULT_PORT as DEFAULT_RPC_PORT
 
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 1, 130, 141
+DEFAULT_SERVER_PORT = 5001  # KoboldCpp's
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="main-model layers on the GPU: -1 or 'all' (default), 0 for none; ignored without a GPU backend")
     hw.add_argument("--draft-gpu-layers", "--draftgpulayers", "-ngld", type=_layers, default=-1, metavar="N",
                     help="draft model fully on the GPU (-1, default) or fully on the CPU (0)")
+    hw.add_argument("--rpc", type=_endpoints, metavar="HOST:PORT[,...]",
+                    help="put the main model's layers on llama.cpp RPC workers (`tandem --rpc-worker` there); the draft stays here")
+    hw.add_argument("--tensor-split", "-ts", type=_shares, metavar="A,B,...",
+                    help="the workers' (then this machine's GPUs') shares of the main model's layers; default: by free memory")
+
+    worker = p.add_argument_group("RPC worker (serve this machine to another Tandem or llama.cpp)")
+    worker.add_argument("--rpc-worker", action="store_true",
+                        help=f"serve this machine's GPUs (or CPU) to `--rpc` clients; binds --host (127.0.0.1) and"
+                             f" --port (default {DEFAULT_RPC_PORT}); no authentication: keep it on a trusted network")
 
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--temp", "--temperature", type=_non_negative_float, default=0.8, metavar="T",
@@ -183,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     server = p.add_argument_group("server (OpenAI-compatible and LM Studio-style HTTP API)")
     server.add_argument("--serve", action="store_true", help="serve the loaded pair over HTTP instead of chatting")
     server.add_argument("--host", default="127.0.0.1", metavar="ADDR", help="address to listen on (default 127.0.0.1: this machine only)")
-    server.add_argument("--port", type=_port, default=5001, metavar="N", help="port (default 5001, as KoboldCpp)")
+    server.add_argument("--port", type=_port, default=None, metavar="N",
+                        help=f"port (default 5001, as KoboldCpp; {DEFAULT_RPC_PORT} with --rpc-worker)")
     server.add_argument("--max-queue", type=_positive_int, default=16, metavar="N",
                         help="requests that may wait for the engine; more are answered 503 (default 16)")
     server.add_argument("--parallel", "-np", type=_parallel, default=None, metavar="N",
@@ -193,6 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--any-model-path", action="store_true",
                         help="let requests load any GGUF file on this machine by its path (default: only the model folders' files)")
     return p
+
+
+def _endpoints(text: str) -> str:
+    from app.engine.errors import TandemError
+    from app.engine.rpc import parse_endpoints
+
+    try:
+        return ",".join(parse_endpoints(text))
+    except TandemError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _shares(text: str) -> str:
+    from app.engine.errors import TandemError
+    from app.engine.rpc import parse_split
+
+    try:
+        parse_split(text)
+    except TandemError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _port(text: str) -> int:
@@ -208,6 +241,7 @@ SETTING_FLAGS = {
     "max_tokens": "max_tokens", "seed": "seed", "draft_max": "draft_max", "draft_min": "draft_min",
     "draft_p_min": "draft_p_min", "no_adaptive": "adaptive", "gpu_layers": "gpu_layers",
     "draft_gpu_layers": "draft_on_gpu", "ctx_size": "ctx_size", "threads": "threads", "system": "system", "exact": "exact",
+    "rpc": "rpc", "tensor_split": "tensor_split",
 }  # fmt: skip
 
 
@@ -218,6 +252,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--draft and --no-draft contradict each other")
     if args.serve and (args.prompt is not None or args.benchmark):
         parser.error("--serve answers HTTP requests; it does not take --prompt or --benchmark")
+    if args.rpc_worker and (args.serve or args.prompt is not None or args.benchmark or args.rpc):
+        parser.error("--rpc-worker only serves this machine to other Tandems: it takes --host, --port and --threads")
     if args.draft_min > args.draft_max:
         parser.error(f"--draft-min ({args.draft_min}) is larger than --draft-max ({args.draft_max})")
     _check_ranges(parser, args)
@@ -280,10 +316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from app.benchmark import run_benchmark
 
             return run_benchmark(launch_config(args), sys.stdout)
+        if args.rpc_worker:
+            from app.engine.rpc import serve_worker
+
+            return serve_worker(args.host, DEFAULT_RPC_PORT if args.port is None else args.port, args.threads)
         if args.serve:
             from app.server import serve
 
-            return serve(launch_config(args), args.host, args.port, args.max_queue, args.api_key, any_path=args.any_model_path,
+            port = DEFAULT_SERVER_PORT if args.port is None else args.port
+            return serve(launch_config(args), args.host, port, args.max_queue, args.api_key, any_path=args.any_model_path,
                          parallel=args.parallel)  # fmt: skip
         return run_headless(args) if args.prompt is not None else run_chat(args)
     except TandemError as exc:

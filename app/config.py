@@ -17,6 +17,7 @@ import shutil
 import stat
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,6 +25,7 @@ from typing import Any, ClassVar
 import platformdirs
 
 from app.engine.errors import TandemError
+from app.engine.rpc import parse_endpoints, parse_split
 from app.engine.sampling import SamplerSettings
 from app.engine.speculative import GenerationConfig
 
@@ -51,6 +53,8 @@ class Settings:
     ctx_size: int = 4096
     threads: int = os.cpu_count() or 1
     system: str = ""
+    rpc: str = ""  # HOST:PORT[,HOST:PORT...]: the main model's layers on llama.cpp RPC workers (app/engine/rpc.py)
+    tensor_split: str = ""  # the workers' (and GPUs') shares of those layers, "3,1"; empty: by their free memory
 
     # limits a value must respect: (lowest, highest); None means unbounded
     LIMITS: ClassVar[dict[str, tuple[float | None, float | None]]] = {
@@ -60,6 +64,12 @@ class Settings:
         "threads": (1, 512),
         "parallel": (1, 64),  # --serve --parallel (not a stored setting): replies generated together
     }  # fmt: skip
+
+    # text settings with a form: (the rule that reads them, the form in words)
+    FORMATS: ClassVar[dict[str, tuple[Callable[[str], object], str]]] = {
+        "rpc": (parse_endpoints, "HOST:PORT worker addresses, comma-separated (empty: this machine)"),
+        "tensor_split": (parse_split, "shares such as 3,1 (empty: by free memory)"),
+    }
 
     def set(self, name: str, value: Any) -> None:
         """Set one setting from a config value or a form field, checking type and range."""
@@ -87,6 +97,11 @@ class Settings:
                 value = str(value)
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"setting '{name}' must be a {kind}, got {value!r}") from None
+        if name in self.FORMATS:
+            try:
+                self.FORMATS[name][0](value)
+            except TandemError:
+                raise ConfigError(f"setting '{name}' must be {self.FORMATS[name][1]}, got {value!r}") from None
         low, high = self.LIMITS.get(name, (None, None))
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"at least {low}" if high is None else f"between {low} and {high}"

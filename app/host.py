@@ -24,11 +24,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from app.config import Config
+from app.engine import rpc
 from app.engine.chat import ChatWindow, Message, fit_chat, read_chat, reply_reserve, tokenize_prompt
 from app.engine.errors import TandemError
 from app.engine.events import Finished, RoundEvent
 from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
 from app.engine.rounds import Rounds
+from app.engine.rpc import WorkerLost, parse_endpoints, parse_split
 from app.engine.speculative import GenerationConfig, SpeculativeEngine
 
 
@@ -53,7 +55,8 @@ def resolve_spec(config: Config, main: str | None = None, draft: str | None = No
         draft_choice = draft or str(demo_draft)
     s = config.settings
     return EngineSpec(main=main_path, draft=draft_choice, gpu_layers=s.gpu_layers, draft_on_gpu=s.draft_on_gpu,
-                      ctx_size=s.ctx_size, threads=s.threads, exact=s.exact)  # fmt: skip
+                      ctx_size=s.ctx_size, threads=s.threads, exact=s.exact, rpc=parse_endpoints(s.rpc),
+                      tensor_split=parse_split(s.tensor_split))  # fmt: skip
 
 
 def _demo_draft_for(main: str) -> str | None:
@@ -189,6 +192,7 @@ class EngineHost:
         self.active: list[Job] = []  # being generated (one sequence each)
         self._rounds: Rounds | None = None  # over the current engine
         self._held: Job | None = None  # the next job, waiting for the active ones to end (it needs another pair)
+        self.lost: WorkerLost | None = None  # the main model's RPC worker stopped answering: this host is over
         self._thread = threading.Thread(target=self._work, name="tandem-host", daemon=True)
 
     @classmethod
@@ -209,6 +213,7 @@ class EngineHost:
     def start(self) -> None:
         """Start the worker (once: the chat app's host is started at load, and F9 then only adds the server)."""
         if self._thread.ident is None:
+            rpc.add_lost_handler(self._worker_lost)
             self._thread.start()
 
     @property
@@ -244,6 +249,8 @@ class EngineHost:
 
     def submit(self, job: Job) -> Job:
         with self._lock:
+            if self.lost is not None:
+                raise self.lost
             if self._closed:
                 raise QueueFull("the server is stopping")
             if len(self._queued) >= self.max_queue:
@@ -259,6 +266,9 @@ class EngineHost:
             self._closed = True
             for job in [*self._queued, *self.active, *([self._held] if self._held else [])]:
                 job.cancel.set()
+        rpc.remove_lost_handler(self._worker_lost)
+        if self.lost is not None:
+            return  # its worker thread is stuck in llama.cpp for good; the jobs have had their DONE
         self._jobs.put(None)
         if self._thread.ident is not None:
             self._thread.join(timeout=timeout)
@@ -272,8 +282,8 @@ class EngineHost:
 
     @property
     def stopped(self) -> bool:
-        """The worker has ended (or never started): nothing touches the engine from here."""
-        return not self._thread.is_alive()
+        """The worker has ended (or never started, or is stuck on a lost RPC worker): nothing touches the engine."""
+        return self.lost is not None or not self._thread.is_alive()
 
     def describe(self) -> str:
         if self.spec is None or self.engine is None:
@@ -287,6 +297,25 @@ class EngineHost:
         if self.on_event is not None:
             with contextlib.suppress(Exception):  # an observer's fault must not kill the worker or fail the job
                 self.on_event(job, item)
+
+    def _worker_lost(self, lost: WorkerLost) -> bool:
+        """rpc.py's fault hook, on llama.cpp's thread for that worker, while this host's thread is stuck in a decode
+        (or a load) that will never return: end every job with the worker's name, refuse new ones, leave the pair
+        unfreed. True: contained (the app or server lives on); a host not on RPC workers has nothing to do."""
+        on_workers = self.spec.rpc if self.spec is not None else parse_endpoints(self.config.settings.rpc)
+        if not on_workers or self.lost is not None:
+            return False
+        with self._lock:
+            self.lost, self.state, self.load_error = lost, "failed", str(lost)
+            jobs = [*self.active, *([self._held] if self._held else []), *self._queued]
+            self.active, self._held, self._queued = [], None, []
+        if self.engine is not None:
+            self.engine.abandon()
+        for job in jobs:
+            self._fail(job, lost)
+            self.counters.stalled += job.stalled
+            self._put(job, DONE)
+        return True
 
     # ---- the worker ----------------------------------------------------------------------
     def _work(self) -> None:

@@ -148,7 +148,8 @@ def anchor_dir(explicit: str | None) -> Path | None:
     return guess if (guess / "llama-speculative-simple").exists() else None
 
 
-def run_speculative_simple(bin_dir: Path, main: Path, draft: Path, prompt_text: str, args: argparse.Namespace, k: int) -> float:
+def run_speculative_simple(bin_dir: Path, main: Path, draft: Path, prompt_text: str, args: argparse.Namespace, k: int,
+                           extra: tuple[str, ...] = ()) -> float:
     cmd = [
         str(bin_dir / "llama-speculative-simple"), "-m", str(main), "-md", str(draft), "--spec-type", "draft-simple",
         "-p", prompt_text, "-n", str(args.max_tokens), "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0",
@@ -156,6 +157,7 @@ def run_speculative_simple(bin_dir: Path, main: Path, draft: Path, prompt_text: 
     ]
     if amx_cpu():  # llama.cpp's AMX kernels crash on batches of quantized weights (see engine/kernels.py)
         cmd.append("--no-repack")
+    cmd += extra
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     m = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", out.stdout + out.stderr)
     if not m:

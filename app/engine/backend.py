@@ -107,14 +107,25 @@ class Model:
         kernels: KernelChoice | None = None,  # None: measured on this CPU (choose_kernels), cached
         role: str = "main",  # or "draft": a draft may run on kernels safe only one token at a time
         cancel: threading.Event | None = None,  # set: the load stops at llama.cpp's next progress call (LoadCancelled)
+        devices: Sequence[int] = (),  # where its layers go (RPC workers first, rpc.py); empty: this machine's GPUs
+        tensor_split: Sequence[float] = (),  # each device's share of the layers; empty: by free memory
+        where: str = "",  # where `devices` are, in words ("RPC 10.0.0.2:50052"): stats and the status bar
     ):
         self.info: GGUFInfo = read_gguf_info(path)
         self.path = Path(path).expanduser().resolve()
         init_backend()
+        self.devices = tuple(devices)
+        self.where = where  # empty: this machine
         self._check_memory(n_gpu_layers)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
         self.n_gpu_layers = n_gpu_layers
+        if self.devices:  # a NULL-terminated list, kept alive as long as the model (llama.cpp reads it at load)
+            self._device_list = (ctypes.c_void_p * (len(self.devices) + 1))(*self.devices, None)
+            params.devices = ctypes.addressof(self._device_list)
+        if tensor_split:
+            self._split = (ctypes.c_float * max(len(tensor_split), llama_cpp.LLAMA_MAX_DEVICES))(*tensor_split)
+            params.tensor_split = self._split
         self.kernels = kernels or choose_kernels(self.path, n_gpu_layers, os.cpu_count() or 1, role)
         params.use_extra_bufts, overrides = placement(self.info, self.kernels.bufts)
         if overrides is not None:
@@ -157,8 +168,8 @@ class Model:
 
     def _check_memory(self, n_gpu_layers: int) -> None:
         """Refuse a model that cannot fit in RAM before llama.cpp tries (and the OS kills us)."""
-        if n_gpu_layers != 0 and supports_gpu_offload():
-            return  # weights go to the GPU; llama.cpp reports a VRAM shortfall itself
+        if n_gpu_layers != 0 and (self.devices or supports_gpu_offload()):
+            return  # weights go to the GPU or the workers; llama.cpp reports a shortfall itself
         need, free = self.info.file_size, psutil.virtual_memory().available
         if need > free:
             raise TandemError(
@@ -172,12 +183,17 @@ class Model:
 
     @property
     def on_cpu(self) -> bool:
-        return self.n_gpu_layers == 0 or not supports_gpu_offload()
+        return self.n_gpu_layers == 0 or not (self.devices or supports_gpu_offload())
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
             llama_cpp.llama_model_free(self.ptr)
             self.ptr = None
+
+    def abandon(self) -> None:
+        """Never free it: its memory is on a worker that was lost, and freeing it would wait for that worker
+        forever (rpc.py). Leaked until the process ends."""
+        self.ptr = None
 
     def __del__(self) -> None:
         self.close()
@@ -265,6 +281,10 @@ class Context:
             llama_cpp.llama_free(self.ptr)
             self.ptr = None
 
+    def abandon(self) -> None:
+        """Never free it (a lost RPC worker holds part of it: Model.abandon)."""
+        self.ptr = None
+
     def __del__(self) -> None:
         self.close()
 
@@ -318,6 +338,9 @@ class Context:
         batch.n_tokens = i
         started = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ptr, batch)
+        # a GPU's or an RPC worker's decode only starts here: wait for it, so that every timing (the probe, the
+        # verify curve, the stats) is the decode's own (the logits read next would wait anyway; free on a CPU)
+        llama_cpp.llama_synchronize(self.ptr)
         self.decode_seconds += time.perf_counter() - started
         raise_if_interrupted()
         if rc != 0:

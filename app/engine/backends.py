@@ -53,6 +53,9 @@ def library_dir() -> Path:
     return Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
 
 
+ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)  # ggml_abort_callback_t: (message)
+
+
 class _Feature(ctypes.Structure):
     _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
 
@@ -78,6 +81,10 @@ def ggml() -> ctypes.CDLL:
         "ggml_backend_reg_get": ([ctypes.c_size_t], ctypes.c_void_p),
         "ggml_backend_reg_name": ([ctypes.c_void_p], ctypes.c_char_p),
         "ggml_backend_reg_get_proc_address": ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p),
+        "ggml_backend_reg_by_name": ([ctypes.c_char_p], ctypes.c_void_p),
+        "ggml_backend_reg_dev_count": ([ctypes.c_void_p], ctypes.c_size_t),
+        "ggml_backend_reg_dev_get": ([ctypes.c_void_p, ctypes.c_size_t], ctypes.c_void_p),
+        "ggml_set_abort_callback": ([ABORT_CALLBACK], ctypes.c_void_p),  # in libggml-base, found through libggml
         "ggml_backend_dev_count": ([], ctypes.c_size_t),
         "ggml_backend_dev_get": ([ctypes.c_size_t], ctypes.c_void_p),
         "ggml_backend_dev_type": ([ctypes.c_void_p], ctypes.c_int),
@@ -226,9 +233,15 @@ def cpu_device() -> int | None:
     return next((d for d in devices if lib.ggml_backend_dev_type(d) == _CPU), None)
 
 
-def has_gpu() -> bool:
+def gpu_devices() -> list[int]:
+    """This machine's GPUs (RPC workers are never registered: they serve the main model alone, rpc.py)."""
     lib = ggml()
-    return any(lib.ggml_backend_dev_type(lib.ggml_backend_dev_get(i)) in (_GPU, _IGPU) for i in range(lib.ggml_backend_dev_count()))
+    devices = (lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count()))
+    return [d for d in devices if lib.ggml_backend_dev_type(d) in (_GPU, _IGPU)]
+
+
+def has_gpu() -> bool:
+    return bool(gpu_devices())
 
 
 def gpu_memory() -> tuple[int, int] | None:

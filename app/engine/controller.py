@@ -376,8 +376,12 @@ class DraftController:
             lag = behind.get(source, 0)
             if batch is not None and lag > CATCH_UP_BATCH:
                 continue  # nor is a catch-up in a shared round: every sequence would wait for it (probed when alone)
+            # a first probe is optimistic (nothing is known); a repeat probe that must first catch up is a bet on
+            # what the source has shown here: at its acceptance so far it must pay for that catch-up (a model that
+            # drafts 70% right where only 90% would pay loses a whole catch-up to every optimistic re-probe)
+            hope = state.acceptance if lag > CATCH_UP_BATCH and state.unit_cost is not None else OPTIMISTIC_ACCEPTANCE
             ceiling = max(
-                self.expected_rate(source, j, OPTIMISTIC_ACCEPTANCE, lag, horizon, batch)
+                self.expected_rate(source, j, hope, lag, horizon, batch)
                 for j in range(k, min(self.draft_max, limit) + 1)
             )
             if ceiling > best_rate * PROBE_GAIN:

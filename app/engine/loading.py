@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.engine import kernels
+from app.engine import backends, kernels, rpc
 from app.engine.backend import Model, choose_kernels, supports_gpu_offload
 from app.engine.compat import metadata_compatibility, require_compatible
 from app.engine.errors import LoadCancelled
@@ -37,10 +37,26 @@ class EngineSpec:
     threads: int = os.cpu_count() or 1
     exact: bool = False  # batch-invariant kernels for the main model (no repacking): output identical to plain decoding
     parallel: int = 1  # replies generated together, one sequence each (--parallel, llama.cpp's -np)
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC workers (HOST:PORT) the main model's layers go to (rpc.py)
+    tensor_split: tuple[float, ...] = ()  # their shares of the layers (then this machine's GPUs'); empty: by memory
 
     @property
     def draft_path(self) -> Path | None:
         return None if self.draft in (NO_DRAFT, LOOKUP) else Path(self.draft)
+
+
+def _main_on_workers(spec: EngineSpec, progress: Callable[[float], None] | None, cancel: threading.Event | None) -> Model:
+    """The main model with its layers on the RPC workers (then this machine's GPUs), as llama.cpp's --rpc places
+    them; the layers --gpu-layers leaves out, and the draft, stay here. Layers kept here get plain memory: safe
+    at any batch on every CPU (AMX's repacked kernels are not), and a worker's own are plain too (ggml's RPC server
+    allocates its backend's default buffers)."""
+    workers = rpc.attach(spec.rpc)
+    devices = [w.device for w in workers] + backends.gpu_devices()
+    if len(spec.tensor_split) > len(devices):
+        raise rpc.WorkerUnavailable(f"--tensor-split has {len(spec.tensor_split)} shares for {len(devices)} devices"
+                                    f" ({', '.join(w.endpoint for w in workers)} and this machine's GPUs)")  # fmt: skip
+    return Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=progress, kernels=kernels.PLAIN_CHOICE, cancel=cancel,
+                 devices=devices, tensor_split=spec.tensor_split, where=rpc.describe(workers))  # fmt: skip
 
 
 def describe_draft(choice: str) -> str:
@@ -84,7 +100,9 @@ def load_engine(
         return step if measuring is not None or cancel is not None else None
 
     main = reuse_main
-    if main is None:
+    if main is None and spec.rpc:
+        main = _main_on_workers(spec, report(spec.main.name), cancel)
+    elif main is None:
         # --exact: plain memory, whose kernels compute a row the same way at any batch size (the repacked ones
         # do not); the engine's self-check confirms it or turns drafting off. Otherwise measured (kernels.py).
         choice = kernels.PLAIN_CHOICE if spec.exact else choose_kernels(

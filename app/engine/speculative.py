@@ -454,6 +454,16 @@ class SpeculativeEngine:
         if self.drafter:
             self.drafter.ctx.close()
 
+    def abandon(self) -> None:
+        """The main model's RPC worker was lost mid-decode: a thread is stuck in llama.cpp for good, and nothing of
+        this pair may be freed or used again (rpc.py). Its memory is left to the process's end."""
+        self.main_ctx.abandon()
+        self.main.abandon()
+        if self.drafter:
+            self.drafter.ctx.abandon()
+        if self.draft_model is not None:
+            self.draft_model.abandon()
+
     @property
     def exact_kernels(self) -> bool:
         return self.main_profile.kernels.exact
@@ -686,7 +696,8 @@ class SpeculativeEngine:
     @property
     def backend(self) -> str:
         """Which llama.cpp CPU build runs here, and where each model's weights live (kernels.py)."""
-        parts = [f"CPU {backends().cpu_variant}", *backends().accelerators, f"main weights {self.main.kernels.name}"]
+        main = f"main on {self.main.where}" if self.main.where else f"main weights {self.main.kernels.name}"
+        parts = [f"CPU {backends().cpu_variant}", *backends().accelerators, main]
         if self.draft_model is not None:
             draft = self.draft_model.kernels
             parts.append(f"draft weights {draft.name}" + ("" if draft.batches else " (one token at a time)"))

@@ -29,6 +29,7 @@ from app.engine.errors import ContextOverflowError, IncompatibleDraftError, Mode
 from app.engine.events import Finished, RoundEvent
 from app.engine.gguf_info import read_gguf_info
 from app.engine.loading import LOOKUP, NO_DRAFT
+from app.engine.rpc import WorkerLost, WorkerUnavailable
 from app.engine.speculative import CONTEXT_FULL, MAX_TOKENS
 from app.host import DONE, EngineHost, Job, JobFailed, PairLocked, QueueFull, resolve_spec, same_file
 from app.server.requests import BadRequest, Parsed, Speculative, parse
@@ -195,6 +196,8 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
             return error(exc.status, exc.message, exc.kind, exc.param)
         except QueueFull as exc:
             return error(503, str(exc), "server_busy", headers={"Retry-After": "5"})
+        except WorkerLost as exc:  # the pair is gone until a restart: health says so too
+            return failure(exc)
         shape = Shape(chat, lmstudio, parsed.model or loaded_id() or "tandem", parsed.speculative)
         if parsed.stream:
             return EventSourceResponse(stream(request, job, arrived, shape, parsed.include_usage), ping=15)
@@ -327,6 +330,8 @@ def _kind(exc: TandemError) -> str:
 def failure(exc: TandemError) -> JSONResponse:
     if isinstance(exc, PairLocked):  # the chat app decides what is loaded: the request cannot change it
         return error(409, str(exc), "invalid_request_error")
+    if isinstance(exc, WorkerUnavailable | WorkerLost):  # a worker, not the request, is at fault
+        return error(503, str(exc), "server_error")
     status = 400 if isinstance(exc, ContextOverflowError | IncompatibleDraftError) else 404 if isinstance(exc, ModelFileError) else 500
     return error(status, str(exc), _kind(exc))
 

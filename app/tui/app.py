@@ -26,6 +26,7 @@ from textual.widget import Widget
 from textual.widgets import Input, Label, ProgressBar, Static
 
 from app.config import Config, ConfigError, Settings, load_config, save_config
+from app.engine import rpc
 from app.engine.catalog import ModelEntry, default_search_dirs, find_models
 from app.engine.chat import ChatSession, ChatWindow, Message
 from app.engine.errors import LoadCancelled, TandemError
@@ -184,6 +185,7 @@ class TandemApp(App[None]):
         self.loading_row = self.query_one("#loading")
         self.debug_pane.display = False
         self.loading_row.display = False
+        rpc.add_lost_handler(self._worker_lost)
         try:
             self.config = load_config(self.options.config_path)
         except ConfigError as exc:
@@ -299,6 +301,15 @@ class TandemApp(App[None]):
         else:
             self._from_thread(self._loaded, main, engine, spec, by_user)
 
+    def _worker_lost(self, lost: rpc.WorkerLost) -> bool:
+        """rpc.py's fault hook (on llama.cpp's thread): a worker lost while a pair loads onto it ends that load
+        (its thread never returns). A reply's loss is the host's to report (a failed turn, the chat kept)."""
+        if not (self.loading and self.config.settings.rpc):
+            return False
+        self.load_cancel.set()
+        self._from_thread(self._load_failed, str(lost))
+        return True
+
     def _from_thread(self, callback, *args, **kwargs) -> None:
         """Hand a worker thread's result to the UI; dropped quietly if the app has already quit."""
         with contextlib.suppress(RuntimeError):  # the app stopped while the worker ran (quit mid-load)
@@ -380,6 +391,9 @@ class TandemApp(App[None]):
             return
         if self.history_busy:
             self.notify("A saved conversation is being opened; send again in a moment.", severity="warning")
+            return
+        if self.host is not None and self.host.lost is not None:  # the pair died with its RPC worker
+            self.notify(f"{self.host.lost}. Pick a pair with F2 to go on here.", title="Worker lost", severity="error", timeout=15)
             return
         event.input.value = ""
         chat = self.chat_log
@@ -678,6 +692,8 @@ class TandemApp(App[None]):
             self._serving_figures = None
         if self.engine is not None and self.spec is not None:
             info.main = self.engine.main.path.name  # by the file picked, as the draft is (its metadata name can mislead)
+            if self.spec.rpc:  # where it runs: on workers (the full list is in the debug pane's backend line)
+                info.main += f" @ {len(self.spec.rpc)} RPC"
             info.draft = describe_draft(self.spec.draft) if self.spec.draft != NO_DRAFT else "none"
             info.ctx_size = self.engine.n_ctx
             # while a turn runs, the context as the engine fills it; between turns, as the last turn of this

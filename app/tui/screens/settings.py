@@ -34,9 +34,11 @@ FIELDS = [
     ("draft_on_gpu", "Draft model on GPU (off = CPU)", "Draft on GPU"),
     ("ctx_size", "Context size", "Context size"),
     ("threads", "Threads", "Threads"),
+    ("rpc", "RPC workers for the main model", "RPC workers"),
+    ("tensor_split", "Tensor split across workers", "Tensor split"),
     ("system", "System message", "System message"),
 ]
-RELOAD_FIELDS = {"gpu_layers", "draft_on_gpu", "ctx_size", "threads", "exact"}  # need the models reloaded
+RELOAD_FIELDS = {"gpu_layers", "draft_on_gpu", "ctx_size", "threads", "exact", "rpc", "tensor_split"}  # need the models reloaded
 _KINDS = {f.name: f.type for f in fields(Settings)}
 
 
@@ -46,6 +48,8 @@ def _number(value: float | None) -> str:
 
 def requirement(name: str) -> str:
     """What a setting's value must be, in words: "a whole number between 0 and 64"."""
+    if name in Settings.FORMATS:
+        return Settings.FORMATS[name][1]
     kind = {"int": "a whole number", "float": "a number", "bool": "on or off"}.get(str(_KINDS[name]), "text")
     low, high = Settings.LIMITS.get(name, (None, None))
     if low is not None and high is not None:
