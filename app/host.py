@@ -303,7 +303,9 @@ class EngineHost:
         (or a load) that will never return: end every job with the worker's name, refuse new ones, leave the pair
         unfreed. True: contained (the app or server lives on); a host not on RPC workers has nothing to do."""
         on_workers = self.spec.rpc if self.spec is not None else parse_endpoints(self.config.settings.rpc)
-        if not on_workers or self.lost is not None:
+        if self.lost is not None:
+            return True  # a second worker of the same pair failing: already contained
+        if not set(on_workers) & set(lost.endpoints):
             return False
         with self._lock:
             self.lost, self.state, self.load_error = lost, "failed", str(lost)

@@ -11,6 +11,7 @@ GIL with the engine it measures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 
@@ -37,10 +38,8 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
     except (ConnectionError, OSError):
         pass
     queue.put_nowait((time.monotonic() + delay, b""))
-    try:
+    with contextlib.suppress(ConnectionError, OSError):
         await sender
-    except (ConnectionError, OSError):
-        pass
 
 
 async def serve(listen_port: int, target: str, delay: float) -> None:

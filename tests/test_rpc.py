@@ -151,7 +151,7 @@ def test_a_worker_killed_mid_reply_ends_headless_with_its_name(tiny, workers) ->
         assert client.stdout is not None
         client.stdout.read(1)  # the reply has begun
         workers[1].stop()
-        out, err = client.communicate(timeout=60)
+        _, err = client.communicate(timeout=60)
     assert client.returncode == 1
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines and "Traceback" not in err, err

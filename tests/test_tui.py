@@ -779,3 +779,24 @@ async def test_a_very_long_conversation_reopens_without_freezing_the_app(home, m
         assert app.last_finished.stats.prompt_tokens_count <= 512
         lines = [strip.text for strip in app.query_one(DebugPane).lines]
         assert any("the model reads the last" in line and "of 5,001 messages" in line for line in lines)
+
+
+async def test_settings_take_rpc_workers_by_the_same_rule_as_the_flag(home: Path) -> None:
+    """F6 sets the workers the main model runs on (--rpc) and says in words what a bad list should look like;
+    a valid list is saved with the configuration."""
+    app = make_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.engine is not None)
+        await pilot.press("f6")
+        await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        form = app.screen
+        form.query_one("#set-rpc").value = "worker-without-port"
+        await pilot.press("ctrl+s")
+        assert app.screen is form
+        assert str(form.query_one("#error-rpc", Label).content).startswith("RPC workers must be HOST:PORT worker addresses")
+        form.query_one("#set-rpc").value = "127.0.0.1:50052"
+        form.query_one("#set-tensor_split").value = "3,1"
+        assert form.query_one("#set-tensor_split").value == "3,1"
+        await pilot.press("escape")  # a reload onto a worker that is not there is the loading tests' business
+        await until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+        assert app.config.settings.rpc == ""

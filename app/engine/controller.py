@@ -33,6 +33,10 @@ MAX_PROBE_INTERVAL = 256
 CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up after idling is paid back (or what is left of the reply)
 CATCH_UP_BATCH = 3  # a draft context evaluating more tokens than this in one sync is catching up (a new prompt, idling)
 REVIEW_EVERY = 16  # rounds between re-checks of which sources could pay at all
+# a new reply keeps this share of the last one's acceptance evidence: a sequence's next reply is often another
+# conversation (a server's sequence serves any client), and a draft that was 95% right on code must not draft 12
+# tokens at a time into prose for the ten rounds it takes that evidence to decay; costs carry over in full
+NEW_REPLY_EVIDENCE = 0.25
 STALE_RATIO = 0.75  # a live time under this fraction of the probe's: the probe was timed on a busy machine
 # Until measured, a model's draft token is priced at a quarter of a main-model token: optimistic enough that
 # each source is tried once, early, and then judged on what it really costs.
@@ -242,6 +246,14 @@ class DraftController:
     # each source's traits, by name (the engine passes its sources'; these two are the ones it has)
     traits: dict[str, SourceTraits] = field(default_factory=lambda: {"model": MODEL_TRAITS, "lookup": LOOKUP_TRAITS})
     _rounds: int = 0
+
+    def new_reply(self) -> None:
+        """A reply starts on this controller's sequence: what was seen of the last one's text counts less."""
+        for state in self.sources.values():
+            for evidence in (state.overall, state.cold, state.streak):
+                evidence.accepted *= NEW_REPLY_EVIDENCE
+                evidence.rejected *= NEW_REPLY_EVIDENCE
+            state.in_streak = False
 
     def verify_time(self, n: int) -> float | None:
         """Seconds to verify a batch of n tokens, measured or interpolated (None before any measurement)."""

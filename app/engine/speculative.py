@@ -572,6 +572,8 @@ class SpeculativeEngine:
         penalty = PenaltyWindow(settings)
         reply = Reply(self, config, len(prompt))
         controller = self.controller(*self._bounds(config), seq) if config.adaptive else None
+        if controller is not None:
+            controller.new_reply()
         tokens = list(prompt)
         state = self._states[seq]
         state.shadow, state.batch = None, None
