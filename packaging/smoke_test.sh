@@ -55,6 +55,16 @@ print(f"   served: {reply['usage']['completion_tokens']} tokens, draft {reply['s
 PY
 ! grep -q Traceback serve.err || fail "a traceback while serving: $(cat serve.err)"
 
+echo "== --rpc-worker and --rpc: the binary serves its CPU to itself over loopback"
+(exec env -i HOME="$WORK/home" PATH=/usr/bin:/bin LANG=C.UTF-8 ./tandem --rpc-worker --port 50099 -t 1) > worker.out 2> worker.err &
+worker=$!
+for _ in $(seq 60); do grep -q "use it with" worker.out 2> /dev/null && break; sleep 0.5; done
+bare ./tandem --rpc 127.0.0.1:50099 --no-draft --prompt "Say hi" --temp 0 -n 4 -t 2 --json > rpc.json 2> rpc.err \
+    || { cat rpc.err worker.err; kill -TERM "$worker"; fail "--rpc exited non-zero"; }
+kill -TERM "$worker"; wait "$worker" || true
+grep -q 'main on RPC 127.0.0.1:50099' rpc.json || fail "the reply does not say the main model ran on the worker: $(cat rpc.json)"
+echo "   answered over RPC: $(python3 -c 'import json,sys; print(repr(json.load(open(sys.argv[1]))["text"]))' rpc.json)"
+
 if command -v tmux > /dev/null; then
     echo "== the chat app in a terminal (tmux)"
     tmux new-session -d -s tandem-smoke -x 140 -y 40 "env -i HOME=$WORK/home PATH=/usr/bin:/bin TERM=xterm-256color LANG=C.UTF-8 ./tandem -t 2; echo exit=\$? > $WORK/tui-exit; sleep 30"

@@ -232,3 +232,23 @@ def test_saved_config_keeps_the_workers(tmp_path: Path) -> None:
     assert tandem("--rpc", "127.0.0.1:50052,127.0.0.1:50053", "--tensor-split", "3,1", "--save-config", str(path)).returncode == 0
     text = path.read_text()
     assert 'rpc = "127.0.0.1:50052,127.0.0.1:50053"' in text and 'tensor_split = "3,1"' in text
+
+
+@pytest.mark.real_model
+def test_demo_pair_on_two_workers_answers_as_it_does_here(workers) -> None:
+    """Real language over two workers: the main model's plain decoding there is plain decoding here, and the
+    default mode's reply is plain decoding's wherever its self-check found the kernels exact."""
+    from app.engine.demo import ensure_demo_pair
+
+    main, draft = ensure_demo_pair()
+    common = ("--model", str(main), "--threads", "2", "--prompt", "Write a quicksort in Python.", "--temp", "0", "-n", "48", "--json")
+    local = tandem(*common, "--no-draft")
+    remote_plain = tandem(*common, "--no-draft", "--rpc", rpc_flag(workers))
+    remote_default = tandem(*common, "--draft", str(draft), "--rpc", rpc_flag(workers))
+    for result in (local, remote_plain, remote_default):
+        assert result.returncode == 0, result.stderr
+    plain, default = json.loads(remote_plain.stdout), json.loads(remote_default.stdout)
+    assert plain["tokens"] == json.loads(local.stdout)["tokens"]
+    if default["stats"]["exact"]:
+        assert default["tokens"] == plain["tokens"]
+    assert f"main on RPC {rpc_flag(workers).replace(',', ', ')}" in default["stats"]["backend"]  # the draft: here
