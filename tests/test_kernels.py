@@ -206,8 +206,9 @@ def test_a_curve_timed_under_load_is_replaced_within_one_reply(kquant, monkeypat
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
     model = Model(kquant)
     quiet = probe.profile_main(model, 2)
-    # a plausible shape, ten times too slow (a tiny model's live rounds carry Python's share on top of the decode)
-    slowed = {n: s * 10 for n, s in quiet.verify_seconds.items()}
+    # a plausible shape, fifty times too slow: a tiny model's live rounds carry Python's share on top of the decode,
+    # and a 0.2 ms decode that a busy moment stretches past 0.75x a 10x curve breaks the run of stale rounds
+    slowed = {n: s * 50 for n, s in quiet.verify_seconds.items()}
     key = probe._main_key(model, 2, probe.VERIFY_SIZES)
     probe.store(key, {"kernels": probe.asdict(quiet.kernels), "verify_seconds": slowed})
     engine = SpeculativeEngine(model, None, n_ctx=512, n_threads=2, lookup=True)
