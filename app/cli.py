@@ -11,14 +11,13 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from app import __version__
 from app.engine.rpc import DEFAULT_PORT as DEFAULT_RPC_PORT
 
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 1, 130, 141
-DEFAULT_SERVER_PORT = 5001  # KoboldCpp's
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="main-model layers on the GPU: -1 or 'all' (default), 0 for none; ignored without a GPU backend")
     hw.add_argument("--draft-gpu-layers", "--draftgpulayers", "-ngld", type=_layers, default=-1, metavar="N",
                     help="draft model fully on the GPU (-1, default) or fully on the CPU (0)")
-    hw.add_argument("--rpc", type=_endpoints, metavar="HOST:PORT[,...]",
+    hw.add_argument("--rpc", type=_setting("rpc"), metavar="HOST:PORT[,...]",
                     help="put the main model's layers on llama.cpp RPC workers (`tandem --rpc-worker` there); the draft stays here")
-    hw.add_argument("--tensor-split", "-ts", type=_shares, metavar="A,B,...",
+    hw.add_argument("--tensor-split", "-ts", type=_setting("tensor_split"), metavar="A,B,...",
                     help="the workers' (then this machine's GPUs') shares of the main model's layers; default: by free memory")
 
     worker = p.add_argument_group("RPC worker (serve this machine to another Tandem or llama.cpp)")
@@ -207,25 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _endpoints(text: str) -> str:
-    from app.engine.errors import TandemError
-    from app.engine.rpc import parse_endpoints
+def _setting(name: str) -> Callable[[str], str]:
+    """An argparse type for a text setting: its one rule (Settings.FORMATS), its reason as the usage error."""
 
-    try:
-        return ",".join(parse_endpoints(text))
-    except TandemError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    def check(text: str) -> str:
+        from app.config import Settings
+        from app.engine.errors import TandemError
 
+        try:
+            Settings.FORMATS[name][0](text)
+        except TandemError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
 
-def _shares(text: str) -> str:
-    from app.engine.errors import TandemError
-    from app.engine.rpc import parse_split
-
-    try:
-        parse_split(text)
-    except TandemError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    return check
 
 
 def _port(text: str) -> int:
@@ -321,9 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return serve_worker(args.host, DEFAULT_RPC_PORT if args.port is None else args.port, args.threads)
         if args.serve:
-            from app.server import serve
+            from app.server import DEFAULT_PORT, serve
 
-            port = DEFAULT_SERVER_PORT if args.port is None else args.port
+            port = DEFAULT_PORT if args.port is None else args.port
             return serve(launch_config(args), args.host, port, args.max_queue, args.api_key, any_path=args.any_model_path,
                          parallel=args.parallel)  # fmt: skip
         return run_headless(args) if args.prompt is not None else run_chat(args)

@@ -249,8 +249,8 @@ class EngineHost:
 
     def submit(self, job: Job) -> Job:
         with self._lock:
-            if self.lost is not None:
-                raise self.lost
+            if self.lost is not None:  # a new exception each time: re-raising one would grow its traceback forever
+                raise WorkerLost(str(self.lost), self.lost.endpoints)
             if self._closed:
                 raise QueueFull("the server is stopping")
             if len(self._queued) >= self.max_queue:
@@ -315,8 +315,7 @@ class EngineHost:
             self.engine.abandon()
         for job in jobs:
             self._fail(job, lost)
-            self.counters.stalled += job.stalled
-            self._put(job, DONE)
+            self._end(job)
         return True
 
     # ---- the worker ----------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine.controller import PRIOR_VERIFY_SLOPE, PROBE_EVERY, Decision, DraftController, VerifyCost
+from app.engine.controller import NEW_REPLY_EVIDENCE, PRIOR_VERIFY_SLOPE, PROBE_EVERY, Decision, DraftController, VerifyCost
 from app.engine.lookup import LookupDrafter
 
 ONE = 0.010  # seconds to verify one token
@@ -161,3 +161,39 @@ def test_lookup_is_judged_by_observation_and_never_probed() -> None:
         ctl.observe("lookup", 1, 1)  # the reply started copying
         ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)
     assert ctl.decide({"lookup": 4}).source == "lookup"
+
+
+def test_a_new_reply_keeps_a_share_of_the_last_replys_acceptance_and_all_of_its_costs() -> None:
+    ctl = DraftController(draft_min=0, draft_max=8)
+    feed(ctl, "model", 8, 8, draft_cost=0.001, rounds=20)  # code: every drafted token accepted
+    state = ctl.sources["model"]
+    before, evidence, cost = state.acceptance, state.overall.accepted, state.unit_cost
+    ctl.new_reply()
+    assert state.overall.accepted == pytest.approx(evidence * NEW_REPLY_EVIDENCE)
+    assert 0.7 < state.acceptance < before and state.unit_cost == cost
+    feed(ctl, "model", 4, 0, draft_cost=0.001, rounds=3)  # the next reply is prose: its own rounds now weigh most
+    assert state.acceptance < 0.8
+
+
+def idle_model(acceptance_shown: int, measured: bool) -> DraftController:
+    """A model drafted a few rounds (accepting `acceptance_shown` of 4 each), then sat idle long enough to be probed."""
+    ctl = DraftController(draft_min=0, draft_max=16)
+    ctl.seed({n: ONE * (1 + 0.3 * (n - 1)) for n in range(1, 18)}, ONE * 0.1, ONE * 0.1)  # at 98%: 1.7x plain
+    ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)
+    for _ in range(6):
+        ctl.state("model")
+        ctl.record(Decision("model", 4, "test"), 4, acceptance_shown, ONE * 0.1 * 5, ONE * (1 + 0.3 * 4))
+    for _ in range(PROBE_EVERY):
+        ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)
+    if not measured:
+        ctl.sources["model"].unit_cost = None
+    return ctl
+
+
+def test_an_idle_model_is_reprobed_with_a_catch_up_only_at_the_acceptance_it_has_shown() -> None:
+    # shown ~55%: a probe that must first read 40 missed tokens would not pay at that rate
+    assert idle_model(1, measured=True).decide({"model": 16}, behind={"model": 40}).source == "none"
+    # with nothing to catch up, a probe is cheap enough to be optimistic about
+    assert idle_model(1, measured=True).decide({"model": 16}, behind={"model": 0}).why == "probe"
+    # never measured: the first probe is optimistic, catch-up and all
+    assert idle_model(1, measured=False).decide({"model": 16}, behind={"model": 40}).why == "probe"

@@ -36,7 +36,6 @@ DEFAULT_PORT = 50052  # llama.cpp's rpc-server default (this module imports llam
 _HELLO = 14  # RPC_CMD_HELLO: the first command of every connection, the same in every protocol version
 _CONN_CAPS = 24  # RPC_CONN_CAPS_SIZE: the transport capabilities the hello carries (protocol 4 and later)
 CONNECT_TIMEOUT = 3.0  # seconds a worker may take to accept and answer the hello
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class WorkerUnavailable(TandemError):
@@ -54,11 +53,7 @@ class WorkerLost(TandemError):
 @dataclass(frozen=True)
 class Worker:
     endpoint: str
-    device: int  # the ggml_backend_dev_t llama.cpp places layers on
-    name: str  # llama.cpp's device name (RPC0, RPC1...)
-    description: str  # what the worker says it serves
-    free: int  # bytes of memory free on it when attached
-    total: int
+    device: int  # a ggml_backend_dev_t of it, which llama.cpp places layers on (the worker prints what it is)
 
 
 def parse_endpoints(text: str) -> tuple[str, ...]:
@@ -86,6 +81,16 @@ def parse_split(text: str) -> tuple[float, ...]:
     if any(not share >= 0 for share in shares) or (shares and not sum(shares) > 0):
         raise TandemError(f"'{text}' is not a tensor split: --tensor-split takes shares such as 3,1")
     return shares
+
+
+def is_loopback(host: str) -> bool:
+    """An address only this machine reaches (the RPC worker's and the HTTP server's safe default)."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it resolves to who knows what
+        return False
 
 
 def _split(endpoint: str) -> tuple[str, int]:
@@ -170,15 +175,7 @@ def _add_server(endpoint: str) -> tuple[Worker, ...]:
     reg = add_server(endpoint.encode())
     if not reg:
         raise WorkerUnavailable(f"RPC worker {endpoint} serves no device")
-    workers = []
-    for i in range(lib.ggml_backend_reg_dev_count(reg)):
-        device = lib.ggml_backend_reg_dev_get(reg, i)
-        free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        lib.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
-        name = (lib.ggml_backend_dev_name(device) or b"RPC").decode()
-        description = (lib.ggml_backend_dev_description(device) or endpoint.encode()).decode(errors="replace")
-        workers.append(Worker(endpoint, device, name, description, free.value, total.value))
-    return tuple(workers)
+    return tuple(Worker(endpoint, lib.ggml_backend_reg_dev_get(reg, i)) for i in range(lib.ggml_backend_reg_dev_count(reg)))
 
 
 def _rpc_function(name: str) -> int:
@@ -288,7 +285,7 @@ def serve_worker(host: str, port: int, threads: int) -> int:
             pass
     except OSError as exc:
         raise WorkerUnavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    if host not in LOOPBACK:
+    if not is_loopback(host):
         sys.stderr.write(f"tandem: warning: the RPC worker listens on {host}: llama.cpp's RPC has no authentication"
                          " and runs whatever a client sends; never expose it beyond a network you trust\n")  # fmt: skip
     lib = backends.ggml()

@@ -21,15 +21,9 @@ DEFAULT_PARALLEL = 4  # --serve's sequences unless --parallel says: llama-server
 
 def exposure_warning(host: str, port: int, api_key: str | None) -> str | None:
     """A server other machines can reach, with no key: anyone there can use it. (Loopback only: no warning.)"""
-    import ipaddress
+    from app.engine.rpc import is_loopback
 
-    if api_key:
-        return None
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it resolves to who knows what
-        loopback = False
-    if loopback:
+    if api_key or is_loopback(host):
         return None
     return (f"warning: {host}:{port} can be reached from other machines and no --api-key is set: "
             "anyone on the network can use this server and load models on it")  # fmt: skip
@@ -148,10 +142,10 @@ def serve(
     import uvicorn
 
     from app.engine.events import TemplateFallback
-
-    parallel = parallel or DEFAULT_PARALLEL
     from app.host import EngineHost
     from app.server.api import create_app
+
+    parallel = parallel or DEFAULT_PARALLEL
 
     try:
         sock = listening_socket(host, port)
