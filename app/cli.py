@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from app import __version__
+from app.engine.controller import DRAFT_P_MIN
 from app.engine.rpc import DEFAULT_PORT as DEFAULT_RPC_PORT
 
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 1, 130, 141
@@ -147,13 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     draft.add_argument("--exact", action="store_true",
                        help="batch-invariant kernels for the main model: output token-identical to plain decoding "
                        "(default: the fastest kernels, identical up to floating-point near-ties; see stats.exact)")
-    draft.add_argument("--no-adaptive", action="store_true", help="always draft --draft-max tokens instead of adapting per round")
+    draft.add_argument("--no-adaptive", action="store_true",
+                       help="always draft --draft-max tokens (up to an unsure one: --draft-p-min) instead of adapting per round")
     draft.add_argument("--draft-max", "--draftamount", "--draft-n", type=_non_negative_int, default=16, metavar="K",
                        help="most tokens drafted per round (default 16, as llama.cpp; the adaptive controller picks fewer where they pay)")
     draft.add_argument("--draft-min", type=_non_negative_int, default=0, metavar="K",
                        help="drafts shorter than this are not sent for verification (default 0)")
-    draft.add_argument("--draft-p-min", type=_probability, default=0.0, metavar="P",
-                       help="stop drafting when the draft's top probability falls below P (default 0)")
+    draft.add_argument("--draft-p-min", type=_probability, default=DRAFT_P_MIN, metavar="P",
+                       help=f"stop drafting when the draft's top probability falls below P (default {DRAFT_P_MIN}; 0: never)")
 
     hw = p.add_argument_group("hardware")
     hw.add_argument("--threads", "-t", type=_positive_int, default=os.cpu_count() or 1, metavar="N",

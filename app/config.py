@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import platformdirs
 
+from app.engine.controller import DRAFT_P_MIN
 from app.engine.errors import TandemError
 from app.engine.rpc import parse_endpoints, parse_split
 from app.engine.sampling import SamplerSettings
@@ -45,7 +46,7 @@ class Settings:
     seed: int = -1  # -1: a new seed every reply
     draft_max: int = 16  # llama.cpp's default; the adaptive controller picks the length per round
     draft_min: int = 0
-    draft_p_min: float = 0.0
+    draft_p_min: float = DRAFT_P_MIN
     adaptive: bool = True
     exact: bool = False  # kernels chosen for output identical to plain decoding, at some speed (see README)
     gpu_layers: int = -1  # -1: all layers of the main model on the GPU (when there is one)

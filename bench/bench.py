@@ -90,13 +90,16 @@ def load_prompts(path: Path | None) -> list[dict[str, str]]:
 
 
 def mode_config(name: str, base: GenerationConfig) -> tuple[str, GenerationConfig]:
-    """(engine, config): plain, kN (fixed draft-model length N), adaptive (model + lookup), lookup (no draft model)."""
+    """(engine, config): plain, kN (fixed draft-model length N), adaptive (model + lookup), adaptive-pNN (with
+    --draft-p-min NN%), lookup (no draft model)."""
     if name == "plain":
         return "model", replace(base, draft_max=0, adaptive=False)
     if m := re.fullmatch(r"k(\d+)", name):
-        return "model", replace(base, draft_max=int(m.group(1)), adaptive=False)
+        return "model", replace(base, draft_max=int(m.group(1)), adaptive=False, draft_p_min=0.0)  # as llama-speculative-simple
     if name == "adaptive":  # the default: draft model + lookup, controller's choice, llama.cpp's default draft-max
         return "model", replace(base, draft_max=16, adaptive=True)
+    if m := re.fullmatch(r"adaptive-p(\d+)", name):  # the default with another --draft-p-min (percent)
+        return "model", replace(base, draft_max=16, adaptive=True, draft_p_min=int(m.group(1)) / 100)
     if name == "lookup":
         return "lookup", replace(base, draft_max=16, adaptive=True)
     raise SystemExit(f"unknown mode {name!r}")

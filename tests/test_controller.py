@@ -135,8 +135,9 @@ def test_review_closes_a_draft_model_that_cannot_pay_even_at_full_acceptance_and
 def test_a_closed_source_reopens_when_live_figures_change() -> None:
     ctl = probed_controller(verify_ratio=1.0, draft_ratio=0.57)
     ctl.review(["model"])
-    for x in range(17):  # the machine turned out to verify batches cheaply after all
-        ctl.record(Decision("none", 0, "test"), x, 0, 0.0, ONE * (1 + 0.05 * x))
+    for _ in range(12):  # the machine turned out to verify batches cheaply after all (the averages start at the probe's)
+        for x in range(17):
+            ctl.record(Decision("none", 0, "test"), x, 0, 0.0, ONE * (1 + 0.05 * x))
     ctl.review(["model"])
     assert "model" not in ctl.closed
 
@@ -144,9 +145,19 @@ def test_a_closed_source_reopens_when_live_figures_change() -> None:
 def test_probed_costs_scale_with_live_measurements() -> None:
     ctl = probed_controller(verify_ratio=0.5, draft_ratio=0.5)
     assert ctl.verify_time(5) == pytest.approx(ONE * 3)
-    ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, 2 * ONE)  # live one-token cost: twice the probe's
+    for _ in range(40):  # live one-token cost: twice the probe's
+        ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, 2 * ONE)
     assert ctl.verify_time(5) == pytest.approx(ONE * 6)  # unmeasured sizes follow the probe's shape
     assert ctl.unit_cost("model") == pytest.approx(ONE)  # and so does the draft's unmeasured cost
+
+
+def test_one_slow_sample_does_not_stand_alone_against_the_probes_figure() -> None:
+    ctl = probed_controller(verify_ratio=0.5, draft_ratio=0.3)
+    ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, 4.5 * ONE)  # a first decode that waited on something else
+    assert ctl.verify_time(1) < 2.5 * ONE  # plain decoding is not 4.5x dearer for the rest of the reply
+    for _ in range(20):
+        ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, 2 * ONE)
+    assert ctl.verify_time(1) == pytest.approx(2 * ONE, rel=0.01)  # a sustained change is followed
 
 
 def test_lookup_is_judged_by_observation_and_never_probed() -> None:
@@ -197,3 +208,32 @@ def test_an_idle_model_is_reprobed_with_a_catch_up_only_at_the_acceptance_it_has
     assert idle_model(1, measured=True).decide({"model": 16}, behind={"model": 0}).why == "probe"
     # never measured: the first probe is optimistic, catch-up and all
     assert idle_model(1, measured=False).decide({"model": 16}, behind={"model": 40}).why == "probe"
+
+
+def model_after(history: list[tuple[int, int]], verify_slope: float = 0.3, draft_ratio: float = 0.33) -> DraftController:
+    """A draft model that drafted `history` ((k, accepted) per round) where a draft token costs a third of a
+    main-model token (the real pair's main model over RPC at 1 ms): 95% acceptance pays there, 85% does not."""
+    ctl = probed_controller(verify_ratio=verify_slope, draft_ratio=draft_ratio)
+    ctl.state("model")
+    ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)
+    for k, accepted in history:
+        ctl.record(Decision("model", k, "test"), k, accepted, ONE * draft_ratio * k, ONE * (1 + verify_slope * k))
+    return ctl
+
+
+def test_a_model_in_sync_with_thin_evidence_keeps_drafting_while_it_may_still_pay() -> None:
+    early = model_after([(4, 4), (11, 3)])  # one early rejection: 7 of 8 tokens, read as about 85%
+    state = early.sources["model"]
+    assert state.acceptance < 0.9 < state.plausible
+    assert early.expected_rate("model", 4) < early.expected_rate("none", 0) * 1.05  # at its estimate plain wins...
+    decision = early.decide({"model": 16})
+    assert decision.why == "explore" and decision.source == "model"  # ...but it drafts on
+    assert 1 <= decision.k <= 4  # at the length that loses least if it really is 85%
+    assert decision.acceptance == pytest.approx(state.acceptance) and decision.plausible > decision.acceptance
+    assert early.decide({"model": 16}, behind={"model": 40}).source == "none"  # it is no bet worth a catch-up
+
+
+def test_exploring_stops_once_the_evidence_says_the_model_does_not_pay() -> None:
+    shown = model_after([(4, 2), (4, 3), (4, 1), (4, 4), (4, 2)] * 6)  # about 70%, and plenty of it
+    assert shown.sources["model"].plausible < 0.85
+    assert shown.decide({"model": 16}).source == "none"

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.config import Settings
 from app.engine.backend import Context, Model, SingleTokenContext
 from app.engine.chat import ChatSession, Message
+from app.engine.controller import DRAFT_P_MIN
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError
 from app.engine.events import Finished, RoundEvent
 from app.engine.sampling import SamplerSettings, distribution
@@ -33,6 +35,7 @@ def run(
     engine = SpeculativeEngine(main, draft, n_ctx=512, n_threads=2, lookup=lookup)
     config.setdefault("sampler", GREEDY)
     config.setdefault("adaptive", False)  # fixed lengths unless a test asks for the controller
+    config.setdefault("draft_p_min", 0.0)  # every length drafted in full, unless a test asks for the confidence stop
     events = list(engine.generate(prompt, GenerationConfig(**config)))
     return events[-1], events[:-1], engine
 
@@ -52,6 +55,20 @@ def test_greedy_speculative_equals_plain(models, prompt: str, draft_max: int) ->
     assert spec.stats.accepted_draft_tokens_count > 0
     assert spec.stats.rejected_draft_tokens_count > 0
     assert max(len(r.drafted) for r in rounds) == draft_max
+
+
+def test_by_default_a_draft_ends_at_a_token_the_draft_model_is_unsure_of(models) -> None:
+    """--draft-p-min's default (DRAFT_P_MIN) stops a draft where the draft model's top probability falls under it:
+    the unsure token is not sent, the output is still the main model's."""
+    tokens = models["main"].tokenize(PROMPTS[1])
+    plain, _, _ = run(models["main"], None, tokens, max_tokens=48)
+    stopped, rounds, _ = run(models["main"], models["draft"], tokens, max_tokens=48, draft_max=8, draft_p_min=DRAFT_P_MIN)
+    full, full_rounds, _ = run(models["main"], models["draft"], tokens, max_tokens=48, draft_max=8, draft_p_min=0.0)
+    assert stopped.tokens == full.tokens == plain.tokens
+    assert GenerationConfig().draft_p_min == Settings().draft_p_min == DRAFT_P_MIN > 0
+    short = [r for r in rounds if len(r.drafted) < 8 and r.n_ignored]
+    assert short, "the tiny draft model is unsure somewhere in 48 tokens"
+    assert sum(len(r.drafted) for r in rounds) < sum(len(r.drafted) for r in full_rounds)
 
 
 def test_twin_draft_is_always_accepted_and_takes_fewer_rounds(models) -> None:
@@ -248,7 +265,8 @@ def test_speculative_sampling_matches_the_main_models_distribution(models) -> No
     accepted = rejected = 0
     for i in range(n):
         cfg = GenerationConfig(
-            max_tokens=3, draft_max=2, adaptive=False, sampler=SamplerSettings(**{**SAMPLED.__dict__, "seed": i})
+            max_tokens=3, draft_max=2, adaptive=False, draft_p_min=0.0,  # both drafts always: the residual path runs
+            sampler=SamplerSettings(**{**SAMPLED.__dict__, "seed": i}),
         )
         finished = list(spec_engine.generate(prompt, cfg))[-1]
         out = finished.tokens

@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from app.config import Config
+from app.engine.controller import DRAFT_P_MIN
 from app.engine.events import Finished
 from app.engine.sampling import SamplerSettings
 from app.engine.speculative import CANCELLED, GenerationConfig
@@ -391,7 +392,7 @@ def test_a_request_chooses_its_speculation_and_gets_it_echoed(tiny) -> None:
 
         plain = ask({"mode": "none"}).json()["stats"]
         assert plain["draft_model"] is None and plain["total_draft_tokens_count"] == 0
-        assert plain["speculative"] == {"mode": "none", "draft_max": 4, "draft_min": 1, "draft_p_min": 0.0, "used": "none"}
+        assert plain["speculative"] == {"mode": "none", "draft_max": 4, "draft_min": 1, "draft_p_min": DRAFT_P_MIN, "used": "none"}
         model = ask({"mode": "model", "draft_max": 2}).json()["stats"]
         assert model["draft_model"].startswith("tiny-draft") and set(model["draft_length_histogram"]) <= {"0", "1", "2"}
         assert model["speculative"]["draft_max"] == 2 and model["speculative"]["used"].startswith("tiny-draft")

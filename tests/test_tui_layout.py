@@ -21,7 +21,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from app.engine import speculative
-from app.engine.controller import FIRST_TOKEN, FIXED, NEAR_END, OFF, PAYS, PLAIN, PROBE, Decision
+from app.engine.controller import EXPLORE, FIRST_TOKEN, FIXED, NEAR_END, OFF, PAYS, PLAIN, PROBE, Decision
 from app.engine.events import Finished, GenerationStats, RoundEvent
 from app.engine.probe import KernelCheck, MainProfile
 from app.engine.speculative import Verify
@@ -291,6 +291,10 @@ def test_the_controller_reason_in_words() -> None:
     assert PAYING.reason == "expects 62% accepted: 1.31x plain"
     assert "tried again" in explain(Decision("lookup", 4, PROBE, acceptance=0.4, speedup=1.8), "lookup").full
     assert explain(Decision("none", 0, FIRST_TOKEN)).line == "first token: always plain"
+    explore = Decision("model", 2, EXPLORE, acceptance=0.84, speedup=1.41, plausible=0.93)
+    assert explore.reason == "explore: 84% accepted so far, 93% would be 1.41x plain"
+    assert explain(explore, "model").line == "explore: the draft model may pay"
+    assert "93% is still plausible" in explain(explore, "model").full
     near = Decision("none", 0, NEAR_END, left=2, draft_min=3)
     assert explain(near).line == "plain: too near the end" and "under draft-min 3" in explain(near).full
     off = Decision("none", 0, OFF, detail="--exact: drafting off, no verify batch is bit-identical")

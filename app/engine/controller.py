@@ -14,6 +14,7 @@ and probes again every few rounds so it notices when acceptance returns.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 DECAY = 0.9  # per-round decay of acceptance evidence: about the last 10-20 rounds count
@@ -37,7 +38,20 @@ REVIEW_EVERY = 16  # rounds between re-checks of which sources could pay at all
 # conversation (a server's sequence serves any client), and a draft that was 95% right on code must not draft 12
 # tokens at a time into prose for the ten rounds it takes that evidence to decay; costs carry over in full
 NEW_REPLY_EVIDENCE = 0.25
+# while a source is in sync and has shown too little to be sure it does not pay, it keeps drafting if an acceptance
+# this many standard deviations above its estimate would pay: a draft model right 95% of the time on code reads as 85%
+# after one early rejection (7 of 8 tokens), and dropped there it falls behind and is never worth its catch-up again
+# (real pair, main model over RPC at 1 ms, Xeon AMX: quicksort 0.89x plain after a 1.4 s catch-up, fixed k=4 1.14x)
+EXPLORE_SPREAD = 1.0
+# ...until its recent evidence reaches this many tokens: then its estimate stands (MARGIN guards it). Exploring on
+# past that kept a model right 87% of the time on prose drafting where 87% just breaks even: 0.85x plain, same setting
+EXPLORE_EVIDENCE = 16.0
 STALE_RATIO = 0.75  # a live time under this fraction of the probe's: the probe was timed on a busy machine
+# A draft model stops drafting at a token it gives less than this probability (llama.cpp's --draft-p-min rule), so
+# the controller's k is a most, not a must: where text gets hard the draft itself knows first. Real pair, Xeon AMX,
+# 2 threads, adaptive: main model over RPC at 1 ms, pythagoras 0.82x plain without it, 1.09x with 0.75 (87 of 92
+# drafts accepted); here, every bench prompt as fast or faster with it (quicksort 1.01x -> 1.03x plain)
+DRAFT_P_MIN = 0.75
 # Until measured, a model's draft token is priced at a quarter of a main-model token: optimistic enough that
 # each source is tried once, early, and then judged on what it really costs.
 PRIOR_MODEL_COST = 0.25
@@ -80,10 +94,13 @@ class VerifyCost:
     _scale: float = 1.0
 
     def add(self, x: int, seconds: float) -> None:
-        old = self.samples.get(x)
+        # the probe's figure is where the average starts: one slow first decode (a worker waking up, a busy
+        # moment) must not stand alone for a size that drafting rounds then never measure again (a slow
+        # first-token round made plain decoding look 4x dearer than it was for a whole reply)
+        probed = self.prior.get(x)
+        old = self.samples.get(x, probed)
         self.samples[x] = seconds if old is None else 0.7 * old + 0.3 * seconds
         self._known = None  # rebuilt when a size without its own sample is asked for (not in plain rounds)
-        probed = self.prior.get(x)
         self.runs[x] = self.runs.get(x, 0) + 1 if probed and seconds < STALE_RATIO * probed else 0
 
     def set_prior(self, prior: dict[int, float]) -> None:
@@ -143,6 +160,14 @@ class Evidence:
     def acceptance(self, prior: float = PRIOR_ACCEPTANCE, weight: float = PRIOR_WEIGHT) -> float:
         return (self.accepted + prior * weight) / (self.accepted + self.rejected + weight)
 
+    def plausible(self, prior: float = PRIOR_ACCEPTANCE, weight: float = PRIOR_WEIGHT) -> float:
+        """An acceptance EXPLORE_SPREAD standard deviations above the estimate: the estimate is the mean of a
+        Beta(accepted + prior weight, rejected + the rest of it) posterior (each drafted token accepted with
+        probability a, given the ones before it were), whose spread narrows as evidence comes in."""
+        mean = self.acceptance(prior, weight)
+        n = self.accepted + self.rejected + weight
+        return min(mean + EXPLORE_SPREAD * math.sqrt(mean * (1 - mean) / (n + 1)), 0.999)
+
 
 @dataclass
 class SourceState:
@@ -180,6 +205,13 @@ class SourceState:
         overall = self.overall.acceptance(OBSERVED_PRIOR, OBSERVED_WEIGHT)
         return self.evidence.acceptance(prior=overall)
 
+    @property
+    def plausible(self) -> float:
+        """The highest acceptance its evidence still makes plausible (Evidence.plausible)."""
+        if not self.streaky:
+            return self.overall.plausible()
+        return self.evidence.plausible(prior=self.overall.acceptance(OBSERVED_PRIOR, OBSERVED_WEIGHT))
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -193,6 +225,9 @@ PAYS = "pays"  # drafting is expected to beat plain decoding (acceptance, speedu
 PLAIN = "plain"  # no draft length was expected to beat plain decoding (rate: plain tok/s)
 UNMEASURED = "unmeasured"  # plain: nothing measured yet
 PROBE = "probe"  # a source left unused for a while is tried again (acceptance lately, speedup at best)
+# a source that may still pay keeps drafting, k chosen to lose least if it does not (acceptance so far, plausible
+# acceptance, speedup at that)
+EXPLORE = "explore"
 FIRST_TOKEN = "first-token"  # the first token is always plain
 FIXED = "fixed"  # adaptive off: the draft model drafts k
 FIXED_LOOKUP = "fixed-lookup"  # adaptive off, no draft model: lookup matched k tokens
@@ -211,6 +246,7 @@ class Decision:
     why: str = PLAIN
     acceptance: float = 0.0
     speedup: float = 0.0  # predicted rate / plain decoding's
+    plausible: float = 0.0  # EXPLORE: the acceptance its speedup assumes
     rate: float = 0.0  # plain decoding's predicted tok/s
     left: int = 0
     draft_min: int = 0
@@ -224,6 +260,7 @@ class Decision:
             PLAIN: f"plain {self.rate:.0f} tok/s",
             UNMEASURED: "plain (nothing measured yet)",
             PROBE: f"probe: {self.acceptance:.0%} accepted lately, at best {self.speedup:.2f}x plain",
+            EXPLORE: f"explore: {self.acceptance:.0%} accepted so far, {self.plausible:.0%} would be {self.speedup:.2f}x plain",
             FIRST_TOKEN: "first token: plain decoding",
             FIXED: f"fixed k={self.k}",
             FIXED_LOOKUP: f"fixed, lookup match of {self.k}",
@@ -401,7 +438,29 @@ class DraftController:
                 return Decision(source, k, PROBE, acceptance=state.acceptance, speedup=ceiling / plain)
         if best.source != "none":
             self.sources[best.source].probe_interval = PROBE_EVERY  # it wins on merit: probe it promptly again
-        return best
+            return best
+        return self._explore(available, behind, batch, plain) or best
+
+    def _explore(self, available: dict[str, int], behind: dict[str, int], batch: Batch | None, plain: float) -> Decision | None:
+        """A source in sync (nothing to catch up on) whose estimate says plain on thin evidence, but whose plausible
+        acceptance says it would pay, drafts on: at the length that loses least at its estimate, so a source that truly does
+        not pay costs little while its evidence grows. Observed sources gather evidence for free; untried ones are
+        probed."""
+        for source, limit in available.items():
+            state = self.sources[source]
+            if self.traits[source].observed or state.unit_cost is None or behind.get(source, 0) > CATCH_UP_BATCH:
+                continue
+            if state.overall.accepted + state.overall.rejected >= EXPLORE_EVIDENCE:
+                continue
+            lo, hi = max(1, self.draft_min), min(self.draft_max, limit)
+            if hi < lo:
+                continue
+            hope = state.plausible
+            ceiling = max(self.expected_rate(source, k, hope, batch=batch) for k in range(lo, hi + 1))
+            if ceiling > plain * MARGIN:
+                k = max(range(lo, hi + 1), key=lambda j: self.expected_rate(source, j, batch=batch))
+                return Decision(source, k, EXPLORE, acceptance=state.acceptance, speedup=ceiling / plain, plausible=hope)
+        return None
 
     def observe(self, source: str, n_matched: int, n_checked: int) -> None:
         """Free evidence for an observed source (SourceTraits.observed): of the n_checked tokens that came after it was asked (and not

@@ -18,6 +18,7 @@ from app.engine.backend import Context, Model, SingleTokenContext, draft_context
 from app.engine.backends import backends
 from app.engine.compat import check_compatibility, require_compatible
 from app.engine.controller import (
+    DRAFT_P_MIN,
     FIRST_TOKEN,
     FIXED,
     FIXED_LOOKUP,
@@ -72,7 +73,7 @@ class GenerationConfig:
     max_tokens: int = 512
     draft_max: int = 16
     draft_min: int = 0
-    draft_p_min: float = 0.0
+    draft_p_min: float = DRAFT_P_MIN
     stop: tuple[str, ...] = ()
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     adaptive: bool = True  # choose k per round from measured acceptance and costs; False: always draft_max
@@ -633,8 +634,11 @@ class SpeculativeEngine:
             reply.verified(need)
             if controller is not None:
                 model = decision.source == "model"
-                # a shared batch's time is not this sequence's verify cost: only its acceptance is evidence then
-                controller.record(decision, len(draft.tokens), n_accepted, draft_seconds, verify_seconds if need.alone else None,
+                # a shared batch's time is not this sequence's verify cost: only its acceptance is evidence then. Nor
+                # is the first decode after a prompt: over RPC workers it took 200-450 ms where later ones took 95
+                # (real pair, 1 ms each way), and plain decoding priced from it made every draft look like a gain
+                timed = need.alone and decision.why != FIRST_TOKEN
+                controller.record(decision, len(draft.tokens), n_accepted, draft_seconds, verify_seconds if timed else None,
                                   draft.evaluated if model else None, draft.caught_up if model else None)  # fmt: skip
             emitted = reply.take([*draft.tokens[:n_accepted], main_token], tokens)
             yield reply.round(decision, draft, n_accepted, main_token, emitted, draft_seconds, verify_seconds,

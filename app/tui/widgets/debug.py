@@ -135,6 +135,12 @@ _REASONS: dict[str, tuple[str, str, str]] = {
         "a probe: {who} was left unused for a while ({a}% of its drafts accepted lately); it is tried again since it could "
         "run up to {x}x plain decoding",
     ),
+    codes.EXPLORE: (
+        "explore: {who} may pay",
+        "explore",
+        "{who} drafts on while its evidence is thin: {a}% of its drafts accepted so far, but {p}% is still plausible, "
+        "which would run {x}x plain decoding",
+    ),
     codes.FIRST_TOKEN: (
         "first token: always plain",
         "1st token",
@@ -161,7 +167,8 @@ def explain(why: Decision | None, source: str = "none") -> Reason:
     if texts is None:  # a code this pane does not know yet: the engine's own words
         words = why.reason
         return Reason(words, words[:12].rstrip() + ("…" if len(words) > 12 else ""), words)
-    values = {"a": f"{why.acceptance * 100:.0f}", "x": f"{why.speedup:.2f}", "rate": f"{why.rate:.0f}", "k": why.k,
+    values = {"a": f"{why.acceptance * 100:.0f}", "x": f"{why.speedup:.2f}", "p": f"{why.plausible * 100:.0f}",
+              "rate": f"{why.rate:.0f}", "k": why.k,
               "left": why.left, "m": why.draft_min, "detail": why.detail, "who": SOURCE_NAMES.get(source, source)}  # fmt: skip
     line, short, full = (text.format(**values) for text in texts)
     return Reason(line, short, full)
