@@ -237,3 +237,23 @@ def test_exploring_stops_once_the_evidence_says_the_model_does_not_pay() -> None
     shown = model_after([(4, 2), (4, 3), (4, 1), (4, 4), (4, 2)] * 6)  # about 70%, and plenty of it
     assert shown.sources["model"].plausible < 0.85
     assert shown.decide({"model": 16}).source == "none"
+
+
+def test_the_confidence_stop_holds_while_unsure_tokens_are_mostly_wrong_and_lifts_when_they_are_right() -> None:
+    ctl = model_after([(4, 4)] * 3)  # a draft token a third of a main-model token, verify 0.3 per extra token
+    assert ctl.stop_unsure(4)  # a coin toss does not pay for an extra draft token and a wider verify
+    for _ in range(20):
+        ctl.observe_unsure(True)  # a quantized twin: unsure where the main model is unsure too, and right there
+    assert not ctl.stop_unsure(4)
+    for _ in range(60):
+        ctl.observe_unsure(False)  # a smaller draft guessing at hard places
+    assert ctl.stop_unsure(4)
+
+
+def test_a_draft_stopped_at_an_unsure_token_ends_its_run_like_a_rejection() -> None:
+    stopped, full = model_after([]), model_after([])
+    for _ in range(6):
+        stopped.record(Decision("model", 8, "test"), 3, 3, ONE * 0.33 * 3, ONE * 1.9, stopped=True)
+        full.record(Decision("model", 8, "test"), 3, 3, ONE * 0.33 * 3, ONE * 1.9)
+    # 3 tokens a round is what it gives, whatever k: its estimate must not read "never wrong" and ask for 16
+    assert stopped.sources["model"].acceptance < 0.8 < full.sources["model"].acceptance

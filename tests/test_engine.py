@@ -627,3 +627,16 @@ def test_a_self_draft_is_named_as_such(models, tmp_path: Path) -> None:
     copy.write_bytes(main.path.read_bytes())
     other = SpeculativeEngine(main, Model(copy, n_gpu_layers=0), n_ctx=256, n_threads=2, lookup=True)
     assert other.draft_name == "tiny-main (other.gguf) + prompt lookup"
+
+
+def test_a_new_prompt_drops_what_the_draft_holds_of_another_conversation(models) -> None:
+    """Its length would otherwise pass for being in sync: the controller would draft at once after a longer
+    conversation and pay a whole prompt's catch-up inside a round it priced as cheap."""
+    engine = SpeculativeEngine(models["main"], models["draft"], n_ctx=512, n_threads=2)
+    first = models["main"].tokenize(PROMPTS[0])
+    list(engine.generate(first, GenerationConfig(max_tokens=40, adaptive=False, draft_max=4, sampler=GREEDY)))
+    assert len(engine.drafter.ctx.seqs[0]) > 40
+    second = models["main"].tokenize(PROMPTS[2])
+    list(engine.generate(second, GenerationConfig(max_tokens=1, sampler=GREEDY)))  # one plain round: no drafting
+    held = engine.drafter.ctx.seqs[0]
+    assert len(held) <= len(second) and list(held) == second[: len(held)]

@@ -52,6 +52,11 @@ STALE_RATIO = 0.75  # a live time under this fraction of the probe's: the probe 
 # 2 threads, adaptive: main model over RPC at 1 ms, pythagoras 0.82x plain without it, 1.09x with 0.75 (87 of 92
 # drafts accepted); here, every bench prompt as fast or faster with it (quicksort 1.01x -> 1.03x plain)
 DRAFT_P_MIN = 0.75
+# ...but only while it pays: a quantized twin of the main model (the demo pair) is unsure where the main model is
+# unsure too, and picks the same token there (fixed k=8 1.42x plain, adaptive with the stop always on 0.95x). What
+# those unsure tokens would have got is checked against the main model's own tokens (Draft.unsure, Draft.withheld)
+# and kept as evidence starting from a coin toss, decaying slowly (the pair's trait, not one reply's)
+UNSURE_PRIOR, UNSURE_WEIGHT, UNSURE_DECAY = 0.5, 2.0, 0.97
 # Until measured, a model's draft token is priced at a quarter of a main-model token: optimistic enough that
 # each source is tried once, early, and then judged on what it really costs.
 PRIOR_MODEL_COST = 0.25
@@ -188,6 +193,8 @@ class SourceState:
     # the probe's figures for both (probe.py), used until measured live, scaled as verify costs are
     probed_cost: float | None = None
     probed_catch_up: float | None = None
+    # the draft model's tokens under --draft-p-min: would they have been accepted (DraftController.stop_unsure)
+    unsure: Evidence = field(default_factory=Evidence)
     rounds_since_used: int = PROBE_EVERY  # an untried source is probed at once, while probing is cheap
     # a probe is dear for a draft model that sat idle: its context first catches up on every token it missed
     probe_interval: int = PROBE_EVERY
@@ -462,6 +469,24 @@ class DraftController:
                 return Decision(source, k, EXPLORE, acceptance=state.acceptance, speedup=ceiling / plain, plausible=hope)
         return None
 
+    def stop_unsure(self, k: int) -> bool:
+        """Whether the draft model's unsure tokens (top probability under --draft-p-min) end its draft this round:
+        yes while such tokens are accepted too rarely to pay for sending one (a draft evaluation and a wider
+        verify, against a main-model token saved)."""
+        one = self.verify_time(1)
+        if one is None:
+            return True
+        k = max(k, 1)
+        wider = ((self.verify_time(k + 1) or one) - one) / k  # a verify's cost per extra token, at this width
+        acceptance = self.state("model").unsure.acceptance(UNSURE_PRIOR, UNSURE_WEIGHT)
+        return acceptance * one < self.unit_cost("model") + wider
+
+    def observe_unsure(self, accepted: bool) -> None:
+        """One unsure draft token judged against the main model's own token at its place."""
+        evidence = self.state("model").unsure
+        evidence.accepted = evidence.accepted * UNSURE_DECAY + accepted
+        evidence.rejected = evidence.rejected * UNSURE_DECAY + (not accepted)
+
     def observe(self, source: str, n_matched: int, n_checked: int) -> None:
         """Free evidence for an observed source (SourceTraits.observed): of the n_checked tokens that came after it was asked (and not
         used), its proposal had the first n_matched right."""
@@ -480,6 +505,7 @@ class DraftController:
         verify_seconds: float | None,  # None: verified in a batch shared with other sequences (not this round's cost)
         draft_work: int | None = None,  # draft-model evaluations this round (catch-up included); default k
         catch_up: tuple[int, float] | None = None,  # (tokens, seconds) of a batched catch-up inside draft_seconds
+        stopped: bool = False,  # the draft ended at an unsure token: its run ended there as surely as at a rejection
     ) -> None:
         if verify_seconds is not None:
             self.verify_cost.add(n_drafted, verify_seconds)
@@ -499,7 +525,7 @@ class DraftController:
         state.rounds_since_used = 0
         for evidence in (state.overall, state.evidence) if state.streaky else (state.overall,):
             evidence.accepted += n_accepted
-            evidence.rejected += 1.0 if n_accepted < n_drafted else 0.0
+            evidence.rejected += 1.0 if n_accepted < n_drafted or stopped else 0.0
         state.in_streak = state.streaky and n_drafted > 0 and n_accepted == n_drafted
         work = draft_work if draft_work is not None else decision.k
         if catch_up is not None and catch_up[0] > CATCH_UP_BATCH:  # priced apart: a batch costs far less per token

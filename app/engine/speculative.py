@@ -85,6 +85,10 @@ class Draft:
     n_ignored: int = 0
     evaluated: int = 0  # tokens the draft model evaluated: its catch-up, then one per draft but the last
     caught_up: tuple[int, float] = (0, 0.0)  # (tokens, seconds) of the catch-up before drafting
+    # the confidence stop (--draft-p-min): the unsure token it kept back, or the positions of unsure tokens sent
+    # anyway (the controller lifted the stop); each is checked against the main model's own token there
+    withheld: int | None = None
+    unsure: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -128,6 +132,7 @@ class DraftRequest:
     k: int
     config: GenerationConfig
     uniforms: PositionalUniforms
+    stop_unsure: bool = True  # an unsure token ends the draft (False: sent, and marked in Draft.unsure)
     draft: Draft | None = None
     seconds: float = 0.0  # this sequence's share of the drafting time (its catch-up, its share of shared decodes)
 
@@ -157,8 +162,11 @@ class _Drafting:
             token = q.sample_at(request.uniforms.at(len(request.tokens) + i))  # coupled to the main model's draw (sampling.py)
             confidence = q.max_prob()
         if confidence < config.draft_p_min:
-            draft.n_ignored += 1  # llama.cpp's rule: an unsure token ends the draft and is not sent
-            return None
+            if request.stop_unsure:
+                draft.n_ignored += 1  # llama.cpp's rule: an unsure token ends the draft and is not sent
+                draft.withheld = token
+                return None
+            draft.unsure.append(i)
         draft.tokens.append(token)
         if i + 1 < request.k:  # the last drafted token is evaluated next round, only if accepted
             draft.evaluated += 1
@@ -174,7 +182,7 @@ class _Drafting:
         draft, request = self.draft, self.request
         if len(draft.tokens) < request.config.draft_min:
             draft.n_ignored += len(draft.tokens)
-            draft.tokens = []
+            draft.tokens, draft.withheld, draft.unsure = [], None, []
         request.draft, request.seconds = draft, self.seconds
 
 
@@ -589,6 +597,9 @@ class SpeculativeEngine:
             if self.drafter:
                 self.drafter.ctx.borrow_prefix(prefix, seq, PROMPT_FIRST_CHUNK)
         kept = self.main_ctx.keep_common_prefix(prefix, seq=seq)
+        if self.drafter:  # and what the draft holds of another conversation goes now (no decode: it catches up lazily),
+            # or its length would pass for being in sync (the controller's `behind`) after a longer conversation
+            self.drafter.ctx.keep_common_prefix(prefix, seq=seq)
         reply.stats.prompt_tokens_evaluated = len(prefix) - kept + 1
         yield from self._read_prompt(seq, prefix, kept, cancel, reply)  # stopped early by a cancel: the loop ends at once
 
@@ -639,7 +650,10 @@ class SpeculativeEngine:
                 # (real pair, 1 ms each way), and plain decoding priced from it made every draft look like a gain
                 timed = need.alone and decision.why != FIRST_TOKEN
                 controller.record(decision, len(draft.tokens), n_accepted, draft_seconds, verify_seconds if timed else None,
-                                  draft.evaluated if model else None, draft.caught_up if model else None)  # fmt: skip
+                                  draft.evaluated if model else None, draft.caught_up if model else None,
+                                  stopped=draft.withheld is not None)  # fmt: skip
+                if model:
+                    _judge_unsure(controller, draft, n_accepted, main_token)
             emitted = reply.take([*draft.tokens[:n_accepted], main_token], tokens)
             yield reply.round(decision, draft, n_accepted, main_token, emitted, draft_seconds, verify_seconds,
                               context=len(self.main_ctx.seqs[seq]))  # fmt: skip
@@ -760,10 +774,22 @@ class SpeculativeEngine:
             if match and decision.source != "lookup" and state.shadow is None:
                 state.shadow = (len(tokens), match[:SHADOW_TOKENS])
         if decision.source == "model":
-            return decision, DraftRequest(seq, tokens, decision.k, config, uniforms)  # drafted by whoever steps this sequence
+            stop = controller.stop_unsure(decision.k) if controller is not None else True
+            return decision, DraftRequest(seq, tokens, decision.k, config, uniforms, stop)  # drafted by whoever steps this sequence
         if decision.source == "lookup":
             return decision, Draft(tokens=match[: decision.k])
         return decision, Draft()
+
+
+def _judge_unsure(controller: DraftController, draft: Draft, n_accepted: int, main_token: int) -> None:
+    """Would the confidence stop's unsure tokens have been accepted? Unsure tokens sent were judged by the verify;
+    a withheld one is judged against the main model's own token at its place, known when every draft before it
+    was accepted (the round's last token is then the main model's choice there)."""
+    for i in draft.unsure:
+        if i <= n_accepted:  # reached: every draft before it accepted
+            controller.observe_unsure(i < n_accepted)
+    if draft.withheld is not None and n_accepted == len(draft.tokens):
+        controller.observe_unsure(draft.withheld == main_token)
 
 
 def _verify_greedy(rows: np.ndarray, drafted: list[int]) -> tuple[int, int]:
