@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     draft.add_argument("--draft-min", type=_non_negative_int, default=0, metavar="K",
                        help="drafts shorter than this are not sent for verification (default 0)")
     draft.add_argument("--draft-p-min", type=_probability, default=DRAFT_P_MIN, metavar="P",
-                       help=f"stop drafting when the draft's top probability falls below P (default {DRAFT_P_MIN}; 0: never)")
+                       help=f"stop drafting when the draft's top probability falls below P (default {DRAFT_P_MIN}; 0: never); "
+                       "adaptive mode lifts the stop while such tokens prove right often enough to pay")
 
     hw = p.add_argument_group("hardware")
     hw.add_argument("--threads", "-t", type=_positive_int, default=os.cpu_count() or 1, metavar="N",

@@ -471,15 +471,18 @@ class DraftController:
 
     def stop_unsure(self, k: int) -> bool:
         """Whether the draft model's unsure tokens (top probability under --draft-p-min) end its draft this round:
-        yes while such tokens are accepted too rarely to pay for sending one (a draft evaluation and a wider
-        verify, against a main-model token saved)."""
+        yes while such tokens are accepted too rarely to pay for sending one (a draft evaluation, a wider verify
+        and, when it is rejected, the drafts after it, against a main-model token saved)."""
         one = self.verify_time(1)
         if one is None:
             return True
         k = max(k, 1)
+        unit = self.unit_cost("model")
         wider = ((self.verify_time(k + 1) or one) - one) / k  # a verify's cost per extra token, at this width
         acceptance = self.state("model").unsure.acceptance(UNSURE_PRIOR, UNSURE_WEIGHT)
-        return acceptance * one < self.unit_cost("model") + wider
+        # a rejected unsure token also wastes the drafts after it: about half the round's length on average
+        wasted = (1 - acceptance) * unit * (k - 1) / 2
+        return acceptance * one < unit + wider + wasted
 
     def observe_unsure(self, accepted: bool) -> None:
         """One unsure draft token judged against the main model's own token at its place."""
@@ -505,7 +508,6 @@ class DraftController:
         verify_seconds: float | None,  # None: verified in a batch shared with other sequences (not this round's cost)
         draft_work: int | None = None,  # draft-model evaluations this round (catch-up included); default k
         catch_up: tuple[int, float] | None = None,  # (tokens, seconds) of a batched catch-up inside draft_seconds
-        stopped: bool = False,  # the draft ended at an unsure token: its run ended there as surely as at a rejection
     ) -> None:
         if verify_seconds is not None:
             self.verify_cost.add(n_drafted, verify_seconds)
@@ -525,7 +527,7 @@ class DraftController:
         state.rounds_since_used = 0
         for evidence in (state.overall, state.evidence) if state.streaky else (state.overall,):
             evidence.accepted += n_accepted
-            evidence.rejected += 1.0 if n_accepted < n_drafted or stopped else 0.0
+            evidence.rejected += 1.0 if n_accepted < n_drafted else 0.0
         state.in_streak = state.streaky and n_drafted > 0 and n_accepted == n_drafted
         work = draft_work if draft_work is not None else decision.k
         if catch_up is not None and catch_up[0] > CATCH_UP_BATCH:  # priced apart: a batch costs far less per token

@@ -650,8 +650,7 @@ class SpeculativeEngine:
                 # (real pair, 1 ms each way), and plain decoding priced from it made every draft look like a gain
                 timed = need.alone and decision.why != FIRST_TOKEN
                 controller.record(decision, len(draft.tokens), n_accepted, draft_seconds, verify_seconds if timed else None,
-                                  draft.evaluated if model else None, draft.caught_up if model else None,
-                                  stopped=draft.withheld is not None)  # fmt: skip
+                                  draft.evaluated if model else None, draft.caught_up if model else None)  # fmt: skip
                 if model:
                     _judge_unsure(controller, draft, n_accepted, main_token)
             emitted = reply.take([*draft.tokens[:n_accepted], main_token], tokens)
