@@ -224,7 +224,7 @@ def model_after(history: list[tuple[int, int]], verify_slope: float = 0.3, draft
 def test_a_model_in_sync_with_thin_evidence_keeps_drafting_while_it_may_still_pay() -> None:
     early = model_after([(4, 4), (11, 3)])  # one early rejection: 7 of 8 tokens, read as about 85%
     state = early.sources["model"]
-    assert state.acceptance < 0.9 < state.plausible
+    assert state.acceptance < 0.9 < state.overall.plausible()
     assert early.expected_rate("model", 4) < early.expected_rate("none", 0) * 1.05  # at its estimate plain wins...
     decision = early.decide({"model": 16})
     assert decision.why == "explore" and decision.source == "model"  # ...but it drafts on
@@ -235,7 +235,7 @@ def test_a_model_in_sync_with_thin_evidence_keeps_drafting_while_it_may_still_pa
 
 def test_exploring_stops_once_the_evidence_says_the_model_does_not_pay() -> None:
     shown = model_after([(4, 2), (4, 3), (4, 1), (4, 4), (4, 2)] * 6)  # about 70%, and plenty of it
-    assert shown.sources["model"].plausible < 0.85
+    assert shown.sources["model"].overall.plausible() < 0.85
     assert shown.decide({"model": 16}).source == "none"
 
 

@@ -212,13 +212,6 @@ class SourceState:
         overall = self.overall.acceptance(OBSERVED_PRIOR, OBSERVED_WEIGHT)
         return self.evidence.acceptance(prior=overall)
 
-    @property
-    def plausible(self) -> float:
-        """The highest acceptance its evidence still makes plausible (Evidence.plausible)."""
-        if not self.streaky:
-            return self.overall.plausible()
-        return self.evidence.plausible(prior=self.overall.acceptance(OBSERVED_PRIOR, OBSERVED_WEIGHT))
-
 
 @dataclass(frozen=True)
 class Batch:
@@ -455,14 +448,15 @@ class DraftController:
         probed."""
         for source, limit in available.items():
             state = self.sources[source]
-            if self.traits[source].observed or state.unit_cost is None or behind.get(source, 0) > CATCH_UP_BATCH:
+            traits = self.traits[source]  # (streaky sources keep their estimates apart; the one there is, lookup, is observed)
+            if traits.observed or traits.streaky or state.unit_cost is None or behind.get(source, 0) > CATCH_UP_BATCH:
                 continue
             if state.overall.accepted + state.overall.rejected >= EXPLORE_EVIDENCE:
                 continue
             lo, hi = max(1, self.draft_min), min(self.draft_max, limit)
             if hi < lo:
                 continue
-            hope = state.plausible
+            hope = state.overall.plausible()
             ceiling = max(self.expected_rate(source, k, hope, batch=batch) for k in range(lo, hi + 1))
             if ceiling > plain * MARGIN:
                 k = max(range(lo, hi + 1), key=lambda j: self.expected_rate(source, j, batch=batch))
