@@ -194,3 +194,136 @@ def _write(writer: gguf.GGUFWriter, weights: dict[str, np.ndarray], quant: gguf.
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _mat(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def lfm2_weights(seed: int = 11, n_embd: int = 64, n_ff: int = 128, n_head: int = 4, l_cache: int = 3,
+                 layers: str = "caca") -> dict[str, np.ndarray]:  # fmt: skip
+    """Random weights of a tiny LFM2 (Liquid's hybrid: short-convolution layers "c", attention layers "a"), laid out as
+    llama.cpp's src/models/lfm2.cpp loads them (numpy shapes are llama.cpp's dimensions reversed)."""
+    rng = np.random.default_rng(seed)
+    head = n_embd // n_head
+    w = {
+        "token_embd.weight": _mat(rng, n_vocab(), n_embd, scale=1.0),
+        "token_embd_norm.weight": np.ones(n_embd, dtype=np.float32),  # LFM2's output norm (llama.cpp keeps the name)
+        "output.weight": _mat(rng, n_vocab(), n_embd, scale=0.6),
+    }
+    for i, kind in enumerate(layers):
+        w |= {
+            f"blk.{i}.attn_norm.weight": np.ones(n_embd, dtype=np.float32),
+            f"blk.{i}.ffn_norm.weight": np.ones(n_embd, dtype=np.float32),
+            f"blk.{i}.ffn_gate.weight": _mat(rng, n_ff, n_embd, scale=n_embd**-0.5),
+            f"blk.{i}.ffn_up.weight": _mat(rng, n_ff, n_embd, scale=n_embd**-0.5),
+            f"blk.{i}.ffn_down.weight": _mat(rng, n_embd, n_ff, scale=n_ff**-0.5),
+        }
+        if kind == "a":
+            w |= {f"blk.{i}.attn_{x}.weight": _mat(rng, n_embd, n_embd, scale=n_embd**-0.5) for x in ("q", "k", "v", "output")}
+            w |= {f"blk.{i}.attn_q_norm.weight": np.ones(head, dtype=np.float32),
+                  f"blk.{i}.attn_k_norm.weight": np.ones(head, dtype=np.float32)}  # fmt: skip
+        else:
+            w |= {
+                f"blk.{i}.shortconv.conv.weight": _mat(rng, n_embd, l_cache, scale=0.5),
+                f"blk.{i}.shortconv.in_proj.weight": _mat(rng, 3 * n_embd, n_embd, scale=n_embd**-0.5),
+                f"blk.{i}.shortconv.out_proj.weight": _mat(rng, n_embd, n_embd, scale=n_embd**-0.5),
+            }
+    return w
+
+
+def lfm2_model(path: Path, weights: dict[str, np.ndarray] | None = None, n_head: int = 4, l_cache: int = 3,
+               name: str = "tiny-lfm2") -> Path:  # fmt: skip
+    """A tiny hybrid model (llama_model_is_hybrid: recurrent conv state and a KV cache), same vocabulary as the
+    llama-architecture models."""
+    weights = weights if weights is not None else lfm2_weights(n_head=n_head, l_cache=l_cache)
+    n_embd = weights["token_embd.weight"].shape[1]
+    n_layer = sum(1 for k in weights if k.endswith("ffn_norm.weight"))
+    attention = [f"blk.{i}.attn_q.weight" in weights for i in range(n_layer)]
+    writer = gguf.GGUFWriter(str(path), "lfm2")
+    writer.add_name(name)
+    writer.add_context_length(1024)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(weights["blk.0.ffn_up.weight"].shape[0])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv([n_head if a else 0 for a in attention])  # 0: a convolution layer
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_uint32("lfm2.shortconv.l_cache", l_cache)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_vocabulary(writer, WORDS, 2)
+    _write(writer, weights)
+    return path
+
+
+MAMBA2 = {"d_state": 16, "d_conv": 4, "n_group": 1, "head_dim": 16}
+
+
+def mamba2_weights(seed: int = 13, n_embd: int = 64, n_layer: int = 2) -> dict[str, np.ndarray]:
+    """Random weights of a tiny Mamba-2, laid out as llama.cpp's src/models/mamba2.cpp loads them."""
+    rng = np.random.default_rng(seed)
+    d_state, d_conv, n_group = MAMBA2["d_state"], MAMBA2["d_conv"], MAMBA2["n_group"]
+    d_inner = 2 * n_embd
+    n_heads = d_inner // MAMBA2["head_dim"]  # llama.cpp's dt_rank for Mamba-2
+    conv_dim = d_inner + 2 * n_group * d_state
+    w = {
+        "token_embd.weight": _mat(rng, n_vocab(), n_embd, scale=1.0),
+        "output_norm.weight": np.ones(n_embd, dtype=np.float32),
+        "output.weight": _mat(rng, n_vocab(), n_embd, scale=0.6),
+    }
+    for i in range(n_layer):
+        w |= {
+            f"blk.{i}.attn_norm.weight": np.ones(n_embd, dtype=np.float32),
+            f"blk.{i}.ssm_in.weight": _mat(rng, d_inner + conv_dim + n_heads, n_embd, scale=n_embd**-0.5),
+            f"blk.{i}.ssm_conv1d.weight": _mat(rng, conv_dim, d_conv, scale=0.5),
+            f"blk.{i}.ssm_conv1d.bias": _mat(rng, conv_dim),
+            f"blk.{i}.ssm_dt.bias": _mat(rng, n_heads),
+            f"blk.{i}.ssm_a": -np.exp(_mat(rng, n_heads, 1, scale=0.5)),
+            f"blk.{i}.ssm_d": np.ones((n_heads, 1), dtype=np.float32),
+            f"blk.{i}.ssm_norm.weight": np.ones((n_group, d_inner // n_group), dtype=np.float32),
+            f"blk.{i}.ssm_out.weight": _mat(rng, n_embd, d_inner, scale=d_inner**-0.5),
+        }
+    return w
+
+
+def mamba2_model(path: Path, weights: dict[str, np.ndarray] | None = None, name: str = "tiny-mamba2") -> Path:
+    """A tiny Mamba-2 (purely recurrent, no KV cache), same vocabulary as the llama-architecture models."""
+    w = weights if weights is not None else mamba2_weights()
+    n_embd = w["token_embd.weight"].shape[1]
+    n_layer = sum(1 for k in w if k.endswith("ssm_out.weight"))
+    d_inner = 2 * n_embd
+    d_state, d_conv, n_group = MAMBA2["d_state"], MAMBA2["d_conv"], MAMBA2["n_group"]
+    n_heads = d_inner // MAMBA2["head_dim"]
+    writer = gguf.GGUFWriter(str(path), "mamba2")
+    writer.add_name(name)
+    writer.add_context_length(1024)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(d_conv)
+    writer.add_ssm_inner_size(d_inner)
+    writer.add_ssm_state_size(d_state)
+    writer.add_ssm_time_step_rank(n_heads)
+    writer.add_ssm_group_count(n_group)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_vocabulary(writer, WORDS, 2)
+    _write(writer, w)
+    return path
+
+
+def perturbed_matrices(weights: dict[str, np.ndarray], seed: int, noise: float) -> dict[str, np.ndarray]:
+    """A draft of a recurrent model: its matrices plus noise, its norms and state parameters (a decay that must stay
+    negative, a convolution bias) as they were."""
+    noisy = perturbed({k: v for k, v in weights.items() if v.ndim == 2 and k.endswith(".weight")}, seed, noise)
+    return weights | noisy
+
+
+def damped(weights: dict[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:
+    """Each layer's output projections scaled down: the next token depends mostly on the current one, so greedy
+    output falls into loops that prompt lookup can draft (the state still counts: rollback is still tested)."""
+    layer_outputs = ("out_proj", "attn_output", "ffn_down", "ssm_out")
+    return {k: v * factor if any(name in k for name in layer_outputs) else v for k, v in weights.items()}

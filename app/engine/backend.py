@@ -160,8 +160,8 @@ class Model:
         self.bos: int = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos: int = llama_cpp.llama_vocab_eos(self.vocab)
         self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
-        # Mamba, RWKV, LFM2, Granite-H, Qwen3-Next...: a recurrent state, not a cache of positions; llama.cpp
-        # cannot forget its last few tokens, so rejected drafts could not be rolled back (see truncate)
+        # Mamba, RWKV, LFM2, Granite-H, Qwen3.5, Nemotron-H...: a recurrent state, not a cache of positions. It
+        # forgets its last tokens only through snapshots (n_rs_seq) or a saved checkpoint (Context.truncate)
         self.recurrent: bool = bool(llama_cpp.llama_model_is_recurrent(ptr) or llama_cpp.llama_model_is_hybrid(ptr))
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -230,10 +230,25 @@ class Model:
         return tmpl.decode("utf-8", errors="replace") if tmpl else None
 
 
+# A recurrent (or hybrid) model's context keeps this many snapshots of each sequence's state, llama.cpp's n_rs_seq:
+# after a decode, its last ROLLBACK_SNAPSHOTS tokens can be dropped (once) by llama_memory_seq_rm, as llama-server
+# rolls back a verify. One snapshot costs one more copy of the recurrent state per sequence, so a draft sent to
+# such a model is capped here (SpeculativeEngine), not at --draft-max.
+ROLLBACK_SNAPSHOTS = 8
+# Beyond the snapshots, a recurrent sequence goes back to a saved checkpoint of its state (llama_state_seq_*,
+# llama-server's context checkpoints): taken at the end of each prompt read, every CHECKPOINT_EVERY tokens of a
+# long one and before a recurrent draft model drafts; the newest MAX_CHECKPOINTS per sequence are kept.
+CHECKPOINT_EVERY = 256
+MAX_CHECKPOINTS = 8
+_PARTIAL = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: a hybrid model's recurrent part alone (its KV cache is cut by seq_rm)
+
+
 class Context:
     """One llama.cpp context over a model: a KV cache of `n_seq` sequences of `tokens`, a reusable batch,
     logits views. Each sequence holds up to `n_ctx` tokens (the cache is one pool of n_ctx * n_seq cells,
-    llama.cpp's unified KV cache, so one decode may carry tokens of every sequence)."""
+    llama.cpp's unified KV cache, so one decode may carry tokens of every sequence). A recurrent model's
+    context keeps rollback snapshots and checkpoints (ROLLBACK_SNAPSHOTS, CHECKPOINT_EVERY): truncate works
+    for it too."""
 
     def __init__(self, model: Model, n_ctx: int, n_threads: int, n_batch: int = 512, n_seq: int = 1):
         self.model = model
@@ -246,6 +261,8 @@ class Context:
         params.n_seq_max = n_seq
         params.kv_unified = n_seq > 1  # one pool: a split cache would break a mixed batch into one ubatch per sequence
         params.no_perf = True
+        if model.recurrent:
+            params.n_rs_seq = ROLLBACK_SNAPSHOTS
         if model.on_cpu:
             # llama.cpp's CPU flash attention is slower for one token at a time (21.7 vs 18.4 ms for the demo
             # main model at depth 300, 2 threads); "auto" turns it on. llama-bench's default is off too.
@@ -269,6 +286,14 @@ class Context:
         self._n_outputs = 0
         self._logits_address = 0
         self._logits_view = np.empty((0, model.n_vocab), dtype=np.float32)
+        # the most tokens one truncate may drop without a checkpoint (None: any number, a KV cache; 0: a recurrent
+        # architecture llama.cpp keeps no snapshots for, Mamba, RWKV, Jamba, Granite-H...: every rollback is a checkpoint's)
+        self.rollback_limit: int | None = llama_cpp.llama_n_rs_seq(ptr) if model.recurrent else None
+        self.checkpoints: list[list[tuple[int, bytes]]] = [[] for _ in range(n_seq)]  # per sequence: (tokens, state)
+        self._transient: list[tuple[int, bytes] | None] = [None] * n_seq  # this round's rollback point (checkpoint)
+        # per sequence: tokens of its last decode, while no rollback came since: a recurrent model's snapshots cover them
+        self._last_decoded = [0] * n_seq
+        self.restored = 0  # tokens re-read after going back to a checkpoint (stats, tests)
 
     @property
     def tokens(self) -> list[int]:
@@ -347,6 +372,7 @@ class Context:
             raise TandemError(f"llama.cpp failed to evaluate {i} tokens (code {rc}): {_last_llama_error()}")
         for seq, tokens, _ in parts:
             self.seqs[seq].extend(tokens)
+            self._last_decoded[seq] = len(tokens)
         self.n_evaluated += i
         self._n_outputs = outputs
 
@@ -360,14 +386,81 @@ class Context:
             self._logits_address = address
         return self._logits_view[: self._n_outputs]
 
-    def truncate(self, n: int, seq: int = 0) -> bool:
-        """Forget every cached position >= n of sequence `seq` (rollback after rejected draft tokens). False
-        when llama.cpp cannot (a recurrent model's state keeps no positions to drop): then nothing was changed."""
+    def truncate(self, n: int, seq: int = 0, exact: bool = True) -> bool:
+        """Forget every cached position >= n of sequence `seq` (rollback after rejected draft tokens). A recurrent
+        model drops up to rollback_limit tokens of its last decode through llama.cpp's snapshots; further back it
+        restores its newest checkpoint at or before n, then (exact) reads the tokens from there to n again, or
+        (not exact) stays there: the caller reads on from len(seqs[seq]). False when neither can: nothing changed."""
         tokens = self.seqs[seq]
-        if n < len(tokens):
-            if not llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1):
-                return False
+        if n >= len(tokens):
+            return True
+        recurrent = self.model.recurrent
+        snapshot = len(tokens) - n <= min(self._last_decoded[seq], self.rollback_limit or 0)
+        if (snapshot or not recurrent) and llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1):
+            self._last_decoded[seq] = 0  # llama.cpp's rollback is single-use until the next decode
             del tokens[n:]
+            self._drop_checkpoints(seq, n)
+            return True
+        if not recurrent:
+            return False
+        return self._restore(n, seq, exact)
+
+    def checkpoint(self, seq: int = 0, transient: bool = False) -> None:
+        """Save sequence `seq`'s recurrent state at its current length (a no-op for an attention-only model).
+        `transient`: a rollback point for this round only (before a verify or a draft), kept apart so that rounds
+        never push the prompt's and the turns' checkpoints out."""
+        if not self.model.recurrent or not self.seqs[seq]:
+            return
+        n = len(self.seqs[seq])
+        marks = self.checkpoints[seq]
+        if transient and self._transient[seq] is not None and self._transient[seq][0] == n:
+            return
+        if not transient and marks and marks[-1][0] == n:
+            return
+        size = llama_cpp.llama_state_seq_get_size_ext(self.ptr, seq, _PARTIAL)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data_ext(self.ptr, buf, size, seq, _PARTIAL)
+        if written == 0:
+            return
+        if transient:
+            self._transient[seq] = (n, bytes(buf)[:written])
+            return
+        marks.append((n, bytes(buf)[:written]))
+        del marks[:-MAX_CHECKPOINTS]
+
+    def checkpoint_due(self, seq: int = 0) -> None:
+        """A checkpoint once CHECKPOINT_EVERY tokens were read since the last one (called between prompt chunks)."""
+        marks = self.checkpoints[seq]
+        if self.model.recurrent and len(self.seqs[seq]) - (marks[-1][0] if marks else 0) >= CHECKPOINT_EVERY:
+            self.checkpoint(seq)
+
+    def _drop_checkpoints(self, seq: int, n: int) -> None:
+        marks = self.checkpoints[seq]
+        while marks and marks[-1][0] > n:
+            marks.pop()
+        if self._transient[seq] is not None and self._transient[seq][0] > n:
+            self._transient[seq] = None
+
+    def _restore(self, n: int, seq: int, exact: bool) -> bool:
+        self._drop_checkpoints(seq, n)
+        candidates = [*self.checkpoints[seq][-1:], *([self._transient[seq]] if self._transient[seq] else [])]
+        if not candidates:
+            return False
+        at, state = max(candidates, key=lambda mark: mark[0])
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if not llama_cpp.llama_state_seq_set_data_ext(self.ptr, buf, len(state), seq, _PARTIAL):
+            self.checkpoints[seq].clear()
+            self._transient[seq] = None
+            return False
+        # the recurrent part is now at `at`; cut the attention part (a hybrid's KV cells) to match, as llama-server does
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, at, -1)
+        tokens = self.seqs[seq]
+        replay = tokens[at:n]
+        del tokens[at:]
+        self._last_decoded[seq] = 0
+        if exact and replay:
+            self.decode(replay, seq=seq)
+            self.restored += len(replay)
         return True
 
     def borrow_prefix(self, tokens: Sequence[int], seq: int, least: int) -> int:
@@ -380,7 +473,8 @@ class Context:
         for other in range(self.n_seq):
             if other != seq and (n := self.common_prefix(tokens, other)) > best:
                 best, source = n, other
-        if best - own < least or self.model.recurrent:  # a recurrent state is not a prefix of positions
+        # a recurrent state is not a prefix of positions: it cannot be shared from part of another sequence
+        if best - own < least or self.model.recurrent:
             return own
         llama_cpp.llama_memory_seq_rm(self._memory, seq, 0, -1)
         llama_cpp.llama_memory_seq_cp(self._memory, source, seq, 0, best)
@@ -393,9 +487,14 @@ class Context:
             llama_cpp.llama_memory_clear(self._memory, True)
             for tokens in self.seqs:
                 tokens.clear()
+            for marks in self.checkpoints:
+                marks.clear()
+            self._transient = [None] * self.n_seq
         else:
             llama_cpp.llama_memory_seq_rm(self._memory, seq, 0, -1)
             self.seqs[seq].clear()
+            self.checkpoints[seq].clear()
+            self._transient[seq] = None
 
     def sync(self, tokens: Sequence[int], seq: int = 0) -> int:
         """Make sequence `seq` hold exactly `tokens`, evaluating only what differs; logits end on the last one.
@@ -420,14 +519,14 @@ class Context:
 
     def keep_common_prefix(self, tokens: Sequence[int], limit: int | None = None, seq: int = 0) -> int:
         """Drop what follows the longest cached prefix of `tokens` (at most `limit` tokens kept); returns
-        how many are kept. The caller evaluates the rest (sync_prefix does it in one go)."""
+        how many are kept (a recurrent model may go back further, to its checkpoint). The caller evaluates the
+        rest (sync_prefix does it in one go)."""
         keep = self.common_prefix(tokens, seq)
         if limit is not None:
             keep = min(keep, limit)
-        if not self.truncate(keep, seq):  # a recurrent model: start over rather than continue from a wrong state
+        if not self.truncate(keep, seq, exact=False):  # no checkpoint before `keep`: start over, never a wrong state
             self.clear(seq)
-            keep = 0
-        return keep
+        return len(self.seqs[seq])
 
     def _extend_from_common_prefix(self, tokens: Sequence[int], limit: int, seq: int) -> int:
         keep = self.keep_common_prefix(tokens, limit, seq)

@@ -218,6 +218,8 @@ def run_trial(path: str, bufts: tuple[str, ...], n_threads: int, out=sys.stdout)
         started = time.perf_counter()
         with cpu.decoding():
             ctx.decode([token], all_logits=True)
+        if i == PREFIX - 1:
+            ctx.checkpoint()  # a recurrent model goes back to the prefix through it (Context.truncate)
         if i >= PREFIX:
             singles.append(time.perf_counter() - started)
             reference.append(ctx.logits()[0].copy())

@@ -239,6 +239,7 @@ def retime_main(model: Model, n_threads: int, profile: MainProfile, sizes: tuple
     try:
         tokens = probe_tokens(model, PREFIX + max(sizes))
         ctx.decode(tokens[:PREFIX])
+        ctx.checkpoint()  # a recurrent model goes back to the prefix through it (Context.truncate)
         cpu = CpuShare(n_threads)
         seconds = {n: _time_batch(ctx, tokens[PREFIX : PREFIX + n], runs=3, cpu=cpu) for n in sizes}
     finally:
@@ -275,6 +276,7 @@ def measure_main(model: Model, n_threads: int, sizes: tuple[int, ...] = VERIFY_S
 
     try:
         ctx.decode(tokens[:PREFIX])
+        ctx.checkpoint()  # a recurrent model goes back to the prefix through it (Context.truncate)
         reference = []  # the logits of one-token decoding at positions PREFIX .. PREFIX + depth - 1
         singles = []
         cpu = CpuShare(n_threads)

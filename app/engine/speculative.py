@@ -32,7 +32,7 @@ from app.engine.controller import (
     DraftController,
     VerifyCost,
 )
-from app.engine.errors import ContextOverflowError, IncompatibleDraftError, TandemError
+from app.engine.errors import ContextOverflowError, TandemError
 from app.engine.events import Event, Finished, GenerationStats, PromptProgress, RoundEvent
 from app.engine.lookup import LookupDrafter
 from app.engine.probe import PLAIN_ONLY, DraftProfile, MainProfile, Progress, profile_draft, profile_main, retime_main
@@ -222,6 +222,7 @@ class ModelDrafter:
                 rows = ctx.decode_parts([(d.request.seq, missing, 1) for d, missing in group])
                 seconds = time.perf_counter() - started
                 for (d, missing), row in zip(group, rows, strict=True):
+                    ctx.checkpoint(d.request.seq, transient=True)  # a recurrent draft goes back here after its draft (no-op otherwise)
                     d.caught_up(len(missing), seconds * len(missing) / width)
                     if (token := d.choose(row[-1])) is not None:
                         nexts.append((d, token))
@@ -230,6 +231,7 @@ class ModelDrafter:
                 d, missing = item
                 started = time.perf_counter()
                 ctx.decode(missing, seq=d.request.seq)
+                ctx.checkpoint(d.request.seq, transient=True)
                 d.caught_up(len(missing), time.perf_counter() - started)
                 if (token := d.choose(ctx.logits()[-1])) is not None:
                     nexts.append((d, token))
@@ -249,7 +251,9 @@ class ModelDrafter:
     def _propose_one(self, request: DraftRequest) -> None:
         started = time.perf_counter()
         drafting = _Drafting(request, self._confidence)
-        drafting.caught_up(self.ctx.sync(request.tokens, request.seq), time.perf_counter() - started)
+        caught_up = self.ctx.sync(request.tokens, request.seq)
+        self.ctx.checkpoint(request.seq, transient=True)  # a recurrent draft model goes back here after drafting (no-op otherwise)
+        drafting.caught_up(caught_up, time.perf_counter() - started)
         row = self.ctx.logits()[-1]
         while (token := drafting.choose(row)) is not None:
             self.ctx.decode([token], seq=request.seq)
@@ -412,19 +416,6 @@ class SpeculativeEngine:
         n_seq: int = 1,  # sequences served together (--parallel): one batch per round carries them all
     ):
         n_ctx = min(n_ctx, main.n_ctx_train) if main.n_ctx_train > 0 else n_ctx
-        # a recurrent main model cannot roll rejected drafts back: it decodes plainly, exact by construction
-        recurrent = (
-            f"drafting off: {main.path.name} is a recurrent model (its state cannot drop rejected draft tokens)"
-            if main.recurrent and (draft is not None or lookup)
-            else ""
-        )
-        if recurrent:
-            draft, lookup, main_profile = None, False, PLAIN_ONLY
-        elif draft is not None and draft.recurrent:
-            raise IncompatibleDraftError(
-                f"draft {draft.path.name} is a recurrent model: its state cannot drop rejected draft tokens; "
-                "use a transformer draft, --draft lookup or --no-draft"
-            )
         self.main = main
         self.draft_model = draft
         self.drafter: ModelDrafter | None = None
@@ -440,14 +431,14 @@ class SpeculativeEngine:
         if draft is not None:
             self.draft_profile = draft_profile or profile_draft(draft, n_threads)
             self.drafter = ModelDrafter(draft_context(draft, n_ctx, n_threads, n_seq))
-        self.lookup = lookup and not recurrent
+        self.lookup = lookup
         self._states = [SequenceState(LookupDrafter() if self.lookup else None) for _ in range(n_seq)]
         self.n_ctx = self.main_ctx.n_ctx
         self.prompt_chunk = PROMPT_CHUNK if main.on_cpu else self.main_ctx.n_batch
         kernels = self.main_profile.kernels
         # --exact: verify no batch wider than the self-check found bit-identical to one-token decoding
         self.exact_cap = None if kernels.exact or not exact else kernels.exact_up_to - 1
-        self.blocked = recurrent or (
+        self.blocked = (
             "--exact: drafting off, no verify batch is bit-identical to one-token decoding for "
             f"{main.path.name} with this build and CPU (logits differ by up to {kernels.max_difference:.2g})"
             if self.exact_cap == 0 and (self.drafter or self.lookup)
@@ -602,6 +593,7 @@ class SpeculativeEngine:
             self.drafter.ctx.keep_common_prefix(prefix, seq=seq)
         reply.stats.prompt_tokens_evaluated = len(prefix) - kept + 1
         yield from self._read_prompt(seq, prefix, kept, cancel, reply)  # stopped early by a cancel: the loop ends at once
+        self.main_ctx.checkpoint(seq)  # a recurrent model: an edited or regenerated turn goes back here, not to the start
 
         while not reply.stop_reason:
             if cancel is not None and cancel.is_set():
@@ -615,6 +607,8 @@ class SpeculativeEngine:
                                                self.main_ctx.n_batch - 1)  # one verify is one decode  # fmt: skip
             if self.exact_cap is not None:
                 limit = min(limit, self.exact_cap)
+            if self.main_ctx.rollback_limit:  # a recurrent main model drops rejected drafts through its snapshots
+                limit = min(limit, self.main_ctx.rollback_limit)
 
             t0 = time.perf_counter()
             if reply.stats.rounds:
@@ -629,6 +623,10 @@ class SpeculativeEngine:
                 draft = request.draft
                 draft_seconds += request.seconds  # drafted together with other sequences: this one's share
                 reply.drafted(request.seconds)
+            if draft.tokens and self.main_ctx.rollback_limit == 0:
+                # no snapshots for this architecture (Mamba, RWKV, Jamba...): a rejection goes back to this point
+                # and reads the accepted tokens again (llama-server's replay), inside this round's verify time
+                self.main_ctx.checkpoint(seq, transient=True)
             need = Verify(seq, [tokens[-1], *draft.tokens], logits=True)
             yield need
             resumed = time.perf_counter()  # (with other sequences, their work came between the decode and now)
@@ -657,6 +655,7 @@ class SpeculativeEngine:
             yield reply.round(decision, draft, n_accepted, main_token, emitted, draft_seconds, verify_seconds,
                               context=len(self.main_ctx.seqs[seq]))  # fmt: skip
 
+        self.main_ctx.checkpoint(seq)  # the turn's end: the next turn continues from here whatever the verify left
         finished = reply.finish(controller, context=len(self.main_ctx.seqs[seq]))
         if controller is not None and self._profile_is_stale(controller):
             self._retime()  # before the Finished: a reader that stops at it (--json, --benchmark) still gets it done
@@ -692,6 +691,7 @@ class SpeculativeEngine:
             yield need
             reply.read(need)
             done += len(need.tokens)
+            self.main_ctx.checkpoint_due(seq)
             if done < total:
                 elapsed = time.perf_counter() - started
                 if announced or elapsed * total / done >= PROMPT_PROGRESS_AFTER:

@@ -1,0 +1,219 @@
+"""Hybrid and recurrent main models speculate (issue #27): rejected drafts are rolled back through llama.cpp's
+recurrent-state snapshots (n_rs_seq) or a checkpoint of the state, and the output is plain decoding's.
+
+No real model of these families can be fetched here: these are tiny random-weight files of each architecture
+(tests/tiny_models.py), built from llama.cpp's own tensor lists. They prove correctness; speed on real hybrid
+models is unmeasured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.engine.backend import ROLLBACK_SNAPSHOTS, Context, Model
+from app.engine.events import Finished, RoundEvent
+from app.engine.rounds import Rounds
+from app.engine.sampling import SamplerSettings
+from app.engine.speculative import GenerationConfig, SpeculativeEngine
+from tests import tiny_models
+
+GREEDY = SamplerSettings(temperature=0.0)
+REPETITIVE = "the cat sat on the mat and the dog ran to the mat and the cat sat on the mat and"
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory) -> dict[str, Model]:
+    """A tiny LFM2 (convolution + attention layers: llama_model_is_hybrid), a perturbed LFM2 as its draft (a hybrid
+    draft), and the same for Mamba-2 (llama_model_is_recurrent)."""
+    root: Path = tmp_path_factory.mktemp("hybrid")
+    lfm2 = tiny_models.lfm2_weights()
+    mamba2 = tiny_models.mamba2_weights()
+    return {
+        "lfm2": Model(tiny_models.lfm2_model(root / "lfm2.gguf", lfm2), n_gpu_layers=0),
+        # its greedy output loops: what prompt lookup drafts from
+        "lfm2-loops": Model(tiny_models.lfm2_model(root / "lfm2-loops.gguf", tiny_models.damped(lfm2, 0.3),
+                                                   name="tiny-lfm2-loops"), n_gpu_layers=0),
+        "lfm2-draft": Model(tiny_models.lfm2_model(root / "lfm2-draft.gguf", tiny_models.perturbed_matrices(lfm2, 5, 0.3),
+                                                   name="tiny-lfm2-draft"), n_gpu_layers=0),
+        "mamba2": Model(tiny_models.mamba2_model(root / "mamba2.gguf", mamba2), n_gpu_layers=0),
+        "mamba2-draft": Model(tiny_models.mamba2_model(root / "mamba2-draft.gguf",
+                                                       tiny_models.perturbed_matrices(mamba2, 6, 0.3),
+                                                       name="tiny-mamba2-draft"), n_gpu_layers=0),
+    }
+
+
+def engine_of(main: Model, draft: Model | None = None, lookup: bool = False, n_seq: int = 1, n_ctx: int = 512) -> SpeculativeEngine:
+    return SpeculativeEngine(main, draft, n_ctx=n_ctx, n_threads=2, lookup=lookup, n_seq=n_seq)
+
+
+def run(engine: SpeculativeEngine, prompt: list[int], **config) -> tuple[Finished, list[RoundEvent]]:
+    config.setdefault("sampler", GREEDY)
+    config.setdefault("adaptive", False)  # fixed lengths: every round drafts, so rejections surely happen
+    config.setdefault("draft_p_min", 0.0)
+    events = list(engine.generate(prompt, GenerationConfig(**config)))
+    return events[-1], [e for e in events if isinstance(e, RoundEvent)]
+
+
+def test_the_tiny_files_are_of_the_families_they_stand_for(hybrid) -> None:
+    import llama_cpp
+
+    assert llama_cpp.llama_model_is_hybrid(hybrid["lfm2"].ptr) and not llama_cpp.llama_model_is_recurrent(hybrid["lfm2"].ptr)
+    assert llama_cpp.llama_model_is_recurrent(hybrid["mamba2"].ptr)
+    assert all(model.recurrent for model in hybrid.values())
+
+
+@pytest.mark.parametrize(("arch", "source"), [("lfm2", "model"), ("mamba2", "model"), ("lfm2-loops", "lookup")])
+def test_greedy_speculation_on_a_recurrent_main_model_equals_plain(hybrid, arch: str, source: str) -> None:
+    main = hybrid[arch]
+    prompt = main.tokenize(REPETITIVE)
+    plain, _ = run(engine_of(main), prompt, max_tokens=64)
+    draft = hybrid[f"{arch}-draft"] if source == "model" else None
+    spec, rounds = run(engine_of(main, draft, lookup=source == "lookup"), prompt, max_tokens=64, draft_max=6)
+    assert spec.tokens == plain.tokens
+    assert spec.stats.speculation in ("", f"fixed draft length {6}")
+    assert spec.stats.total_draft_tokens_count > 0
+    assert spec.stats.accepted_draft_tokens_count > 0, "no draft was accepted: the snapshot path was not exercised"
+    assert spec.stats.rejected_draft_tokens_count > 0, "no draft was rejected: the rollback was not exercised"
+    assert {r.draft_source for r in rounds} >= {source}
+
+
+def test_an_architecture_without_snapshots_rolls_back_by_checkpoint_and_replay(hybrid) -> None:
+    """llama.cpp keeps no snapshots for Mamba-2 (llm_arch_supports_rs_rollback): each drafting round saves the state
+    before its verify, and a rejection goes back there and reads the accepted tokens again."""
+    main = hybrid["mamba2"]
+    engine = engine_of(main, hybrid["mamba2-draft"])
+    assert engine.main_ctx.rollback_limit == 0
+    prompt = main.tokenize(REPETITIVE)
+    out, rounds = run(engine, prompt, max_tokens=48, draft_max=10)
+    assert max(len(r.drafted) for r in rounds) == 10  # not capped: a replay takes any length back
+    assert engine.main_ctx.restored > 0
+    assert out.tokens == run(engine_of(main), prompt, max_tokens=48)[0].tokens
+
+
+def test_a_draft_longer_than_the_snapshots_is_never_sent(hybrid) -> None:
+    main = hybrid["lfm2"]
+    engine = engine_of(main, hybrid["lfm2-draft"])
+    assert engine.main_ctx.rollback_limit == ROLLBACK_SNAPSHOTS
+    prompt = main.tokenize(REPETITIVE)
+    out, rounds = run(engine, prompt, max_tokens=64, draft_max=16)
+    assert max(len(r.drafted) for r in rounds) == ROLLBACK_SNAPSHOTS
+    assert out.tokens == run(engine_of(main), prompt, max_tokens=64)[0].tokens
+
+
+def test_the_adaptive_controller_drafts_on_a_hybrid_model_and_stays_exact(hybrid) -> None:
+    main = hybrid["lfm2"]
+    prompt = main.tokenize(REPETITIVE)
+    plain, _ = run(engine_of(main), prompt, max_tokens=64)
+    out, _ = run(engine_of(main, hybrid["lfm2-draft"], lookup=True), prompt, max_tokens=64, adaptive=True,
+                 draft_p_min=0.75)  # fmt: skip
+    assert out.tokens == plain.tokens
+    assert "recurrent" not in out.stats.speculation
+
+
+@pytest.mark.parametrize("arch", ["lfm2", "mamba2"])
+def test_seeded_sampling_on_a_recurrent_main_model_equals_seeded_plain(hybrid, arch: str) -> None:
+    main = hybrid[arch]
+    prompt = main.tokenize(REPETITIVE)
+    sampler = SamplerSettings(temperature=0.8, seed=1234)
+    plain, _ = run(engine_of(main), prompt, max_tokens=48, sampler=sampler)
+    spec, _ = run(engine_of(main, hybrid[f"{arch}-draft"]), prompt, max_tokens=48, sampler=sampler, draft_max=4)
+    assert spec.tokens == plain.tokens
+    assert spec.stats.rejected_draft_tokens_count > 0
+
+
+def test_snapshot_and_checkpoint_rollback_give_a_fresh_contexts_logits(hybrid) -> None:
+    """Rolled back by a snapshot (a few tokens of the last decode) or to a checkpoint (further back), the next
+    token's logits are those of a context that never saw the dropped tokens."""
+    main = hybrid["lfm2"]
+    tokens = main.tokenize(REPETITIVE)
+    fresh = Context(main, 256, 2)
+    fresh.decode(tokens[:20])
+    expected = fresh.logits()[-1].copy()
+
+    ctx = Context(main, 256, 2)
+    ctx.decode(tokens[:12])
+    ctx.checkpoint()
+    ctx.decode(tokens[12:17])  # a verify batch of 5
+    assert ctx.truncate(14)  # 3 dropped by llama.cpp's snapshots: no checkpoint, nothing read again
+    assert ctx.restored == 0 and ctx.checkpoints[0][-1][0] == 12
+    ctx.decode(tokens[14:20])
+    np.testing.assert_array_equal(ctx.logits()[-1], expected)
+
+    for single in tokens[20:26]:  # one token at a time: a snapshot holds one token back, no more
+        ctx.decode([single])
+    assert ctx.truncate(15)  # 11 back: restored from the checkpoint at 12, then 3 read again
+    assert ctx.restored == 3 and ctx.tokens == tokens[:15]
+    ctx.decode(tokens[15:20])
+    np.testing.assert_array_equal(ctx.logits()[-1], expected)
+
+
+def test_a_truncate_with_no_checkpoint_before_it_fails_and_changes_nothing(hybrid) -> None:
+    ctx = Context(hybrid["mamba2"], 256, 2)
+    tokens = hybrid["mamba2"].tokenize(REPETITIVE)
+    for single in tokens[:10]:
+        ctx.decode([single])
+    assert not ctx.truncate(4)
+    assert ctx.tokens == tokens[:10]
+    assert ctx.keep_common_prefix(tokens[:4]) == 0  # nothing to go back to: starts over, never a wrong state
+
+
+def test_a_regenerated_or_edited_turn_reads_from_a_checkpoint_and_equals_a_fresh_read(hybrid) -> None:
+    main = hybrid["lfm2"]
+    engine = engine_of(main, hybrid["lfm2-draft"], lookup=True)
+    history = main.tokenize(REPETITIVE * 4)  # over CHECKPOINT_EVERY? no: ~100 tokens; the turn-end checkpoint serves
+    first, _ = run(engine, history, max_tokens=32, draft_max=4)
+    assert first.stats.prompt_tokens_evaluated == len(history)
+    # regenerate: the same prompt again, its reply rolled away; only the last prompt token is read
+    again, _ = run(engine, history, max_tokens=32, draft_max=4)
+    assert again.stats.prompt_tokens_evaluated == 1
+    assert again.tokens == first.tokens
+    # continue the conversation: only the new tokens are read
+    follow = [*history, *first.tokens, *main.tokenize(" and the dog", add_special=False)]
+    cont, _ = run(engine, follow, max_tokens=24, draft_max=4)
+    assert cont.stats.prompt_tokens_evaluated <= len(follow) - len(history)
+    # edit the last turn: back to the checkpoint at the end of the first prompt, not to the start
+    edited = [*history, *main.tokenize(" hello world", add_special=False)]
+    out, _ = run(engine, edited, max_tokens=24, draft_max=4)
+    assert 1 < out.stats.prompt_tokens_evaluated <= len(edited) - len(history) + 1
+    assert out.tokens == run(engine_of(main), edited, max_tokens=24)[0].tokens
+
+
+def test_a_long_prompt_leaves_checkpoints_every_few_hundred_tokens(hybrid) -> None:
+    from app.engine.backend import CHECKPOINT_EVERY
+
+    main = hybrid["mamba2"]
+    engine = engine_of(main, lookup=True, n_ctx=1024)
+    prompt = main.tokenize(REPETITIVE * 24)[:700]
+    run(engine, prompt, max_tokens=4)
+    marks = [n for n, _ in engine.main_ctx.checkpoints[0]]
+    assert any(CHECKPOINT_EVERY <= n < 2 * CHECKPOINT_EVERY for n in marks)
+    assert len(prompt) - 1 in marks  # the end of the prompt read
+    # a prompt that differs from token 600 on reads from the checkpoint before it
+    edited = [*prompt[:600], *main.tokenize(" hello world", add_special=False)]
+    out, _ = run(engine, edited, max_tokens=8)
+    assert out.stats.prompt_tokens_evaluated < len(edited) - 2 * CHECKPOINT_EVERY + 64
+    assert out.tokens == run(engine_of(main, n_ctx=1024), edited, max_tokens=8)[0].tokens
+
+
+def test_four_sequences_on_a_hybrid_main_model_each_equal_plain(hybrid) -> None:
+    main = hybrid["lfm2"]
+    prompts = [main.tokenize(p) for p in (REPETITIVE, "def sort ( x ) : return x", "hello world , hello world ,",
+                                          "the dog ran to the mat and the dog")]  # fmt: skip
+    engine = engine_of(main, hybrid["lfm2-draft"], lookup=True, n_seq=4)
+    rounds = Rounds(engine)
+    cfg = GenerationConfig(max_tokens=32, sampler=GREEDY, adaptive=False, draft_max=4, draft_p_min=0.0)
+    out: dict[int, list] = {i: [] for i in range(4)}
+    for i, prompt in enumerate(prompts):
+        for key, item in rounds.start(i, prompt, cfg, None):
+            out[key].append(item)
+    while rounds.busy:
+        for key, item in rounds.round():
+            out[key].append(item)
+    drafted = 0
+    for i, prompt in enumerate(prompts):
+        finished = next(e for e in out[i] if isinstance(e, Finished))
+        assert finished.tokens == run(engine_of(main), prompt, max_tokens=32)[0].tokens, i
+        drafted += finished.stats.rejected_draft_tokens_count
+    assert drafted > 0
