@@ -233,7 +233,7 @@ def lfm2_weights(seed: int = 11, n_embd: int = 64, n_ff: int = 128, n_head: int 
 
 
 def lfm2_model(path: Path, weights: dict[str, np.ndarray] | None = None, n_head: int = 4, l_cache: int = 3,
-               name: str = "tiny-lfm2") -> Path:  # fmt: skip
+               name: str = "tiny-lfm2", eos_id: int = 2) -> Path:  # fmt: skip
     """A tiny hybrid model (llama_model_is_hybrid: recurrent conv state and a KV cache), same vocabulary as the
     llama-architecture models."""
     weights = weights if weights is not None else lfm2_weights(n_head=n_head, l_cache=l_cache)
@@ -253,7 +253,7 @@ def lfm2_model(path: Path, weights: dict[str, np.ndarray] | None = None, n_head:
     writer.add_uint32("lfm2.shortconv.l_cache", l_cache)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _add_vocabulary(writer, WORDS, 2)
+    _add_vocabulary(writer, WORDS, eos_id)
     _write(writer, weights)
     return path
 
@@ -288,7 +288,7 @@ def mamba2_weights(seed: int = 13, n_embd: int = 64, n_layer: int = 2) -> dict[s
     return w
 
 
-def mamba2_model(path: Path, weights: dict[str, np.ndarray] | None = None, name: str = "tiny-mamba2") -> Path:
+def mamba2_model(path: Path, weights: dict[str, np.ndarray] | None = None, name: str = "tiny-mamba2", eos_id: int = 2) -> Path:
     """A tiny Mamba-2 (purely recurrent, no KV cache), same vocabulary as the llama-architecture models."""
     w = weights if weights is not None else mamba2_weights()
     n_embd = w["token_embd.weight"].shape[1]
@@ -310,7 +310,7 @@ def mamba2_model(path: Path, weights: dict[str, np.ndarray] | None = None, name:
     writer.add_ssm_group_count(n_group)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _add_vocabulary(writer, WORDS, 2)
+    _add_vocabulary(writer, WORDS, eos_id)
     _write(writer, w)
     return path
 
@@ -327,3 +327,9 @@ def damped(weights: dict[str, np.ndarray], factor: float) -> dict[str, np.ndarra
     output falls into loops that prompt lookup can draft (the state still counts: rollback is still tested)."""
     layer_outputs = ("out_proj", "attn_output", "ffn_down", "ssm_out")
     return {k: v * factor if any(name in k for name in layer_outputs) else v for k, v in weights.items()}
+
+
+def first_layers(weights: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The model cut to its first `n` layers: a cheaper draft that agrees with a damped model (same embeddings and
+    output, most of what decides its next token)."""
+    return {k: v for k, v in weights.items() if not k.startswith("blk.") or int(k.split(".")[1]) < n}
