@@ -141,7 +141,12 @@ def test_snapshot_and_checkpoint_rollback_give_a_fresh_contexts_logits(hybrid) -
     ctx.decode(tokens[14:20])
     np.testing.assert_array_equal(ctx.logits()[-1], expected)
 
-    for single in tokens[20:26]:  # one token at a time: a snapshot holds one token back, no more
+    ctx.decode(tokens[20:23])  # a whole batch back: before the batch is no snapshot's (the checkpoint at 12 is)
+    assert ctx.truncate(20) and ctx.restored == 8
+    np.testing.assert_array_equal(ctx.logits()[-1], expected)  # the replay's last row: the state after 20 tokens
+    ctx.restored = 0
+
+    for single in tokens[20:26]:  # one token at a time: no snapshot reaches back even one token
         ctx.decode([single])
     assert ctx.truncate(15)  # 11 back: restored from the checkpoint at 12, then 3 read again
     assert ctx.restored == 3 and ctx.tokens == tokens[:15]

@@ -395,7 +395,8 @@ class Context:
         if n >= len(tokens):
             return True
         recurrent = self.model.recurrent
-        snapshot = len(tokens) - n <= min(self._last_decoded[seq], self.rollback_limit or 0)
+        # a snapshot holds the state after each of the last decode's tokens but its last: never the state before it
+        snapshot = len(tokens) - n <= min(self._last_decoded[seq] - 1, self.rollback_limit or 0)
         if (snapshot or not recurrent) and llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1):
             self._last_decoded[seq] = 0  # llama.cpp's rollback is single-use until the next decode
             del tokens[n:]

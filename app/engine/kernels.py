@@ -51,7 +51,7 @@ TRIAL_TIMEOUT = 600.0  # seconds: a child that hangs is a candidate that fails
 SAME_SPEED = 0.03  # one-token times this close are a tie, settled by the verify batch's cost
 MIN_CORRELATION = 0.99  # a batch row against the one-token row: rounding moves logits a little, garbage a lot
 TRIAL_FLAG = "--kernel-trial"  # the hidden command line of the child (app.cli)
-TRIAL_VERSION = 2  # bump when what a trial checks changes: cached choices are then made again
+TRIAL_VERSION = 3  # bump when what a trial checks changes: cached choices are then made again (3: recurrent models roll back)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ VERIFY_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 16, 17)  # up to 16 draft
 DEPTH = 96
 DRAFT_TOKENS = 6  # single-token draft evaluations timed
 CATCH_UP = 32  # tokens of a batched draft catch-up timed
-PROBE_VERSION = 4  # bump when what is measured changes: old cache entries are then ignored
+PROBE_VERSION = 5  # bump when what is measured changes: old cache entries are then ignored (5: recurrent models with snapshots)
 # a verify curve whose cost falls by more than this when the batch grows was timed on a busy machine
 # (measured curves dip by up to 15%: 12 tokens 9.78x one, 16 tokens 8.30x on an AMD EPYC, repacked kernels)
 PLAUSIBLE_DIP = 0.7
