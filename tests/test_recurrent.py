@@ -222,3 +222,21 @@ def test_four_sequences_on_a_hybrid_main_model_each_equal_plain(hybrid) -> None:
         assert finished.tokens == run(engine_of(main), prompt, max_tokens=32)[0].tokens, i
         drafted += finished.stats.rejected_draft_tokens_count
     assert drafted > 0
+
+
+def test_the_cli_speculates_on_a_hybrid_model_and_says_nothing_is_off(tmp_path: Path) -> None:
+    """`tandem --model <hybrid> --prompt ... --json`: drafted and accepted, stats.speculation empty."""
+    import json
+
+    from tests.test_cli import tandem
+
+    model = tiny_models.lfm2_model(tmp_path / "lfm2-loops.gguf", tiny_models.damped(tiny_models.lfm2_weights(), 0.3))
+    result = tandem("--model", str(model), "--draft", "lookup", "--no-adaptive", "--draft-p-min", "0", "--draft-max", "6",
+                    "--raw", "--prompt", REPETITIVE, "--temp", "0", "-n", "64", "--json", "--threads", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["speculation"] in ("", "fixed draft length 6")
+    assert stats["total_draft_tokens_count"] > 0 and stats["accepted_draft_tokens_count"] > 0
+    plain = tandem("--model", str(model), "--no-draft", "--raw", "--prompt", REPETITIVE, "--temp", "0", "-n", "64", "--json",
+                   "--threads", "2")  # fmt: skip
+    assert json.loads(plain.stdout)["tokens"] == json.loads(result.stdout)["tokens"]
