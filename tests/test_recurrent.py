@@ -240,3 +240,26 @@ def test_the_cli_speculates_on_a_hybrid_model_and_says_nothing_is_off(tmp_path: 
     plain = tandem("--model", str(model), "--no-draft", "--raw", "--prompt", REPETITIVE, "--temp", "0", "-n", "64", "--json",
                    "--threads", "2")  # fmt: skip
     assert json.loads(plain.stdout)["tokens"] == json.loads(result.stdout)["tokens"]
+
+
+def test_a_checkpoint_taken_right_after_a_snapshot_rollback_holds_the_rolled_back_state(hybrid) -> None:
+    """A reply's end is checkpointed right after its last verify was rolled back (llama.cpp's rollback still pending):
+    the checkpoint must hold the state after the kept tokens, not the dropped ones."""
+    main = hybrid["lfm2"]
+    tokens = main.tokenize(REPETITIVE)
+    fresh = Context(main, 256, 2)
+    fresh.decode(tokens[:18])
+    expected = fresh.logits()[-1].copy()
+
+    ctx = Context(main, 256, 2)
+    ctx.decode(tokens[:10])
+    ctx.decode([tokens[10], tokens[11], 8, 9, 10])  # a verify whose last three drafts are wrong
+    assert ctx.truncate(12) and ctx.restored == 0  # by a snapshot
+    ctx.checkpoint()
+    assert ctx.checkpoints[0][-1][0] == 12
+    ctx.decode([11, 12, 13, 14])  # tokens that will be taken back again, through the checkpoint
+    for single in [15, 16]:
+        ctx.decode([single])
+    assert ctx.truncate(12) and ctx.tokens == tokens[:12]
+    ctx.decode(tokens[12:18])
+    np.testing.assert_array_equal(ctx.logits()[-1], expected)
