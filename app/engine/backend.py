@@ -370,9 +370,15 @@ class Context:
         raise_if_interrupted()
         if rc != 0:
             raise TandemError(f"llama.cpp failed to evaluate {i} tokens (code {rc}): {_last_llama_error()}")
+        # llama.cpp may move a recurrent sequence's state to another cell when a decode carries other sequences
+        # (find_slot's re-ordering) and its snapshots stay behind: they are trusted only for a sequence decoded alone,
+        # and until the next decode of any sequence
+        alone = len(parts) == 1
+        self._last_decoded = [0] * self.n_seq
         for seq, tokens, _ in parts:
             self.seqs[seq].extend(tokens)
-            self._last_decoded[seq] = len(tokens)
+            if alone:
+                self._last_decoded[seq] = len(tokens)
         self.n_evaluated += i
         self._n_outputs = outputs
 
@@ -450,8 +456,7 @@ class Context:
         at, state = max(candidates, key=lambda mark: mark[0])
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         if not llama_cpp.llama_state_seq_set_data_ext(self.ptr, buf, len(state), seq, _PARTIAL):
-            self.checkpoints[seq].clear()
-            self._transient[seq] = None
+            self.clear(seq)  # llama.cpp has already emptied the sequence's recurrent state: the tokens must go too
             return False
         # the recurrent part is now at `at`; cut the attention part (a hybrid's KV cells) to match, as llama-server does
         llama_cpp.llama_memory_seq_rm(self._memory, seq, at, -1)
@@ -496,6 +501,7 @@ class Context:
             self.seqs[seq].clear()
             self.checkpoints[seq].clear()
             self._transient[seq] = None
+            self._last_decoded[seq] = 0
 
     def sync(self, tokens: Sequence[int], seq: int = 0) -> int:
         """Make sequence `seq` hold exactly `tokens`, evaluating only what differs; logits end on the last one.

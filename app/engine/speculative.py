@@ -623,9 +623,10 @@ class SpeculativeEngine:
                 draft = request.draft
                 draft_seconds += request.seconds  # drafted together with other sequences: this one's share
                 reply.drafted(request.seconds)
-            if draft.tokens and self.main_ctx.rollback_limit == 0:
-                # no snapshots for this architecture (Mamba, RWKV, Jamba...): a rejection goes back to this point
-                # and reads the accepted tokens again (llama-server's replay), inside this round's verify time
+            if draft.tokens and (self.main_ctx.rollback_limit == 0 or self.n_seq > 1):
+                # no snapshots for this architecture (Mamba, RWKV, Jamba...), or a verify that may share its decode
+                # (whose snapshots llama.cpp may leave behind, Context._decode): a rejection goes back to this point and
+                # reads the accepted tokens again (llama-server's replay), inside this round's verify time
                 self.main_ctx.checkpoint(seq, transient=True)
             need = Verify(seq, [tokens[-1], *draft.tokens], logits=True)
             yield need
@@ -656,6 +657,8 @@ class SpeculativeEngine:
                               context=len(self.main_ctx.seqs[seq]))  # fmt: skip
 
         self.main_ctx.checkpoint(seq)  # the turn's end: the next turn continues from here whatever the verify left
+        if self.drafter:  # a recurrent draft model's too (its per-round point is gone by the next turn's edit)
+            self.drafter.ctx.checkpoint(seq)
         finished = reply.finish(controller, context=len(self.main_ctx.seqs[seq]))
         if controller is not None and self._profile_is_stale(controller):
             self._retime()  # before the Finished: a reader that stops at it (--json, --benchmark) still gets it done
