@@ -56,6 +56,13 @@ def run(engine: SpeculativeEngine, prompt: list[int], **config) -> tuple[Finishe
     return events[-1], [e for e in events if isinstance(e, RoundEvent)]
 
 
+def fresh_logits(main: Model, tokens: list[int]) -> np.ndarray:
+    """The last logits of a context that read `tokens` and nothing else."""
+    fresh = Context(main, 256, 2)
+    fresh.decode(tokens)
+    return fresh.logits()[-1].copy()
+
+
 def test_the_tiny_files_are_of_the_families_they_stand_for(hybrid) -> None:
     import llama_cpp
 
@@ -72,7 +79,7 @@ def test_greedy_speculation_on_a_recurrent_main_model_equals_plain(hybrid, arch:
     draft = hybrid[f"{arch}-draft"] if source == "model" else None
     spec, rounds = run(engine_of(main, draft, lookup=source == "lookup"), prompt, max_tokens=64, draft_max=6)
     assert spec.tokens == plain.tokens
-    assert spec.stats.speculation in ("", f"fixed draft length {6}")
+    assert spec.stats.speculation in ("", "fixed draft length 6")
     assert spec.stats.total_draft_tokens_count > 0
     assert spec.stats.accepted_draft_tokens_count > 0, "no draft was accepted: the snapshot path was not exercised"
     assert spec.stats.rejected_draft_tokens_count > 0, "no draft was rejected: the rollback was not exercised"
@@ -128,9 +135,7 @@ def test_snapshot_and_checkpoint_rollback_give_a_fresh_contexts_logits(hybrid) -
     token's logits are those of a context that never saw the dropped tokens."""
     main = hybrid["lfm2"]
     tokens = main.tokenize(REPETITIVE)
-    fresh = Context(main, 256, 2)
-    fresh.decode(tokens[:20])
-    expected = fresh.logits()[-1].copy()
+    expected = fresh_logits(main, tokens[:20])
 
     ctx = Context(main, 256, 2)
     ctx.decode(tokens[:12])
@@ -202,28 +207,6 @@ def test_a_long_prompt_leaves_checkpoints_every_few_hundred_tokens(hybrid) -> No
     assert out.tokens == run(engine_of(main, n_ctx=1024), edited, max_tokens=8)[0].tokens
 
 
-def test_four_sequences_on_a_hybrid_main_model_each_equal_plain(hybrid) -> None:
-    main = hybrid["lfm2"]
-    prompts = [main.tokenize(p) for p in (REPETITIVE, "def sort ( x ) : return x", "hello world , hello world ,",
-                                          "the dog ran to the mat and the dog")]  # fmt: skip
-    engine = engine_of(main, hybrid["lfm2-draft"], lookup=True, n_seq=4)
-    rounds = Rounds(engine)
-    cfg = GenerationConfig(max_tokens=32, sampler=GREEDY, adaptive=False, draft_max=4, draft_p_min=0.0)
-    out: dict[int, list] = {i: [] for i in range(4)}
-    for i, prompt in enumerate(prompts):
-        for key, item in rounds.start(i, prompt, cfg, None):
-            out[key].append(item)
-    while rounds.busy:
-        for key, item in rounds.round():
-            out[key].append(item)
-    drafted = 0
-    for i, prompt in enumerate(prompts):
-        finished = next(e for e in out[i] if isinstance(e, Finished))
-        assert finished.tokens == run(engine_of(main), prompt, max_tokens=32)[0].tokens, i
-        drafted += finished.stats.rejected_draft_tokens_count
-    assert drafted > 0
-
-
 def test_the_cli_speculates_on_a_hybrid_model_and_says_nothing_is_off(tmp_path: Path) -> None:
     """`tandem --model <hybrid> --prompt ... --json`: drafted and accepted, stats.speculation empty."""
     import json
@@ -247,9 +230,7 @@ def test_a_checkpoint_taken_right_after_a_snapshot_rollback_holds_the_rolled_bac
     the checkpoint must hold the state after the kept tokens, not the dropped ones."""
     main = hybrid["lfm2"]
     tokens = main.tokenize(REPETITIVE)
-    fresh = Context(main, 256, 2)
-    fresh.decode(tokens[:18])
-    expected = fresh.logits()[-1].copy()
+    expected = fresh_logits(main, tokens[:18])
 
     ctx = Context(main, 256, 2)
     ctx.decode(tokens[:10])
@@ -283,29 +264,33 @@ def test_snapshots_are_not_trusted_after_a_decode_shared_with_other_sequences(hy
     assert ctx.truncate(11, 2) and ctx.restored == 3  # by the checkpoint at 8, then 3 tokens read again
     ctx.decode(s2[11:14], seq=2)
     # read in other batch shapes than the fresh context: rounding apart (1e-5), where the lost state was 5.6 apart
-    np.testing.assert_allclose(ctx.logits()[-1], fresh.logits()[-1], atol=1e-4)
+    np.testing.assert_allclose(ctx.logits()[-1], fresh_logits(main, s2[:14]), atol=1e-4)
     alone = Context(main, 256, 2, n_seq=3)  # decoded alone, a verify's snapshots still serve
     alone.decode(s2[:13], seq=2)
     assert alone.truncate(11, 2) and alone.restored == 0
 
 
-def test_four_sequences_started_apart_on_a_hybrid_main_model_each_equal_plain(hybrid) -> None:
-    """Sequences that start in different rounds (their cells out of order) and share verify decodes."""
+@pytest.mark.parametrize("apart", [False, True])
+def test_four_sequences_on_a_hybrid_main_model_each_equal_plain(hybrid, apart: bool) -> None:
+    """--parallel 4 on a hybrid main model: started together, or in different rounds (their cells out of order in
+    llama.cpp's recurrent memory), sharing verify decodes; each reply equals its plain run."""
     main = hybrid["lfm2"]
     prompts = [main.tokenize(p) for p in (REPETITIVE, "def sort ( x ) : return x", "hello world , hello world ,",
                                           "the dog ran to the mat and the dog")]  # fmt: skip
-    engine = engine_of(main, hybrid["lfm2-draft"], lookup=True, n_seq=4)
-    rounds = Rounds(engine)
+    rounds = Rounds(engine_of(main, hybrid["lfm2-draft"], lookup=True, n_seq=4))
     cfg = GenerationConfig(max_tokens=32, sampler=GREEDY, adaptive=False, draft_max=4, draft_p_min=0.0)
     out: dict[int, list] = {i: [] for i in range(4)}
     for i in (2, 0, 3, 1):
         for key, item in rounds.start(i, prompts[i], cfg, None):
             out[key].append(item)
-        for key, item in rounds.round():  # a round or two before the next one starts
+        for key, item in rounds.round() if apart else ():  # a round before the next one starts
             out[key].append(item)
     while rounds.busy:
         for key, item in rounds.round():
             out[key].append(item)
+    rejected = 0
     for i, prompt in enumerate(prompts):
         finished = next(e for e in out[i] if isinstance(e, Finished))
         assert finished.tokens == run(engine_of(main), prompt, max_tokens=32)[0].tokens, i
+        rejected += finished.stats.rejected_draft_tokens_count
+    assert rejected > 0

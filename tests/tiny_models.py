@@ -150,8 +150,14 @@ def mamba_model(path: Path, seed: int = 9, n_embd: int = 64, n_layer: int = 2) -
             f"blk.{i}.ssm_d": np.ones(d_inner, dtype=np.float32),
             f"blk.{i}.ssm_out.weight": mat(n_embd, d_inner, scale=d_inner**-0.5),
         }
-    writer = gguf.GGUFWriter(str(path), "mamba")
-    writer.add_name("tiny-mamba")
+    return _write_ssm(path, "mamba", "tiny-mamba", weights, n_embd, n_layer, d_conv, d_inner, d_state, dt_rank)
+
+
+def _write_ssm(path: Path, arch: str, name: str, weights: dict[str, np.ndarray], n_embd: int, n_layer: int, d_conv: int,
+               d_inner: int, d_state: int, dt_rank: int, n_group: int | None = None, eos_id: int = 2) -> Path:  # fmt: skip
+    """A Mamba-family GGUF: the SSM hyperparameters (`n_group` for Mamba-2), the shared vocabulary, the tensors."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
     writer.add_context_length(1024)
     writer.add_embedding_length(n_embd)
     writer.add_block_count(n_layer)
@@ -161,9 +167,11 @@ def mamba_model(path: Path, seed: int = 9, n_embd: int = 64, n_layer: int = 2) -
     writer.add_ssm_inner_size(d_inner)
     writer.add_ssm_state_size(d_state)
     writer.add_ssm_time_step_rank(dt_rank)
+    if n_group is not None:
+        writer.add_ssm_group_count(n_group)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _add_vocabulary(writer, WORDS, 2)
+    _add_vocabulary(writer, WORDS, eos_id)
     _write(writer, weights)
     return path
 
@@ -296,23 +304,7 @@ def mamba2_model(path: Path, weights: dict[str, np.ndarray] | None = None, name:
     d_inner = 2 * n_embd
     d_state, d_conv, n_group = MAMBA2["d_state"], MAMBA2["d_conv"], MAMBA2["n_group"]
     n_heads = d_inner // MAMBA2["head_dim"]
-    writer = gguf.GGUFWriter(str(path), "mamba2")
-    writer.add_name(name)
-    writer.add_context_length(1024)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(0)
-    writer.add_head_count(0)
-    writer.add_ssm_conv_kernel(d_conv)
-    writer.add_ssm_inner_size(d_inner)
-    writer.add_ssm_state_size(d_state)
-    writer.add_ssm_time_step_rank(n_heads)
-    writer.add_ssm_group_count(n_group)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _add_vocabulary(writer, WORDS, eos_id)
-    _write(writer, w)
-    return path
+    return _write_ssm(path, "mamba2", name, w, n_embd, n_layer, d_conv, d_inner, d_state, n_heads, n_group, eos_id)
 
 
 def perturbed_matrices(weights: dict[str, np.ndarray], seed: int, noise: float) -> dict[str, np.ndarray]:

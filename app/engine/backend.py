@@ -293,7 +293,7 @@ class Context:
         self._transient: list[tuple[int, bytes] | None] = [None] * n_seq  # this round's rollback point (checkpoint)
         # per sequence: tokens of its last decode, while no rollback came since: a recurrent model's snapshots cover them
         self._last_decoded = [0] * n_seq
-        self.restored = 0  # tokens re-read after going back to a checkpoint (stats, tests)
+        self.restored = 0  # tokens re-read after going back to a checkpoint (tests check which way a rollback went)
 
     @property
     def tokens(self) -> list[int]:
@@ -373,12 +373,12 @@ class Context:
         # llama.cpp may move a recurrent sequence's state to another cell when a decode carries other sequences
         # (find_slot's re-ordering) and its snapshots stay behind: they are trusted only for a sequence decoded alone,
         # and until the next decode of any sequence
-        alone = len(parts) == 1
-        self._last_decoded = [0] * self.n_seq
+        if self.model.recurrent:
+            self._last_decoded = [0] * self.n_seq
+            if len(parts) == 1:
+                self._last_decoded[parts[0][0]] = len(parts[0][1])
         for seq, tokens, _ in parts:
             self.seqs[seq].extend(tokens)
-            if alone:
-                self._last_decoded[seq] = len(tokens)
         self.n_evaluated += i
         self._n_outputs = outputs
 
@@ -429,11 +429,20 @@ class Context:
         written = llama_cpp.llama_state_seq_get_data_ext(self.ptr, buf, size, seq, _PARTIAL)
         if written == 0:
             return
+        state = ctypes.string_at(buf, written)
         if transient:
-            self._transient[seq] = (n, bytes(buf)[:written])
+            self._transient[seq] = (n, state)
             return
-        marks.append((n, bytes(buf)[:written]))
+        marks.append((n, state))
         del marks[:-MAX_CHECKPOINTS]
+
+    def rollback_point(self, seq: int = 0) -> None:
+        """Before a verify: a transient checkpoint where llama.cpp's snapshots may not take its rejected drafts back,
+        i.e. an architecture it keeps none for (Mamba, RWKV, Jamba...) or a context whose verify may share its decode
+        with other sequences (snapshots are trusted only for a sequence decoded alone, _decode). A rejection then goes
+        back to it and reads the accepted tokens again (llama-server's replay)."""
+        if self.rollback_limit == 0 or (self.rollback_limit and self.n_seq > 1):
+            self.checkpoint(seq, transient=True)
 
     def checkpoint_due(self, seq: int = 0) -> None:
         """A checkpoint once CHECKPOINT_EVERY tokens were read since the last one (called between prompt chunks)."""

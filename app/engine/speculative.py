@@ -623,11 +623,8 @@ class SpeculativeEngine:
                 draft = request.draft
                 draft_seconds += request.seconds  # drafted together with other sequences: this one's share
                 reply.drafted(request.seconds)
-            if draft.tokens and (self.main_ctx.rollback_limit == 0 or self.n_seq > 1):
-                # no snapshots for this architecture (Mamba, RWKV, Jamba...), or a verify that may share its decode
-                # (whose snapshots llama.cpp may leave behind, Context._decode): a rejection goes back to this point and
-                # reads the accepted tokens again (llama-server's replay), inside this round's verify time
-                self.main_ctx.checkpoint(seq, transient=True)
+            if draft.tokens:  # a recurrent model without usable snapshots: its replay lands inside this verify's time
+                self.main_ctx.rollback_point(seq)
             need = Verify(seq, [tokens[-1], *draft.tokens], logits=True)
             yield need
             resumed = time.perf_counter()  # (with other sequences, their work came between the decode and now)
