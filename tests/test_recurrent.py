@@ -277,7 +277,8 @@ def test_four_sequences_on_a_hybrid_main_model_each_equal_plain(hybrid, apart: b
     main = hybrid["lfm2"]
     prompts = [main.tokenize(p) for p in (REPETITIVE, "def sort ( x ) : return x", "hello world , hello world ,",
                                           "the dog ran to the mat and the dog")]  # fmt: skip
-    rounds = Rounds(engine_of(main, hybrid["lfm2-draft"], lookup=True, n_seq=4))
+    engine = engine_of(main, hybrid["lfm2-draft"], lookup=True, n_seq=4)
+    rounds = Rounds(engine)
     cfg = GenerationConfig(max_tokens=32, sampler=GREEDY, adaptive=False, draft_max=4, draft_p_min=0.0)
     out: dict[int, list] = {i: [] for i in range(4)}
     for i in (2, 0, 3, 1):
@@ -288,9 +289,12 @@ def test_four_sequences_on_a_hybrid_main_model_each_equal_plain(hybrid, apart: b
     while rounds.busy:
         for key, item in rounds.round():
             out[key].append(item)
-    rejected = 0
+    rejected = kept = 0
     for i, prompt in enumerate(prompts):
         finished = next(e for e in out[i] if isinstance(e, Finished))
         assert finished.tokens == run(engine_of(main), prompt, max_tokens=32)[0].tokens, i
         rejected += finished.stats.rejected_draft_tokens_count
+        kept += finished.stats.accepted_draft_tokens_count + finished.stats.rounds
     assert rejected > 0
+    # a rejected shared verify goes back to the point saved before it (Context.rollback_point), not to the prompt
+    assert 0 < engine.main_ctx.restored <= kept
