@@ -84,11 +84,12 @@ async def test_status_bar_keeps_its_figures_at_80_and_60_columns(home: Path) -> 
         await send(pilot, app, "the cat sat")
         assert_figures(status_text(app), 80, ctx=f"ctx {len(app.engine.main_ctx.tokens)}/")
         assert app.screen.has_class("-narrow")
-        app.refresh_status = lambda: None  # the app's own 2 s refresh must not replace the figures shown below
 
         # the names users have: long ones, the draft off, a reply streaming, the API served
         info = replace(app._status_info(), main=LONG_MAIN, draft=LONG_DRAFT, draft_state="off", state="generating",
                        acceptance=0.62, drafted=40, draft_length=4, tokens_per_second=41.3, speedup=0.78)  # fmt: skip
+        # the app's own 2 s refresh (a timer bound at mount) must show these figures too, not the engine's
+        app._status_info = lambda: info
         app.status_bar.show(info)
         text = status_text(app)
         assert_figures(text, 80)
