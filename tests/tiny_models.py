@@ -325,3 +325,112 @@ def first_layers(weights: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray
     """The model cut to its first `n` layers: a cheaper draft that agrees with a damped model (same embeddings and
     output, most of what decides its next token)."""
     return {k: v for k, v in weights.items() if not k.startswith("blk.") or int(k.split(".")[1]) < n}
+
+
+QWEN35 = {"n_head": 4, "n_ff": 128, "d_conv": 4, "head_dim": 16, "n_k_heads": 2, "n_v_heads": 4, "interval": 2}
+
+
+def qwen35_weights(seed: int = 17, n_embd: int = 64, n_layer: int = 2, nextn: bool = True, damp: float = 1.0,
+                   mtp_noise: float = 0.0) -> dict[str, np.ndarray]:  # fmt: skip
+    """Random weights of a tiny Qwen3.5 (hybrid: gated-delta-net layers, every `interval`-th a gated attention
+    layer), laid out as llama.cpp's src/models/qwen35.cpp loads them; `nextn`: one multi-token-prediction block
+    after the trunk (`blk.<n_layer>.nextn.*`, Qwen3.5/3.6's built-in draft head).
+
+    The MTP head reads [enorm(embedding of token t+1), hnorm(the trunk's last hidden state at t)] and predicts token
+    t+2. Built to agree with a `damp`ed trunk (whose next token depends mostly on its current one): eh_proj passes
+    the token half through, its attention and FFN add little, and the shared output matrix makes the logits; with
+    `mtp_noise` it disagrees now and then, so MTP drafts are both accepted and rejected."""
+    rng = np.random.default_rng(seed)
+    c = QWEN35
+    n_head, n_ff, head = c["n_head"], c["n_ff"], c["head_dim"]
+    key_dim, value_dim = head * c["n_k_heads"], head * c["n_v_heads"]
+    conv_dim = 2 * key_dim + value_dim
+    ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
+    w = {
+        "token_embd.weight": _mat(rng, n_vocab(), n_embd, scale=1.0),
+        "output_norm.weight": ones(n_embd),
+        "output.weight": _mat(rng, n_vocab(), n_embd, scale=0.6),
+    }
+
+    def attention(i: int, scale: float) -> dict[str, np.ndarray]:
+        return {
+            f"blk.{i}.attn_q.weight": _mat(rng, 2 * head * n_head, n_embd, scale=n_embd**-0.5),  # queries and their gate
+            f"blk.{i}.attn_k.weight": _mat(rng, head * n_head, n_embd, scale=n_embd**-0.5),
+            f"blk.{i}.attn_v.weight": _mat(rng, head * n_head, n_embd, scale=n_embd**-0.5),
+            f"blk.{i}.attn_output.weight": _mat(rng, n_embd, head * n_head, scale=scale * (head * n_head) ** -0.5),
+            f"blk.{i}.attn_q_norm.weight": ones(head),
+            f"blk.{i}.attn_k_norm.weight": ones(head),
+        }
+
+    def block(i: int, scale: float) -> dict[str, np.ndarray]:
+        return {
+            f"blk.{i}.attn_norm.weight": ones(n_embd),
+            f"blk.{i}.post_attention_norm.weight": ones(n_embd),
+            f"blk.{i}.ffn_gate.weight": _mat(rng, n_ff, n_embd, scale=n_embd**-0.5),
+            f"blk.{i}.ffn_up.weight": _mat(rng, n_ff, n_embd, scale=n_embd**-0.5),
+            f"blk.{i}.ffn_down.weight": _mat(rng, n_embd, n_ff, scale=scale * n_ff**-0.5),
+        }
+
+    for i in range(n_layer):
+        w |= block(i, damp)
+        if (i + 1) % c["interval"] == 0:
+            w |= attention(i, damp)
+        else:
+            w |= {
+                f"blk.{i}.attn_qkv.weight": _mat(rng, conv_dim, n_embd, scale=n_embd**-0.5),
+                f"blk.{i}.attn_gate.weight": _mat(rng, value_dim, n_embd, scale=n_embd**-0.5),
+                f"blk.{i}.ssm_conv1d.weight": _mat(rng, conv_dim, c["d_conv"], scale=0.5),
+                f"blk.{i}.ssm_dt.bias": _mat(rng, c["n_v_heads"]),
+                f"blk.{i}.ssm_a": -np.exp(_mat(rng, c["n_v_heads"], scale=0.5)),
+                f"blk.{i}.ssm_beta.weight": _mat(rng, c["n_v_heads"], n_embd, scale=n_embd**-0.5),
+                f"blk.{i}.ssm_alpha.weight": _mat(rng, c["n_v_heads"], n_embd, scale=n_embd**-0.5),
+                f"blk.{i}.ssm_norm.weight": ones(head),
+                f"blk.{i}.ssm_out.weight": _mat(rng, n_embd, value_dim, scale=damp * value_dim**-0.5),
+            }
+    if nextn:
+        i = n_layer
+        eh = np.concatenate([np.eye(n_embd, dtype=np.float32), np.zeros((n_embd, n_embd), dtype=np.float32)], axis=1)
+        w |= block(i, 0.05) | attention(i, 0.05)
+        w |= {
+            f"blk.{i}.nextn.eh_proj.weight": eh + _mat(rng, n_embd, 2 * n_embd, scale=mtp_noise),
+            f"blk.{i}.nextn.enorm.weight": ones(n_embd),
+            f"blk.{i}.nextn.hnorm.weight": ones(n_embd),
+            f"blk.{i}.nextn.shared_head_norm.weight": ones(n_embd),
+        }
+    return w
+
+
+def qwen35_model(path: Path, weights: dict[str, np.ndarray] | None = None, name: str = "tiny-qwen35", eos_id: int = 2) -> Path:
+    """A tiny Qwen3.5 (llama_model_is_hybrid), with its MTP block when the weights have one; same vocabulary as the
+    llama-architecture models."""
+    w = weights if weights is not None else qwen35_weights()
+    c = QWEN35
+    n_embd = w["token_embd.weight"].shape[1]
+    n_nextn = sum(1 for k in w if k.endswith("nextn.eh_proj.weight"))
+    n_blocks = sum(1 for k in w if k.endswith("ffn_down.weight"))
+    writer = gguf.GGUFWriter(str(path), "qwen35")
+    writer.add_name(name)
+    writer.add_context_length(1024)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_blocks)  # the trunk and the MTP blocks
+    if n_nextn:
+        writer.add_uint32("qwen35.nextn_predict_layers", n_nextn)
+    writer.add_feed_forward_length(c["n_ff"])
+    writer.add_head_count(c["n_head"])
+    writer.add_head_count_kv(c["n_head"])
+    writer.add_key_length(c["head_dim"])
+    writer.add_value_length(c["head_dim"])
+    writer.add_rope_dimension_count(c["head_dim"])
+    writer.add_rope_dimension_sections([4, 2, 2, 0])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_uint32("qwen35.full_attention_interval", c["interval"])
+    writer.add_ssm_conv_kernel(c["d_conv"])
+    writer.add_ssm_inner_size(c["head_dim"] * c["n_v_heads"])
+    writer.add_ssm_state_size(c["head_dim"])
+    writer.add_ssm_time_step_rank(c["n_v_heads"])
+    writer.add_ssm_group_count(c["n_k_heads"])
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_vocabulary(writer, WORDS, eos_id)
+    _write(writer, w)
+    return path

@@ -126,6 +126,9 @@ class Model:
         if tensor_split:
             self._split = (ctypes.c_float * max(len(tensor_split), llama_cpp.LLAMA_MAX_DEVICES))(*tensor_split)
             params.tensor_split = self._split
+        # a file with multi-token-prediction blocks loads them: the model's own draft head (MtpContext)
+        self.mtp_layers = self.info.mtp_layers
+        params.load_mtp = self.mtp_layers > 0
         self.kernels = kernels or choose_kernels(self.path, n_gpu_layers, os.cpu_count() or 1, role)
         params.use_extra_bufts, overrides = placement(self.info, self.kernels.bufts)
         if overrides is not None:
@@ -234,6 +237,35 @@ class Model:
 # after a decode, its last ROLLBACK_SNAPSHOTS tokens can be dropped (once) by llama_memory_seq_rm, as llama-server
 # rolls back a verify. One snapshot costs one more copy of the recurrent state per sequence, so a draft sent to
 # such a model is capped here (SpeculativeEngine), not at --draft-max.
+class _Staging:
+    """llama.cpp's staging API for MTP (src/llama-ext.h: C++ linkage, so called by the mangled names libllama exports;
+    common/speculative.cpp's draft-mtp uses the same four): a context's last hidden states, row by row."""
+
+    def __init__(self) -> None:
+        lib = llama_cpp.llama_cpp._lib
+        ctx, row = ctypes.c_void_p, ctypes.POINTER(ctypes.c_float)
+        self.set_embeddings_nextn = self._bind(lib, "_Z26llama_set_embeddings_nextnP13llama_contextbb",
+                                               [ctx, ctypes.c_bool, ctypes.c_bool], None)  # fmt: skip
+        self.get_embeddings_nextn = self._bind(lib, "_Z26llama_get_embeddings_nextnP13llama_context", [ctx], row)
+        self.get_embeddings_nextn_ith = self._bind(lib, "_Z30llama_get_embeddings_nextn_ithP13llama_contexti",
+                                                   [ctx, ctypes.c_int32], row)  # fmt: skip
+
+    @staticmethod
+    def _bind(lib: ctypes.CDLL, name: str, argtypes: list, restype: object) -> Callable:
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise TandemError(f"this llama.cpp build has no {name.split('llama_', 1)[-1].split('P13')[0]}: "
+                              "MTP drafting needs llama-cpp-python 0.3.36 or later") from None  # fmt: skip
+        fn.argtypes, fn.restype = argtypes, restype
+        return fn
+
+
+@functools.cache
+def _staging() -> _Staging:
+    return _Staging()
+
+
 ROLLBACK_SNAPSHOTS = 8
 # Beyond the snapshots, a recurrent sequence goes back to a saved checkpoint of its state (llama_state_seq_*,
 # llama-server's context checkpoints): taken at the end of each prompt read, every CHECKPOINT_EVERY tokens of a
@@ -250,7 +282,10 @@ class Context:
     context keeps rollback snapshots and checkpoints (ROLLBACK_SNAPSHOTS, CHECKPOINT_EVERY): truncate works
     for it too."""
 
-    def __init__(self, model: Model, n_ctx: int, n_threads: int, n_batch: int = 512, n_seq: int = 1):
+    def __init__(self, model: Model, n_ctx: int, n_threads: int, n_batch: int = 512, n_seq: int = 1,
+                 hidden: bool = False, head_of: Context | None = None):  # fmt: skip
+        """`hidden`: keep every decoded token's last hidden state (hidden()), which an MTP head drafts from;
+        `head_of`: this is the MTP head's context of that main context (MtpContext)."""
         self.model = model
         if model.on_cpu:  # no batch wider than the kernel trial checked (kernels.WIDEST): as cheap per token on a CPU
             n_batch = min(n_batch, kernels.WIDEST)
@@ -261,8 +296,13 @@ class Context:
         params.n_seq_max = n_seq
         params.kv_unified = n_seq > 1  # one pool: a split cache would break a mixed batch into one ubatch per sequence
         params.no_perf = True
-        if model.recurrent:
+        # the MTP head's context holds only its own attention layer's KV cache, whatever the trunk is
+        self.recurrent: bool = model.recurrent and head_of is None
+        if self.recurrent:
             params.n_rs_seq = ROLLBACK_SNAPSHOTS
+        if head_of is not None:  # the main model's multi-token-prediction head, run against the main context
+            params.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
+            params.ctx_other = head_of.ptr
         if model.on_cpu:
             # llama.cpp's CPU flash attention is slower for one token at a time (21.7 vs 18.4 ms for the demo
             # main model at depth 300, 2 threads); "auto" turns it on. llama-bench's default is off too.
@@ -288,12 +328,16 @@ class Context:
         self._logits_view = np.empty((0, model.n_vocab), dtype=np.float32)
         # the most tokens one truncate may drop without a checkpoint (None: any number, a KV cache; 0: a recurrent
         # architecture llama.cpp keeps no snapshots for, Mamba, RWKV, Jamba, Granite-H...: every rollback is a checkpoint's)
-        self.rollback_limit: int | None = llama_cpp.llama_n_rs_seq(ptr) if model.recurrent else None
+        self.rollback_limit: int | None = llama_cpp.llama_n_rs_seq(ptr) if self.recurrent else None
         self.checkpoints: list[list[tuple[int, bytes]]] = [[] for _ in range(n_seq)]  # per sequence: (tokens, state)
         self._transient: list[tuple[int, bytes] | None] = [None] * n_seq  # this round's rollback point (checkpoint)
         # per sequence: tokens of its last decode, while no rollback came since: a recurrent model's snapshots cover them
         self._last_decoded = [0] * n_seq
         self.restored = 0  # tokens re-read after going back to a checkpoint (tests check which way a rollback went)
+        self._n_decoded = 0  # tokens in the last decode (rows of hidden())
+        self.n_embd: int = llama_cpp.llama_model_n_embd_out(model.ptr)
+        if hidden:  # unmasked: a row for every token of a batch, not only those with logits (llama.cpp's MTP process hook)
+            _staging().set_embeddings_nextn(ptr, True, False)
 
     @property
     def tokens(self) -> list[int]:
@@ -373,7 +417,7 @@ class Context:
         # llama.cpp may move a recurrent sequence's state to another cell when a decode carries other sequences
         # (find_slot's re-ordering) and its snapshots stay behind: they are trusted only for a sequence decoded alone,
         # and until the next decode of any sequence
-        if self.model.recurrent:
+        if self.recurrent:
             self._last_decoded = [0] * self.n_seq
             if len(parts) == 1:
                 self._last_decoded[parts[0][0]] = len(parts[0][1])
@@ -381,6 +425,15 @@ class Context:
             self.seqs[seq].extend(tokens)
         self.n_evaluated += i
         self._n_outputs = outputs
+        self._n_decoded = i
+
+    def hidden(self) -> np.ndarray:
+        """(tokens of the last decode, n_embd): each token's last hidden state, in batch order (a context made with
+        hidden=True); a view valid until the next decode."""
+        ptr = _staging().get_embeddings_nextn(self.ptr)
+        if not ptr:
+            raise TandemError("llama.cpp kept no hidden states for this context")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_decoded, self.n_embd))
 
     def logits(self) -> np.ndarray:
         """A (n_outputs, n_vocab) float32 view over llama.cpp's logits buffer: valid until the next decode."""
@@ -400,7 +453,7 @@ class Context:
         tokens = self.seqs[seq]
         if n >= len(tokens):
             return True
-        recurrent = self.model.recurrent
+        recurrent = self.recurrent
         # a snapshot holds the state after each of the last decode's tokens but its last: never the state before it
         snapshot = len(tokens) - n <= min(self._last_decoded[seq] - 1, self.rollback_limit or 0)
         if (snapshot or not recurrent) and llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1):
@@ -416,7 +469,7 @@ class Context:
         """Save sequence `seq`'s recurrent state at its current length (a no-op for an attention-only model).
         `transient`: a rollback point for this round only (before a verify or a draft), kept apart so that rounds
         never push the prompt's and the turns' checkpoints out."""
-        if not self.model.recurrent or not self.seqs[seq]:
+        if not self.recurrent or not self.seqs[seq]:
             return
         n = len(self.seqs[seq])
         marks = self.checkpoints[seq]
@@ -447,7 +500,7 @@ class Context:
     def checkpoint_due(self, seq: int = 0) -> None:
         """A checkpoint once CHECKPOINT_EVERY tokens were read since the last one (called between prompt chunks)."""
         marks = self.checkpoints[seq]
-        if self.model.recurrent and len(self.seqs[seq]) - (marks[-1][0] if marks else 0) >= CHECKPOINT_EVERY:
+        if self.recurrent and len(self.seqs[seq]) - (marks[-1][0] if marks else 0) >= CHECKPOINT_EVERY:
             self.checkpoint(seq)
 
     def _drop_checkpoints(self, seq: int, n: int) -> None:
@@ -489,7 +542,7 @@ class Context:
             if other != seq and (n := self.common_prefix(tokens, other)) > best:
                 best, source = n, other
         # a recurrent state is not a prefix of positions: it cannot be shared from part of another sequence
-        if best - own < least or self.model.recurrent:
+        if best - own < least or self.recurrent:
             return own
         llama_cpp.llama_memory_seq_rm(self._memory, seq, 0, -1)
         llama_cpp.llama_memory_seq_cp(self._memory, source, seq, 0, best)
@@ -568,6 +621,76 @@ class SingleTokenContext(Context):
 
     def decode_parts(self, parts: Sequence[tuple[int, Sequence[int], int]]) -> list[np.ndarray]:
         raise ValueError("a single-token context decodes one sequence's token at a time")
+
+
+class MtpContext(Context):
+    """The main model's multi-token-prediction head in its own llama.cpp context (LLAMA_CONTEXT_TYPE_MTP, llama.cpp's
+    draft-mtp): a KV cache of its one attention layer, filled as the main context's is. Each position p holds
+    token p paired with the main model's last hidden state at p - 1 (Context.hidden); from the last such pair the
+    head predicts token p + 1, and from its own hidden state there, the next. Weights are the main model's."""
+
+    def __init__(self, main: Context, n_threads: int):
+        super().__init__(main.model, main.n_ctx, n_threads, n_batch=main.n_batch, n_seq=main.n_seq, head_of=main)
+        _staging().set_embeddings_nextn(self.ptr, True, True)  # masked: hidden rows only where logits are asked
+        self._ext = llama_cpp.llama_batch_ext_init(self.ptr)
+        self._pos = (ctypes.c_int32 * 4)()
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_batch_ext_free(self._ext)
+        super().close()
+
+    def decode(self, tokens: Sequence[int], all_logits: bool = False, seq: int = 0) -> None:
+        raise ValueError("an MTP head decodes tokens with the main model's hidden states: feed()")
+
+    def feed(self, parts: Sequence[tuple[int, Sequence[int], np.ndarray, int]]) -> list[np.ndarray]:
+        """One decode over several sequences' (seq, tokens, hidden: one float32 row per token, rows of logits wanted
+        for the last that many tokens); returns each part's logits rows (views valid until the next decode)."""
+        width = sum(len(tokens) for _, tokens, _, _ in parts)
+        if width > self.n_batch:
+            raise ValueError(f"{width} tokens in one decode, over n_batch {self.n_batch}")
+        ext, pos = self._ext, self._pos
+        llama_cpp.llama_batch_ext_clear(ext)
+        outputs = 0
+        for seq, tokens, hidden, wanted in parts:
+            if len(self.seqs[seq]) + len(tokens) > self.n_ctx:
+                raise ContextOverflowError(f"the context is full ({self.n_ctx} tokens); start a new chat or raise --ctx-size")
+            rows = np.ascontiguousarray(hidden, dtype=np.float32)
+            pos0, first_out = len(self.seqs[seq]), len(tokens) - wanted
+            for j, token in enumerate(tokens):
+                idx = llama_cpp.llama_batch_ext_add_token(ext, seq, token)
+                pos[0] = pos0 + j
+                row = llama_cpp.llama_embd(rows[j].ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 1, self.n_embd)
+                if idx < 0 or not llama_cpp.llama_batch_ext_set_pos(ext, idx, pos) or not llama_cpp.llama_batch_ext_set_embd_token(ext, idx, row):
+                    raise TandemError(f"llama.cpp refused a token for the MTP head (code {idx}): {_last_llama_error()}")
+                if j >= first_out:
+                    llama_cpp.llama_batch_ext_set_output_logits(ext, idx, True)
+                    outputs += 1
+        started = time.perf_counter()
+        rc = llama_cpp.llama_process(self.ptr, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, ext)
+        llama_cpp.llama_synchronize(self.ptr)
+        self.decode_seconds += time.perf_counter() - started
+        raise_if_interrupted()
+        if rc != 0:
+            raise TandemError(f"llama.cpp failed to run the MTP head over {width} tokens (code {rc}): {_last_llama_error()}")
+        for seq, tokens, _, _ in parts:
+            self.seqs[seq].extend(tokens)
+        self.n_evaluated += width
+        self._n_outputs, self._n_decoded = outputs, width
+        rows_out, views, at = self.logits(), [], 0
+        for _, tokens, _, wanted in parts:
+            n = min(wanted, len(tokens))
+            views.append(rows_out[at : at + n])
+            at += n
+        return views
+
+    def hidden_row(self, index: int) -> np.ndarray:
+        """The head's own hidden state at token `index` of the last feed (one with logits): what it drafts the next
+        token from."""
+        ptr = _staging().get_embeddings_nextn_ith(self.ptr, index)
+        if not ptr:
+            raise TandemError("llama.cpp kept no hidden state for the MTP head's draft")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
 
 
 def draft_context(model: Model, n_ctx: int, n_threads: int, n_seq: int = 1) -> Context:

@@ -73,11 +73,17 @@ class SourceTraits:
     # costs nothing to ask: what it would have proposed is checked against the tokens that came (observe), so
     # its acceptance is known without ever spending a verify batch on a probe
     observed: bool = False
-    prior_cost: float | None = None  # seconds per drafted token until measured; None: PRIOR_MODEL_COST of a main token
+    prior_cost: float | None = None  # seconds per drafted token until measured; None: prior_share of a main token
+    prior_share: float = 0.25  # PRIOR_MODEL_COST for a draft model
+    label: str = "draft model"  # in the controller's sentences
 
 
-MODEL_TRAITS = SourceTraits(catches_up=True)
-LOOKUP_TRAITS = SourceTraits(streaky=True, observed=True, prior_cost=0.0)  # a dictionary probe: microseconds
+MODEL_TRAITS = SourceTraits(catches_up=True, prior_share=PRIOR_MODEL_COST)
+LOOKUP_TRAITS = SourceTraits(streaky=True, observed=True, prior_cost=0.0, label="prompt lookup")  # a dictionary probe: microseconds
+# An MTP head is one decoder block and the output matrix: priced at a tenth of a main-model token until measured (a
+# 24-layer model's block is ~4% of it; the vocabulary projection is the rest). It follows the main model's kept
+# tokens the way a draft model does (catches_up), fed from the verify's hidden states.
+MTP_TRAITS = SourceTraits(catches_up=True, prior_share=0.1, label="MTP head")
 
 
 @dataclass
@@ -241,7 +247,7 @@ OFF = "off"  # drafting is off here (detail: the engine's sentence, e.g. --exact
 class Decision:
     """A round's draft source and length, and why (a code above with the figures behind it)."""
 
-    source: str  # "none", "model" or "lookup"
+    source: str  # "none", "model", "mtp" or "lookup"
     k: int
     why: str = PLAIN
     acceptance: float = 0.0
@@ -332,7 +338,7 @@ class DraftController:
         if state.probed_cost is not None:
             return state.probed_cost * self.verify_cost.scale
         prior = self.traits[source].prior_cost
-        return prior if prior is not None else PRIOR_MODEL_COST * (self.verify_time(1) or 1.0)
+        return prior if prior is not None else self.traits[source].prior_share * (self.verify_time(1) or 1.0)
 
     def catch_up_cost(self, source: str) -> float:
         state = self.sources[source]
@@ -381,8 +387,8 @@ class DraftController:
             verify = (self.verify_time(k + 1) or one) / one
             unit = self.unit_cost(source) / one
             self.closed[source] = (
-                f"{'draft model' if source == 'model' else 'prompt lookup'} off: verifying {k + 1} tokens costs {verify:.1f}x one"
-                + (f", a draft token {unit:.2f}x" if source == "model" else "")
+                f"{self.traits[source].label} off: verifying {k + 1} tokens costs {verify:.1f}x one"
+                + (f", a draft token {unit:.2f}x" if self.traits[source].prior_cost is None else "")
                 + f"; even if every drafted token were accepted it would run at best {gain:.2f}x plain decoding"
             )
 

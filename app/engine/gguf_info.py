@@ -56,6 +56,15 @@ class GGUFInfo:
         return str(self.metadata.get("general.name") or self.path.stem)
 
     @property
+    def mtp_layers(self) -> int:
+        """Multi-token-prediction (NextN) blocks the file carries after its trunk: the model's own draft head
+        (Qwen3.5/3.6, GLM-4.5+, DeepSeek-V3/4, MiMo...), loaded with llama.cpp's `load_mtp`."""
+        try:
+            return int(self.metadata.get(f"{self.architecture}.nextn_predict_layers", 0))
+        except (TypeError, ValueError):
+            return 0
+
+    @property
     def quantization(self) -> str:
         file_type = self.metadata.get("general.file_type")
         try:

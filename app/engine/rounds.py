@@ -68,7 +68,7 @@ class Rounds:
         drafting = [(seq, a) for seq, a in chosen if isinstance(a.need, DraftRequest)]
         if drafting:
             try:
-                self.engine.drafter.propose_all([a.need for _, a in drafting])
+                self.engine.propose([a.need for _, a in drafting])
             except Exception as exc:  # the draft decode failed: the replies drafting end, the others go on
                 for seq, active in drafting:
                     self._end(seq, active, out, exc)

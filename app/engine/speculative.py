@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engine.backend import Context, Model, SingleTokenContext, draft_context
+from app.engine.backend import Context, Model, MtpContext, SingleTokenContext, draft_context
 from app.engine.backends import backends
 from app.engine.compat import check_compatibility, require_compatible
 from app.engine.controller import (
@@ -23,6 +23,7 @@ from app.engine.controller import (
     FIXED,
     FIXED_LOOKUP,
     MODEL_TRAITS,
+    MTP_TRAITS,
     NEAR_END,
     NO_MATCH,
     NO_SOURCE,
@@ -57,6 +58,12 @@ SHADOW_TOKENS = 8  # the longest unused lookup proposal checked against what cam
 # (controller.STALE_RATIO): it was timed on a busy machine. (Slower live figures are a deep cache or a machine busy now: the
 # controller scales the curve by them, VerifyCost.scale, and the curve's shape stays right.)
 STALE_AFTER = 16
+# An MTP head drafts from its own hidden state after its first token: one head reused (Qwen3.5/3.6's single block)
+# is trained for one step ahead, so its drafts go no deeper than this (the controller picks less where it is unsure)
+MTP_DEPTH = 8
+# the main model's hidden states an idle MTP head has not been fed are fed in a batch once this many have gathered
+# (a long prompt, a reply drafted by other sources): memory stays bounded, a batch costs little per token
+MTP_FEED_AFTER = 256
 
 # LM Studio's stop reasons, so its users read ours the same way
 EOS, STOP_STRING, MAX_TOKENS, CONTEXT_FULL, CANCELLED = (
@@ -132,7 +139,8 @@ class DraftRequest:
     k: int
     config: GenerationConfig
     uniforms: PositionalUniforms
-    stop_unsure: bool = True  # an unsure token ends the draft (False: sent, and marked in Draft.unsure)
+    stop_unsure: bool = True
+    source: str = "model"  # which drafter: "model" (ModelDrafter) or "mtp" (MtpDrafter)  # an unsure token ends the draft (False: sent, and marked in Draft.unsure)
     draft: Draft | None = None
     seconds: float = 0.0  # this sequence's share of the drafting time (its catch-up, its share of shared decodes)
 
@@ -260,6 +268,95 @@ class ModelDrafter:
             row = self.ctx.logits()[-1]
         drafting.seconds = time.perf_counter() - started
         drafting.close()
+
+
+class MtpDrafter:
+    """Drafts with the main model's own multi-token-prediction head (MtpContext), as llama.cpp's draft-mtp does.
+    The main context keeps each decoded token's hidden state (observe); when asked to draft, the head catches up
+    on the tokens the main model kept, each paired with the hidden state before it, and drafts its first token in
+    that same decode; each further token comes from the head's own hidden state. Its drafts leave its cache after
+    the round: it holds only what the main model holds, plus the verify's first token."""
+
+    source = "mtp"
+    traits = MTP_TRAITS
+
+    def __init__(self, main_ctx: Context, n_threads: int):
+        self.main_ctx = main_ctx
+        self.ctx = MtpContext(main_ctx, n_threads)
+        self._confidence = Confidence(main_ctx.model.n_vocab)
+        # per sequence: the main model's hidden states not yet fed to the head, as (first position, rows) chunks
+        self._pending: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(main_ctx.n_seq)]
+
+    def observe(self, needs: Sequence[Verify]) -> None:
+        """After a main-model decode of `needs`: keep each sequence's new hidden states by position (rows left from a
+        verify whose drafts were rejected, at or past where this decode started, go first). A sequence that gathered
+        MTP_FEED_AFTER of them feeds the head what is settled (everything before this decode) now."""
+        hidden, at = self.main_ctx.hidden(), 0
+        for need in needs:
+            n = len(need.tokens)
+            start = len(self.main_ctx.seqs[need.seq]) - n
+            self._cut(need.seq, start)
+            self._pending[need.seq].append((start, hidden[at : at + n].copy()))
+            at += n
+            held = len(self.ctx.seqs[need.seq])
+            if start - held >= MTP_FEED_AFTER:
+                self._catch_up(need.seq, self.main_ctx.seqs[need.seq][:start], 0)
+
+    def propose_all(self, requests: Sequence[DraftRequest]) -> None:
+        for request in requests:  # one sequence at a time (llama.cpp batches sequences' MTP drafts: not yet here)
+            self._propose_one(request)
+
+    def _propose_one(self, request: DraftRequest) -> None:
+        started = time.perf_counter()
+        seq, tokens = request.seq, request.tokens
+        n = len(tokens) - 1  # the main model caches tokens[:n]; tokens[n] opens the verify
+        drafting = _Drafting(request, self._confidence)
+        row, index, fed = self._catch_up(seq, tokens, 1)
+        drafting.caught_up(fed, time.perf_counter() - started)
+        while (token := drafting.choose(row)) is not None:
+            hidden = self.ctx.hidden_row(index)
+            row, index = self.ctx.feed([(seq, [token], hidden[None], 1)])[0][-1], 0
+        self.ctx.truncate(n + 1, seq)  # the drafts go; the pair at n is the main model's own (next round keeps it)
+        drafting.seconds = time.perf_counter() - started
+        drafting.close()
+
+    def _catch_up(self, seq: int, tokens: Sequence[int], wanted: int) -> tuple[np.ndarray, int, int]:
+        """Feed the head `tokens` from what it holds, each with the main model's hidden state before it, in batches;
+        logits for the last `wanted`. Returns the last logits row, its index in that batch and how many were fed."""
+        ctx = self.ctx
+        held = ctx.keep_common_prefix(tokens, len(tokens) - 1, seq)
+        rows = self._rows(seq, held - 1, len(tokens) - 1)
+        row, index = ctx.logits()[:0], -1
+        for start in range(held, len(tokens), ctx.n_batch):
+            chunk = tokens[start : start + ctx.n_batch]
+            last = start + ctx.n_batch >= len(tokens)
+            out = ctx.feed([(seq, chunk, rows[start - held : start - held + len(chunk)], wanted if last else 0)])[0]
+            if last and wanted:
+                row, index = out[-1], len(chunk) - 1
+        self._forget(seq, len(tokens) - 1)
+        return row, index, len(tokens) - held
+
+    def _rows(self, seq: int, first: int, stop: int) -> np.ndarray:
+        """The main model's hidden states at positions first..stop-1; zeros where none is kept (before the first
+        token, as llama.cpp starts; or a stretch read again after an edit, the head's first pair there a guess)."""
+        rows = np.zeros((max(stop - first, 0), self.ctx.n_embd), dtype=np.float32)
+        for start, chunk in self._pending[seq]:
+            lo, hi = max(start, first), min(start + len(chunk), stop)
+            if lo < hi:
+                rows[lo - first : hi - first] = chunk[lo - start : hi - start]
+        return rows
+
+    def _cut(self, seq: int, position: int) -> None:
+        """Drop the hidden states at `position` and after."""
+        self._pending[seq] = [(start, chunk[: position - start]) for start, chunk in self._pending[seq] if start < position]
+
+    def _forget(self, seq: int, position: int) -> None:
+        """Drop the hidden states before `position` (fed to the head: only the last one is asked for again)."""
+        self._pending[seq] = [
+            (max(start, position), chunk[max(position - start, 0) :])
+            for start, chunk in self._pending[seq]
+            if start + len(chunk) > position
+        ]
 
 
 class Reply:
@@ -414,6 +511,7 @@ class SpeculativeEngine:
         draft_profile: DraftProfile | None = None,
         progress: Progress | None = None,  # the self-check's steps, when it runs (not cached yet)
         n_seq: int = 1,  # sequences served together (--parallel): one batch per round carries them all
+        mtp: bool = False,  # draft with the main model's own MTP head (it must have one: Model.mtp_layers)
     ):
         n_ctx = min(n_ctx, main.n_ctx_train) if main.n_ctx_train > 0 else n_ctx
         self.main = main
@@ -421,16 +519,21 @@ class SpeculativeEngine:
         self.drafter: ModelDrafter | None = None
         if draft is not None:
             require_compatible(main.path.name, draft.path.name, check_compatibility(main, draft))
+        if mtp and not main.mtp_layers:
+            raise TandemError(f"{main.path.name} has no MTP head (no nextn layers): pick a draft model or prompt lookup")
         if main_profile is None:
-            main_profile = profile_main(main, n_threads, progress=progress) if draft is not None or lookup else PLAIN_ONLY
+            main_profile = profile_main(main, n_threads, progress=progress) if draft is not None or lookup or mtp else PLAIN_ONLY
         self.main_profile = main_profile
         self.n_threads = n_threads
         self.n_seq = n_seq
-        self.main_ctx = Context(main, n_ctx, n_threads, n_seq=n_seq)
+        self.main_ctx = Context(main, n_ctx, n_threads, n_seq=n_seq, hidden=mtp)
+        self.mtp = MtpDrafter(self.main_ctx, n_threads) if mtp else None
         self.draft_profile: DraftProfile | None = None
         if draft is not None:
             self.draft_profile = draft_profile or profile_draft(draft, n_threads)
             self.drafter = ModelDrafter(draft_context(draft, n_ctx, n_threads, n_seq))
+        # the sources that draft with a model (a DraftRequest each round they are chosen), by name
+        self._drafters: dict[str, ModelDrafter | MtpDrafter] = {d.source: d for d in (self.drafter, self.mtp) if d is not None}
         self.lookup = lookup
         self._states = [SequenceState(LookupDrafter() if self.lookup else None) for _ in range(n_seq)]
         self.n_ctx = self.main_ctx.n_ctx
@@ -441,7 +544,7 @@ class SpeculativeEngine:
         self.blocked = (
             "--exact: drafting off, no verify batch is bit-identical to one-token decoding for "
             f"{main.path.name} with this build and CPU (logits differ by up to {kernels.max_difference:.2g})"
-            if self.exact_cap == 0 and (self.drafter or self.lookup)
+            if self.exact_cap == 0 and (self._drafters or self.lookup)
             else ""
         )
         # what the controller learned (costs, acceptance) carries over to the next reply of this pair:
@@ -450,6 +553,8 @@ class SpeculativeEngine:
         self._verify_cost = VerifyCost()
 
     def close(self) -> None:
+        if self.mtp:  # before the main context: the head's context reads it
+            self.mtp.ctx.close()
         self.main_ctx.close()
         if self.drafter:
             self.drafter.ctx.close()
@@ -457,6 +562,8 @@ class SpeculativeEngine:
     def abandon(self) -> None:
         """The main model's RPC worker was lost mid-decode: a thread is stuck in llama.cpp for good, and nothing of
         this pair may be freed or used again (rpc.py). Its memory is left to the process's end."""
+        if self.mtp:
+            self.mtp.ctx.abandon()
         self.main_ctx.abandon()
         self.main.abandon()
         if self.drafter:
@@ -474,7 +581,7 @@ class SpeculativeEngine:
         are the machine's, one curve for all (VerifyCost, shared)."""
         key = (draft_min, draft_max, seq)
         if key not in self._controllers:
-            sources = [s for s in (self.drafter, LookupDrafter if self.lookup else None) if s is not None]
+            sources = [*self._drafters.values(), *([LookupDrafter] if self.lookup else [])]
             ctl = DraftController(draft_min, draft_max, verify_cost=self._verify_cost,
                                   traits={source.source: source.traits for source in sources})  # fmt: skip
             draft = self.draft_profile
@@ -486,7 +593,7 @@ class SpeculativeEngine:
         """In words: what drafting a reply with `config` will do on this machine, and why (empty: nothing to say)."""
         if self.blocked:
             return self.blocked
-        if not (self.drafter or self.lookup) or config.draft_max == 0:
+        if not (self._drafters or self.lookup) or config.draft_max == 0:
             return "plain decoding"
         prefix = ""
         if self.exact_cap is not None and self.exact_cap < config.draft_max:
@@ -511,7 +618,7 @@ class SpeculativeEngine:
         return config.draft_min, min(config.draft_max, self.exact_cap if self.exact_cap is not None else config.draft_max)
 
     def _sources(self) -> list[str]:
-        return [s for s, on in (("model", self.drafter), ("lookup", self.lookup)) if on]
+        return [*self._drafters, *(["lookup"] if self.lookup else [])]
 
     def generate(
         self, prompt: Sequence[int], config: GenerationConfig, cancel: threading.Event | None = None
@@ -521,9 +628,15 @@ class SpeculativeEngine:
             if isinstance(item, Verify):
                 self.decode([item])
             elif isinstance(item, DraftRequest):
-                self.drafter.propose_all([item])
+                self.propose([item])
             else:
                 yield item
+
+    def propose(self, requests: Sequence[DraftRequest]) -> None:
+        """Draft every request, each source's requests together (ModelDrafter batches sequences' drafts)."""
+        for source, drafter in self._drafters.items():
+            if mine := [r for r in requests if r.source == source]:
+                drafter.propose_all(mine)
 
     def decode(self, needs: Sequence[Verify]) -> None:
         """One main-model decode over several sequences' needs; each gets its rows, the width and the time."""
@@ -531,8 +644,13 @@ class SpeculativeEngine:
         rows = self.main_ctx.decode_parts([(need.seq, need.tokens, len(need.tokens) if need.logits else 0) for need in needs])
         seconds = time.perf_counter() - started
         width = sum(len(need.tokens) for need in needs)
+        # a recurrent model's rejected drafts may be taken back by a replay (Context.truncate), a decode that overwrites
+        # llama.cpp's logits before the other sequences of this decode have read their rows: theirs are copied
+        keep = len(needs) > 1 and self.main_ctx.recurrent
         for need, view in zip(needs, rows, strict=True):
-            need.rows, need.width, need.seconds = view, width, seconds
+            need.rows, need.width, need.seconds = view.copy() if keep and need.logits else view, width, seconds
+        if self.mtp:  # the hidden states the MTP head drafts from (copied before the next decode overwrites them)
+            self.mtp.observe(needs)
 
     def pick_sequence(self, prompt: Sequence[int], busy: set[int]) -> int:
         """The free sequence that already holds the longest part of `prompt` (a continuing conversation lands
@@ -588,6 +706,8 @@ class SpeculativeEngine:
             if self.drafter:
                 self.drafter.ctx.borrow_prefix(prefix, seq, PROMPT_FIRST_CHUNK)
         kept = self.main_ctx.keep_common_prefix(prefix, seq=seq)
+        if self.mtp:  # the head follows the main context (it is fed from its hidden states, lazily)
+            self.mtp.ctx.keep_common_prefix(prefix, seq=seq)
         if self.drafter:  # and what the draft holds of another conversation goes now (no decode: it catches up lazily),
             # or its length would pass for being in sync (the controller's `behind`) after a longer conversation
             self.drafter.ctx.keep_common_prefix(prefix, seq=seq)
@@ -640,14 +760,14 @@ class SpeculativeEngine:
             state.batch = Batch(others) if others else None
             reply.verified(need)
             if controller is not None:
-                model = decision.source == "model"
+                model = decision.source in self._drafters  # a model drafted (its own catch-up and evaluations)
                 # a shared batch's time is not this sequence's verify cost: only its acceptance is evidence then. Nor
                 # is the first decode after a prompt: over RPC workers it took 200-450 ms where later ones took 95
                 # (real pair, 1 ms each way), and plain decoding priced from it made every draft look like a gain
                 timed = need.alone and decision.why != FIRST_TOKEN
                 controller.record(decision, len(draft.tokens), n_accepted, draft_seconds, verify_seconds if timed else None,
                                   draft.evaluated if model else None, draft.caught_up if model else None)  # fmt: skip
-                if model:
+                if decision.source == "model":
                     _judge_unsure(controller, draft, n_accepted, main_token)
             emitted = reply.take([*draft.tokens[:n_accepted], main_token], tokens)
             yield reply.round(decision, draft, n_accepted, main_token, emitted, draft_seconds, verify_seconds,
@@ -724,6 +844,8 @@ class SpeculativeEngine:
 
     @property
     def draft_name(self) -> str | None:
+        if self.mtp:
+            return "MTP head + prompt lookup" if self.lookup else "MTP head"
         if not self.drafter:
             return "prompt lookup" if self.lookup else None
         draft = self.draft_model
@@ -747,7 +869,7 @@ class SpeculativeEngine:
     ) -> tuple[Decision, Draft | DraftRequest]:
         """Pick a source and a length (the controller, or fixed draft_max), then draft (lookup) or say what the
         draft model is to draft."""
-        if limit <= 0 or not (self.drafter or self.lookup):
+        if limit <= 0 or not (self._drafters or self.lookup):
             return (Decision("none", 0, OFF, detail=self.blocked) if self.blocked else Decision("none", 0, NO_SOURCE)), Draft()
         if limit < config.draft_min:  # the end of the reply is nearer than draft-min: a draft would be thrown away
             return Decision("none", 0, NEAR_END, left=limit, draft_min=config.draft_min), Draft()
@@ -755,9 +877,11 @@ class SpeculativeEngine:
         match = state.lookup.match(tokens, limit) if state.lookup else []
         if controller is not None and state.shadow is not None:
             self._check_shadow(state, tokens, controller)
-        if controller is None:  # fixed length: the draft model when there is one (llama.cpp's rule), else lookup
+        if controller is None:  # fixed length: the draft model or MTP head when there is one (llama.cpp's rule), else lookup
             if self.drafter:
                 decision = Decision("model", limit, FIXED)
+            elif self.mtp:
+                decision = Decision("mtp", min(limit, MTP_DEPTH), FIXED)
             elif len(match) >= max(1, config.draft_min):
                 decision = Decision("lookup", len(match), FIXED_LOOKUP)
             else:
@@ -766,15 +890,18 @@ class SpeculativeEngine:
             available = {"lookup": len(match)} if match else {}
             if self.drafter:
                 available["model"] = limit
-            # beyond the main model's last token and an accepted draft's last token, the draft model
-            # evaluates what it missed: a new prompt, or what lookup and plain rounds produced meanwhile
-            behind = {"model": max(len(tokens) - len(self.drafter.ctx.seqs[seq]) - 2, 0)} if self.drafter else {}
+            if self.mtp:
+                available["mtp"] = min(limit, MTP_DEPTH)
+            # beyond the main model's last token and an accepted draft's last token, a drafting model
+            # evaluates what it missed: a new prompt, or what other sources and plain rounds produced meanwhile
+            behind = {source: max(len(tokens) - len(d.ctx.seqs[seq]) - 2, 0) for source, d in self._drafters.items()}
             decision = controller.decide(available, behind, horizon=remaining, batch=state.batch)
             if match and decision.source != "lookup" and state.shadow is None:
                 state.shadow = (len(tokens), match[:SHADOW_TOKENS])
-        if decision.source == "model":
-            stop = controller.stop_unsure(decision.k) if controller is not None else True
-            return decision, DraftRequest(seq, tokens, decision.k, config, uniforms, stop)  # drafted by whoever steps this sequence
+        if decision.source in self._drafters:
+            # (the confidence stop is lifted only where the controller has judged a draft model's unsure tokens)
+            stop = controller.stop_unsure(decision.k) if controller is not None and decision.source == "model" else True
+            return decision, DraftRequest(seq, tokens, decision.k, config, uniforms, stop, decision.source)  # drafted by whoever steps this sequence
         if decision.source == "lookup":
             return decision, Draft(tokens=match[: decision.k])
         return decision, Draft()

@@ -1,0 +1,174 @@
+"""The main model's own multi-token-prediction head drafts (issue #27, part 3): `mtp` is a draft source beside the
+draft model and prompt lookup, run in llama.cpp's MTP context (LLAMA_CONTEXT_TYPE_MTP) from the main model's hidden
+states, as llama.cpp's draft-mtp does, and the output is plain decoding's.
+
+No real model with an MTP head can be fetched here: a tiny random-weight Qwen3.5 (hybrid: gated delta net and
+attention layers) with one NextN block (tests/tiny_models.qwen35_weights) stands in. It proves correctness; speed
+on real Qwen3.5/3.6, GLM or DeepSeek heads is unmeasured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.engine.backend import Context, Model, MtpContext
+from app.engine.events import Finished, RoundEvent
+from app.engine.rounds import Rounds
+from app.engine.sampling import SamplerSettings
+from app.engine.speculative import MTP_DEPTH, GenerationConfig, SpeculativeEngine
+from tests import tiny_models
+
+GREEDY = SamplerSettings(temperature=0.0)
+PROMPT = "def sort ( x ) : return x"
+
+
+@pytest.fixture(scope="module")
+def qwen35(tmp_path_factory) -> dict[str, Model]:
+    """A tiny Qwen3.5 whose MTP head agrees with it most of the time (not always), and one without a head."""
+    root: Path = tmp_path_factory.mktemp("qwen35")
+    weights = tiny_models.qwen35_weights(damp=0.1, mtp_noise=0.015)
+    trunk = {k: v for k, v in weights.items() if not k.startswith("blk.2.")}
+    return {
+        "mtp": Model(tiny_models.qwen35_model(root / "qwen35-mtp.gguf", weights), n_gpu_layers=0),
+        "plain": Model(tiny_models.qwen35_model(root / "qwen35.gguf", trunk, name="tiny-qwen35-trunk"), n_gpu_layers=0),
+    }
+
+
+def engine_of(main: Model, mtp: bool = True, lookup: bool = False, n_seq: int = 1) -> SpeculativeEngine:
+    return SpeculativeEngine(main, None, n_ctx=512, n_threads=2, lookup=lookup, n_seq=n_seq, mtp=mtp)
+
+
+def run(engine: SpeculativeEngine, prompt: list[int], **config) -> tuple[Finished, list[RoundEvent]]:
+    config.setdefault("sampler", GREEDY)
+    config.setdefault("adaptive", False)  # fixed lengths: every round drafts, so rejections surely happen
+    config.setdefault("draft_p_min", 0.0)
+    events = list(engine.generate(prompt, GenerationConfig(**config)))
+    return events[-1], [e for e in events if isinstance(e, RoundEvent)]
+
+
+def test_the_tiny_file_is_a_hybrid_with_one_mtp_block(qwen35) -> None:
+    import llama_cpp
+
+    main = qwen35["mtp"]
+    assert llama_cpp.llama_model_is_hybrid(main.ptr) and main.recurrent
+    assert main.mtp_layers == 1 and main.info.mtp_layers == 1 and llama_cpp.llama_model_n_layer_nextn(main.ptr) == 1
+    assert qwen35["plain"].mtp_layers == 0
+
+
+def test_the_head_predicts_from_the_main_models_hidden_states(qwen35) -> None:
+    """Fed every token with the main model's hidden state before it (one batch), the head's logits equal those it
+    gives token by token, and its guesses are mostly, not always, the main model's next token."""
+    main = qwen35["mtp"]
+    ctx = Context(main, 256, 2, hidden=True)
+    head = MtpContext(ctx, 2)
+    tokens = main.tokenize(PROMPT)
+    n_prompt = len(tokens)
+    ctx.decode(tokens)
+    hidden = [ctx.hidden().copy()]
+    while len(tokens) < n_prompt + 40:
+        tokens.append(int(ctx.logits()[-1].argmax()))
+        ctx.decode(tokens[-1:])
+        hidden.append(ctx.hidden().copy())
+    rows = np.concatenate([np.zeros((1, ctx.n_embd), np.float32), *hidden])[: len(tokens)]
+    assert np.abs(rows[1:]).max() > 0  # the prompt's read (logits on its last token only) kept every token's state
+    step = head.n_batch
+    batched = np.concatenate([head.feed([(0, tokens[i : i + step], rows[i : i + step], step)])[0].copy()
+                              for i in range(0, len(tokens), step)])  # fmt: skip
+    head.clear()
+    one_by_one = np.stack([head.feed([(0, [t], rows[i : i + 1], 1)])[0][-1].copy() for i, t in enumerate(tokens)])
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-3, atol=1e-3)
+    guessed = batched.argmax(axis=1)[:-1] == np.array(tokens[1:])
+    assert 0.5 < guessed[n_prompt:].mean() < 1.0  # of the main model's own tokens
+    head.close()
+    ctx.close()
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_greedy_mtp_speculation_equals_plain(qwen35, lookup: bool) -> None:
+    main = qwen35["mtp"]
+    prompt = main.tokenize(PROMPT)
+    plain, _ = run(engine_of(main, mtp=False), prompt, max_tokens=64)
+    spec, rounds = run(engine_of(main, lookup=lookup), prompt, max_tokens=64, draft_max=4)
+    assert spec.tokens == plain.tokens
+    assert spec.stats.accepted_draft_tokens_count > 0, "no MTP draft was accepted"
+    assert spec.stats.rejected_draft_tokens_count > 0, "no MTP draft was rejected: the rollback was not exercised"
+    assert {r.draft_source for r in rounds} >= {"mtp"}
+
+
+def test_the_adaptive_controller_drafts_with_the_head_and_stays_exact(qwen35) -> None:
+    main = qwen35["mtp"]
+    prompt = main.tokenize(PROMPT)
+    plain, _ = run(engine_of(main, mtp=False), prompt, max_tokens=96)
+    engine = engine_of(main, lookup=True)
+    assert engine.draft_name == "MTP head + prompt lookup"
+    out, rounds = run(engine, prompt, max_tokens=96, adaptive=True, draft_p_min=0.75)
+    assert out.tokens == plain.tokens
+    assert any(r.draft_source == "mtp" for r in rounds)  # probed at least (its prior: a tenth of a main token)
+
+
+def test_seeded_sampling_with_mtp_equals_seeded_plain(qwen35) -> None:
+    main = qwen35["mtp"]
+    prompt = main.tokenize(PROMPT)
+    sampler = SamplerSettings(temperature=0.7, seed=4321)
+    plain, _ = run(engine_of(main, mtp=False), prompt, max_tokens=48, sampler=sampler)
+    spec, _ = run(engine_of(main), prompt, max_tokens=48, sampler=sampler, draft_max=3)
+    assert spec.tokens == plain.tokens
+    assert spec.stats.total_draft_tokens_count > 0
+
+
+def test_mtp_drafts_go_no_deeper_than_its_depth_or_the_snapshots(qwen35) -> None:
+    main = qwen35["mtp"]
+    engine = engine_of(main)
+    prompt = main.tokenize(PROMPT)
+    out, rounds = run(engine, prompt, max_tokens=64, draft_max=16)
+    assert 0 < max(len(r.drafted) for r in rounds) <= min(MTP_DEPTH, engine.main_ctx.rollback_limit)
+    assert out.tokens == run(engine_of(main, mtp=False), prompt, max_tokens=64)[0].tokens
+
+
+def test_the_head_holds_only_what_the_main_model_kept(qwen35) -> None:
+    """After each reply (rejected drafts included) the head's cache is the main model's, plus the verify's first
+    token; a regenerated turn reads from a checkpoint and equals a fresh read."""
+    main = qwen35["mtp"]
+    engine = engine_of(main)
+    prompt = main.tokenize(PROMPT)
+    first, _ = run(engine, prompt, max_tokens=40, draft_max=4)
+    held, kept = engine.mtp.ctx.seqs[0], engine.main_ctx.seqs[0]
+    assert held == kept[: len(held)] and len(kept) - len(held) <= 4
+    again, _ = run(engine, prompt, max_tokens=40, draft_max=4)
+    assert again.stats.prompt_tokens_evaluated == 1 and again.tokens == first.tokens
+    follow = [*prompt, *first.tokens, *main.tokenize(" hello world", add_special=False)]
+    cont, _ = run(engine, follow, max_tokens=24, draft_max=4)
+    assert cont.tokens == run(engine_of(main, mtp=False), follow, max_tokens=24)[0].tokens
+
+
+def test_four_sequences_draft_with_the_head_and_each_equals_plain(qwen35) -> None:
+    main = qwen35["mtp"]
+    prompts = [main.tokenize(p) for p in (PROMPT, "the cat sat on the mat and the dog ran to the mat and the cat sat on the mat and",
+                                          "hello world , hello world ,", "def sort ( x ) : return x + 1")]  # fmt: skip
+    engine = engine_of(main, n_seq=4)
+    rounds = Rounds(engine)
+    cfg = GenerationConfig(max_tokens=32, sampler=GREEDY, adaptive=False, draft_max=3, draft_p_min=0.0)
+    out: dict[int, list] = {i: [] for i in range(4)}
+    for i in (2, 0, 3, 1):
+        for key, item in rounds.start(i, prompts[i], cfg, None):
+            out[key].append(item)
+        for key, item in rounds.round():
+            out[key].append(item)
+    while rounds.busy:
+        for key, item in rounds.round():
+            out[key].append(item)
+    accepted = 0
+    for i, prompt in enumerate(prompts):
+        finished = next(e for e in out[i] if isinstance(e, Finished))
+        assert finished.tokens == run(engine_of(main, mtp=False), prompt, max_tokens=32)[0].tokens, i
+        accepted += finished.stats.accepted_draft_tokens_count
+    assert accepted > 0
+
+
+def test_a_model_without_a_head_refuses_mtp_in_one_sentence(qwen35) -> None:
+    from app.engine.errors import TandemError
+
+    with pytest.raises(TandemError, match="no MTP head"):
+        engine_of(qwen35["plain"])
