@@ -17,6 +17,7 @@ from pathlib import Path
 from app import __version__
 from app.engine.controller import DRAFT_P_MIN
 from app.engine.rpc import DEFAULT_PORT as DEFAULT_RPC_PORT
+from app.engine.sources import SOURCES
 
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 1, 130, 141
 
@@ -141,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="context size in tokens (default 4096, capped at the model's training context)")
 
     draft = p.add_argument_group("draft (speculative decoding)")
-    draft.add_argument("--draft", "--draftmodel", "-md", metavar="PATH|lookup",
-                       help="draft model (GGUF) sharing the main model's vocabulary, or 'lookup' for prompt-lookup drafting "
-                       "(the default when no draft model is given)")
+    draft.add_argument("--draft", "--draftmodel", "-md", metavar="PATH|mtp|lookup",
+                       help="draft model (GGUF) sharing the main model's vocabulary, 'mtp' for the main model's own "
+                       "multi-token-prediction head (the default when it has one), or 'lookup' for prompt-lookup drafting "
+                       "(the default otherwise)")
     draft.add_argument("--no-draft", action="store_true", help="plain decoding, no speculation (the baseline)")
     draft.add_argument("--exact", action="store_true",
                        help="batch-invariant kernels for the main model: output token-identical to plain decoding "
@@ -381,7 +383,7 @@ def launch_config(args: argparse.Namespace):  # -> app.config.Config
     if args.no_draft:
         config.draft = "none"
     elif args.draft:
-        config.draft = args.draft if args.draft == "lookup" else str(Path(args.draft).expanduser().absolute())
+        config.draft = args.draft if args.draft in SOURCES else str(Path(args.draft).expanduser().absolute())
     elif args.model:
         config.draft = ""  # a new main model: its own default, not the config's draft for another model
     config.dirs = [*args.models_dir, *config.dirs]

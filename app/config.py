@@ -131,7 +131,7 @@ class Settings:
 class Config:
     settings: Settings = field(default_factory=Settings)
     main: str = ""  # "" = the demo pair
-    draft: str = ""  # "" = the main model's default draft; else a path, "lookup" or "none"
+    draft: str = ""  # "" = the main model's default draft; else a path, "mtp", "lookup" or "none"
     dirs: list[str] = field(default_factory=list)  # extra folders the model pickers search
     default_drafts: dict[str, str] = field(default_factory=dict)
 

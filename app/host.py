@@ -28,7 +28,7 @@ from app.engine import rpc
 from app.engine.chat import ChatWindow, Message, fit_chat, read_chat, reply_reserve, tokenize_prompt
 from app.engine.errors import TandemError
 from app.engine.events import Finished, RoundEvent
-from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
+from app.engine.loading import SOURCES, EngineSpec, describe_draft, load_engine, own_draft
 from app.engine.rounds import Rounds
 from app.engine.rpc import WorkerLost, parse_endpoints, parse_split
 from app.engine.speculative import GenerationConfig, SpeculativeEngine
@@ -44,12 +44,12 @@ def resolve_spec(config: Config, main: str | None = None, draft: str | None = No
         draft = config.draft if not main or main == config.main else ""
     main = main or config.main
     if main:
-        draft_choice = draft or config.default_drafts.get(main) or _demo_draft_for(main) or LOOKUP
         main_path = Path(main)
+        draft_choice = draft or config.default_drafts.get(main) or _demo_draft_for(main) or own_draft(main_path)
     else:
         from app.engine.demo import ensure_demo_pair
 
-        if draft not in ("", LOOKUP, NO_DRAFT):
+        if draft not in ("", *SOURCES):
             read_gguf_info(draft)
         main_path, demo_draft = ensure_demo_pair()
         draft_choice = draft or str(demo_draft)
@@ -100,12 +100,16 @@ class Counters:
     draft_tokens: int = 0  # draft tokens sent to the main model for verification
     draft_accepted: int = 0
     accepted_at: list[int] = field(default_factory=list)  # [i]: rounds whose draft token i+1 was accepted
+    # per draft source ("model", "mtp", "lookup"): [rounds that drafted, tokens sent, tokens accepted]
+    by_source: dict[str, list[int]] = field(default_factory=dict)
 
     def count(self, item: object) -> None:
         if isinstance(item, RoundEvent) and item.drafted:
             self.drafts += 1
             self.draft_tokens += len(item.drafted)
             self.draft_accepted += item.n_accepted
+            counts = self.by_source.setdefault(item.draft_source, [0, 0, 0])
+            counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + len(item.drafted), counts[2] + item.n_accepted
             self.accepted_at += [0] * (item.n_accepted - len(self.accepted_at))
             for position in range(item.n_accepted):
                 self.accepted_at[position] += 1
@@ -130,7 +134,7 @@ class Job:
     messages: list[Message] | None = None  # a chat turn (rendered through the model's template)
     prompt: str | None = None  # or raw text (a completion)
     main: str | None = None  # a main model path; None: the loaded one
-    draft: str | None = None  # a draft choice (path, "lookup", "none"); None: the main model's default
+    draft: str | None = None  # a draft choice (path, "mtp", "lookup", "none"); None: the main model's default
     cancel: threading.Event = field(default_factory=threading.Event)
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # Event | JobFailed, then DONE
     wake: Callable[[], None] | None = None  # called (on the worker thread) after each item: e.g. an asyncio wake-up

@@ -172,3 +172,73 @@ def test_a_model_without_a_head_refuses_mtp_in_one_sentence(qwen35) -> None:
 
     with pytest.raises(TandemError, match="no MTP head"):
         engine_of(qwen35["plain"])
+
+
+# ---- the head as a draft choice: CLI, server, pickers, debug pane ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def head_file(tmp_path_factory) -> Path:
+    return tiny_models.qwen35_model(tmp_path_factory.mktemp("head") / "qwen35-mtp.gguf",
+                                    tiny_models.qwen35_weights(damp=0.1, mtp_noise=0.015))  # fmt: skip
+
+
+def test_the_cli_drafts_with_the_head_by_default_and_counts_its_rounds(head_file: Path, tiny) -> None:
+    import json
+
+    from tests.test_cli import tandem
+
+    common = ("--model", str(head_file), "--raw", "--prompt", PROMPT, "--temp", "0", "-n", "48", "--json", "--threads", "2")
+    result = tandem(*common, "--no-adaptive", "--draft-p-min", "0", "--draft-max", "3")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["draft_model"] == "MTP head + prompt lookup" and stats["speculation"] in ("", "fixed draft length 3")
+    mtp = stats["sources"]["mtp"]
+    assert mtp["rounds"] > 0 and 0 < mtp["accepted"] < mtp["drafted"]
+    plain = tandem(*common, "--no-draft")
+    assert json.loads(plain.stdout)["tokens"] == json.loads(result.stdout)["tokens"]
+    refused = tandem("--model", str(tiny.main), "--draft", "mtp", "--prompt", "hi", "-n", "4", "--threads", "2")
+    assert refused.returncode != 0 and "no MTP head" in refused.stderr and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_request_asks_for_the_head_and_metrics_count_it_by_source(head_file: Path) -> None:
+    from types import SimpleNamespace
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.test_server import running_server
+
+    served = SimpleNamespace(main=head_file, draft="lookup")
+    with running_server(served, draft_max=3, adaptive=False, draft_p_min=0.0) as (base, _host, _):
+        body = {"prompt": PROMPT, "temperature": 0, "max_tokens": 24, "speculative": {"mode": "mtp"}}
+        reply = httpx.post(f"{base}/api/v0/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        stats = reply.json()["stats"]
+        assert stats["draft_model"].startswith("MTP head") and stats["sources"]["mtp"]["rounds"] > 0
+        text = httpx.get(f"{base}/metrics", timeout=30).text
+        samples = {(s.name, s.labels.get("source")): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert samples[("tandem:drafts_by_source_total", "mtp")] == stats["sources"]["mtp"]["rounds"]
+        assert samples[("tandem:draft_tokens_accepted_by_source_total", "mtp")] == stats["sources"]["mtp"]["accepted"]
+
+
+def test_the_draft_picker_lists_the_built_in_head_first(head_file: Path, tiny) -> None:
+    from app.engine.catalog import find_models
+    from app.engine.gguf_info import read_gguf_info
+    from app.tui.choices import draft_choices
+
+    with_head = draft_choices(head_file, read_gguf_info(head_file), find_models([head_file.parent]))
+    assert with_head[0].value == "mtp" and "MTP" in with_head[0].label
+    without = draft_choices(tiny.main, read_gguf_info(tiny.main), [])
+    assert "mtp" not in [c.value for c in without]
+
+
+def test_the_debug_pane_names_mtp_rounds(qwen35) -> None:
+    from app.tui.widgets.debug import format_round, round_details
+
+    main = qwen35["mtp"]
+    _, rounds = run(engine_of(main), main.tokenize(PROMPT), max_tokens=24, draft_max=3)
+    event = next(r for r in rounds if r.draft_source == "mtp")
+    assert " mtp " in format_round(1, event).plain
+    assert any("MTP head" in line.plain for line in round_details(1, event))

@@ -661,7 +661,8 @@ class MtpContext(Context):
                 idx = llama_cpp.llama_batch_ext_add_token(ext, seq, token)
                 pos[0] = pos0 + j
                 row = llama_cpp.llama_embd(rows[j].ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 1, self.n_embd)
-                if idx < 0 or not llama_cpp.llama_batch_ext_set_pos(ext, idx, pos) or not llama_cpp.llama_batch_ext_set_embd_token(ext, idx, row):
+                placed = idx >= 0 and llama_cpp.llama_batch_ext_set_pos(ext, idx, pos)
+                if not placed or not llama_cpp.llama_batch_ext_set_embd_token(ext, idx, row):
                     raise TandemError(f"llama.cpp refused a token for the MTP head (code {idx}): {_last_llama_error()}")
                 if j >= first_out:
                     llama_cpp.llama_batch_ext_set_output_logits(ext, idx, True)

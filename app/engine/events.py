@@ -23,7 +23,7 @@ class RoundEvent:
     text: str  # text released this round (held back while it could be part of a stop string)
     draft_seconds: float
     verify_seconds: float
-    draft_source: str  # "model", "lookup" or "none"
+    draft_source: str  # "model", "mtp", "lookup" or "none"
     decision: str = ""  # why this draft length, in the engine's terse words (why.reason)
     # the bytes of each drafted token, then of main_token: consumers show tokens without calling llama.cpp
     # (its token-to-piece buffer is the engine thread's), and without keeping the model alive
@@ -65,6 +65,8 @@ class GenerationStats:
     draft_time: float = 0.0
     verify_time: float = 0.0
     draft_length_histogram: dict[int, int] = field(default_factory=dict)
+    # per draft source ("model", "mtp", "lookup"): rounds it drafted, tokens it sent, tokens accepted
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
     overhead_time: float = 0.0  # generation_time spent outside llama_decode (Python: drafting logic, sampling, events)
     # True: these tokens are exactly plain decoding's (the main model's kernels passed the batch-invariance
     # self-check, or no batch was verified). False: they may differ at near-ties (see exact_check)
@@ -76,9 +78,15 @@ class GenerationStats:
     # Python overhead counted, so the estimate leans low and the speedup with it. The speedup is plain / actual.
     plain_time_estimate: float = 0.0
     speedup_estimate: float = 1.0
-    closed_sources: tuple[str, ...] = ()  # draft sources ("model", "lookup") closed for this reply: they cannot pay here
+    closed_sources: tuple[str, ...] = ()  # draft sources ("model", "mtp", "lookup") closed for this reply: they cannot pay here
     widest_batch: int = 1  # the widest main-model decode this reply's verify tokens were part of (other sequences' too)
     backend: str = ""  # which llama.cpp build runs here and where each model's weights live (kernels.py)
+
+    def count_source(self, source: str, drafted: int, accepted: int) -> None:
+        counts = self.sources.setdefault(source, {"rounds": 0, "drafted": 0, "accepted": 0})
+        counts["rounds"] += 1
+        counts["drafted"] += drafted
+        counts["accepted"] += accepted
 
     @property
     def acceptance_rate(self) -> float:

@@ -1,7 +1,8 @@
 """Turning a choice of files into a running engine: validate both headers first, then load.
 
 Shared by the CLI and the chat app, so both fail the same way with the same sentence.
-A draft choice is a GGUF path, "lookup" (prompt lookup, no draft model) or "none" (plain decoding).
+A draft choice is a GGUF path, "mtp" (the main model's own multi-token-prediction head), "lookup" (prompt lookup,
+no draft model) or "none" (plain decoding).
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from pathlib import Path
 from app.engine import backends, kernels, rpc
 from app.engine.backend import Model, choose_kernels, supports_gpu_offload
 from app.engine.compat import metadata_compatibility, require_compatible
-from app.engine.errors import LoadCancelled
-from app.engine.gguf_info import read_gguf_info
+from app.engine.errors import LoadCancelled, ModelFileError, TandemError
+from app.engine.gguf_info import GGUFInfo, read_gguf_info
 from app.engine.probe import PLAIN_ONLY, MainProfile
+from app.engine.sources import LOOKUP, MTP, NO_DRAFT, SOURCES
 from app.engine.speculative import SpeculativeEngine
-
-NO_DRAFT, LOOKUP = "none", "lookup"
 
 LoadProgress = Callable[[str, float], None]  # (what is loading, fraction done)
 # the once-per-machine measurements (kernel trials, the self-check): (what is measured, steps done, steps in all)
@@ -30,7 +30,7 @@ StepProgress = Callable[[str, int, int], None]
 @dataclass(frozen=True)
 class EngineSpec:
     main: Path
-    draft: str = LOOKUP  # a GGUF path, LOOKUP or NO_DRAFT
+    draft: str = LOOKUP  # a GGUF path, MTP, LOOKUP or NO_DRAFT
     gpu_layers: int = -1  # main-model layers offloaded; -1 all
     draft_on_gpu: bool = True  # the draft goes fully on the GPU or fully on the CPU
     ctx_size: int = 4096
@@ -42,7 +42,7 @@ class EngineSpec:
 
     @property
     def draft_path(self) -> Path | None:
-        return None if self.draft in (NO_DRAFT, LOOKUP) else Path(self.draft)
+        return None if self.draft in SOURCES else Path(self.draft)
 
 
 def _main_on_workers(spec: EngineSpec, progress: Callable[[float], None] | None, cancel: threading.Event | None) -> Model:
@@ -59,11 +59,27 @@ def _main_on_workers(spec: EngineSpec, progress: Callable[[float], None] | None,
                  devices=devices, tensor_split=spec.tensor_split, where=rpc.describe(workers))  # fmt: skip
 
 
+def default_draft(info: GGUFInfo) -> str:
+    """A main model's own draft when nothing else is chosen: its MTP head when it carries one (as llama-server's
+    draft-mtp and LM Studio do), else prompt lookup."""
+    return MTP if info.mtp_layers else LOOKUP
+
+
+def own_draft(main: Path) -> str:
+    """default_draft of the file at `main`; prompt lookup when it cannot be read (the load says why, in one place)."""
+    try:
+        return default_draft(read_gguf_info(main))
+    except (TandemError, OSError):
+        return LOOKUP
+
+
 def describe_draft(choice: str) -> str:
     if choice == NO_DRAFT:
         return "no draft (plain decoding)"
     if choice == LOOKUP:
         return "prompt lookup"
+    if choice == MTP:
+        return "the model's MTP head"
     return Path(choice).name
 
 
@@ -78,6 +94,8 @@ def load_engine(
     """Load the pair described by `spec`. Raises a TandemError subclass with a readable reason."""
     main_info = read_gguf_info(spec.main)  # both headers checked before either model loads: fail fast, fail clearly
     draft_info = read_gguf_info(spec.draft_path) if spec.draft_path is not None else None
+    if spec.draft == MTP and not main_info.mtp_layers:
+        raise ModelFileError(f"{spec.main.name} has no MTP head (no nextn layers): pick a draft model or prompt lookup")
     if draft_info is not None:  # before any kernel trial or load: an incompatible draft costs nothing
         require_compatible(spec.main.name, draft_info.path.name, metadata_compatibility(main_info, draft_info))
 
@@ -123,7 +141,7 @@ def load_engine(
         return SpeculativeEngine(
             main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=spec.draft != NO_DRAFT, exact=spec.exact,
             main_profile=None if main_profile is PLAIN_ONLY else main_profile,  # a plain-only engine never probed
-            progress=check, n_seq=spec.parallel,
+            progress=check, n_seq=spec.parallel, mtp=spec.draft == MTP,
         )  # fmt: skip
     except BaseException:
         if reuse_main is None:

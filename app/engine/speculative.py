@@ -139,8 +139,8 @@ class DraftRequest:
     k: int
     config: GenerationConfig
     uniforms: PositionalUniforms
-    stop_unsure: bool = True
-    source: str = "model"  # which drafter: "model" (ModelDrafter) or "mtp" (MtpDrafter)  # an unsure token ends the draft (False: sent, and marked in Draft.unsure)
+    stop_unsure: bool = True  # an unsure token ends the draft (False: sent, and marked in Draft.unsure)
+    source: str = "model"  # which drafter: "model" (ModelDrafter) or "mtp" (MtpDrafter)
     draft: Draft | None = None
     seconds: float = 0.0  # this sequence's share of the drafting time (its catch-up, its share of shared decodes)
 
@@ -434,6 +434,8 @@ class Reply:
         stats.rejected_draft_tokens_count += n_drafted - n_accepted - past_end
         stats.ignored_draft_tokens_count += n_ignored
         stats.draft_length_histogram[n_drafted] = stats.draft_length_histogram.get(n_drafted, 0) + 1
+        if n_drafted:
+            stats.count_source(decision.source, n_drafted, n_accepted)
         stats.draft_time += draft_seconds
         stats.verify_time += verify_seconds
         return RoundEvent(
@@ -901,7 +903,8 @@ class SpeculativeEngine:
         if decision.source in self._drafters:
             # (the confidence stop is lifted only where the controller has judged a draft model's unsure tokens)
             stop = controller.stop_unsure(decision.k) if controller is not None and decision.source == "model" else True
-            return decision, DraftRequest(seq, tokens, decision.k, config, uniforms, stop, decision.source)  # drafted by whoever steps this sequence
+            # drafted by whoever steps this sequence
+            return decision, DraftRequest(seq, tokens, decision.k, config, uniforms, stop, decision.source)
         if decision.source == "lookup":
             return decision, Draft(tokens=match[: decision.k])
         return decision, Draft()

@@ -28,7 +28,7 @@ from app.engine.compat import metadata_compatibility
 from app.engine.errors import ContextOverflowError, IncompatibleDraftError, ModelFileError, TandemError
 from app.engine.events import Finished, RoundEvent
 from app.engine.gguf_info import read_gguf_info
-from app.engine.loading import LOOKUP, NO_DRAFT
+from app.engine.loading import LOOKUP, MTP, NO_DRAFT, SOURCES
 from app.engine.rpc import WorkerLost, WorkerUnavailable
 from app.engine.speculative import CONTEXT_FULL, MAX_TOKENS
 from app.host import DONE, EngineHost, Job, JobFailed, PairLocked, QueueFull, resolve_spec, same_file
@@ -168,7 +168,7 @@ def create_app(host: EngineHost, api_key: str | None = None, dirs: list[str] | N
                                  "model", 404, "not_found_error")  # fmt: skip
             main = str(entry.path)
         draft = _mode_draft(parsed, host, main)
-        if draft is not None and draft not in (LOOKUP, NO_DRAFT) and not _names(draft, host.spec.draft_path if host.spec else None):
+        if draft is not None and draft not in SOURCES and not _names(draft, host.spec.draft_path if host.spec else None):
             entry = catalog.find(draft)
             if entry is None:
                 raise BadRequest(f"draft model '{draft}' not found{_outside(draft)}", "draft_model", 404, "not_found_error")
@@ -302,11 +302,11 @@ def _mode_draft(parsed: Parsed, host: EngineHost, main: str | None) -> str | Non
     """The draft a request asks for: `draft_model` (LM Studio's), or `speculative.mode`, which must agree with it."""
     mode = parsed.speculative.mode if parsed.speculative else "auto"
     draft = parsed.draft_model
-    if mode in (LOOKUP, NO_DRAFT):
+    if mode in (LOOKUP, NO_DRAFT, MTP):
         if draft is not None and draft != mode:
             raise BadRequest(f"'speculative.mode' is {mode!r} but 'draft_model' names {draft!r}", "speculative.mode")
         return mode
-    if mode == "model" and draft in (None, LOOKUP, NO_DRAFT):
+    if mode == "model" and draft in (None, *SOURCES):
         loaded = host.spec
         if draft is None and loaded is not None and loaded.draft_path is not None and (main is None or same_file(main, str(loaded.main))):
             return str(loaded.draft_path)  # the loaded pair's draft model

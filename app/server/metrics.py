@@ -43,6 +43,15 @@ class HostCollector:
         for position, value in enumerate(list(counted.accepted_at), start=1):
             by_position.add_metric([str(position)], value)
         yield by_position
+        labels = ["source"]  # model, mtp or lookup
+        per_source = [CounterMetricFamily("tandem:drafts_by_source", "Drafting calls, by draft source", labels=labels),
+                      CounterMetricFamily("tandem:draft_tokens_by_source", "Draft tokens sent, by draft source", labels=labels),
+                      CounterMetricFamily("tandem:draft_tokens_accepted_by_source", "Draft tokens accepted, by draft source",
+                                          labels=labels)]  # fmt: skip
+        for source, counts in sorted(counted.by_source.items()):
+            for family, value in zip(per_source, counts, strict=True):
+                family.add_metric([source], value)
+        yield from per_source
         yield GaugeMetricFamily("tandem:requests_processing", "Requests being generated now", value=len(host.active))
         yield GaugeMetricFamily("tandem:sequences", "Replies that can be generated together (--parallel)", value=host.parallel)
         yield GaugeMetricFamily("tandem:requests_deferred", "Requests waiting in the queue", value=host.queued)

@@ -29,7 +29,7 @@ class BadRequest(Exception):
         self.message, self.param, self.status, self.kind = message, param, status, kind
 
 
-SPECULATIVE_MODES = ("auto", "model", "lookup", "none")  # auto: the model's default draft, adaptive
+SPECULATIVE_MODES = ("auto", "model", "mtp", "lookup", "none")  # auto: the model's default draft, adaptive
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def parse(body: Any, settings: Settings, chat: bool) -> Parsed:
 
 
 def _speculative(body: dict, settings: Settings) -> Speculative | None:
-    """`speculative`: {"mode": auto|model|lookup|none, "draft_max", "draft_min", "draft_p_min"}, each optional,
+    """`speculative`: {"mode": auto|model|mtp|lookup|none, "draft_max", "draft_min", "draft_p_min"}, each optional,
     within the same limits as the settings (Settings.LIMITS); the server's settings fill what is left out."""
     value = body.get("speculative")
     if value is None:
@@ -189,7 +189,7 @@ def _speculative(body: dict, settings: Settings) -> Speculative | None:
 
 
 def _draft(body: dict) -> str | None:
-    """LM Studio's `draft_model`: a path or a model id, "lookup", or "none"/"" for plain decoding."""
+    """LM Studio's `draft_model`: a path or a model id, "mtp", "lookup", or "none"/"" for plain decoding."""
     if "draft_model" not in body or body["draft_model"] is None:
         return None
     value = body["draft_model"]

@@ -32,7 +32,7 @@ from app.engine.chat import ChatSession, ChatWindow, Message
 from app.engine.errors import LoadCancelled, TandemError
 from app.engine.events import EarlierMessagesLeftOut, Event, Finished, PromptProgress, RoundEvent, TemplateFallback
 from app.engine.gguf_info import read_gguf_info
-from app.engine.loading import LOOKUP, NO_DRAFT, EngineSpec, describe_draft, load_engine
+from app.engine.loading import LOOKUP, MTP, NO_DRAFT, EngineSpec, describe_draft, load_engine, own_draft
 from app.engine.speculative import CANCELLED, SpeculativeEngine
 from app.engine.transcript import ReplyTranscript
 from app.history import Conversation, ConversationLog, HistoryStore, read_conversation
@@ -243,7 +243,7 @@ class TandemApp(App[None]):
             remembered = self.config.default_drafts.get(key)
             if remembered:
                 return remembered
-        return str(demo_draft) if is_demo else LOOKUP
+        return str(demo_draft) if is_demo else own_draft(Path(main))
 
     def load_pair(self, main: str, draft: str, by_user: bool = True) -> None:
         """Load on a thread; the current pair keeps working until the new one is ready. by_user:
@@ -727,7 +727,7 @@ class TandemApp(App[None]):
         nothing), drafting, or "" with no draft at all: from the engine's figures, never from its sentences."""
         if self.spec is None or self.spec.draft == NO_DRAFT or self.engine is None:
             return ""
-        source = "lookup" if self.spec.draft == LOOKUP else "model"
+        source = {LOOKUP: "lookup", MTP: "mtp"}.get(self.spec.draft, "model")
         closed = self.last_finished.stats.closed_sources if self.last_finished is not None else ()
         if self.engine.blocked or source in closed:
             return "off"

@@ -9,7 +9,7 @@ from pathlib import Path
 from app.engine.catalog import ModelEntry
 from app.engine.compat import metadata_compatibility
 from app.engine.gguf_info import GGUFInfo
-from app.engine.loading import LOOKUP, NO_DRAFT
+from app.engine.loading import LOOKUP, MTP, NO_DRAFT
 from app.history import Summary
 
 DEMO = ""  # the main-model choice meaning "the demo pair" (fetched on first use)
@@ -45,8 +45,11 @@ def model_choices(entries: list[ModelEntry], demo_fetched: bool) -> list[Choice]
 
 
 def draft_choices(main_path: Path, main_info: GGUFInfo, entries: list[ModelEntry]) -> list[Choice]:
-    """No draft and prompt lookup first, then compatible drafts, then the rest with the reason."""
-    fixed = [
+    """The model's own MTP head first when it has one, no draft and prompt lookup, then compatible drafts, then the
+    rest with the reason."""
+    own = [Choice(MTP, "MTP head (built in)", f"the model's own multi-token-prediction layer{'s' if main_info.mtp_layers > 1 else ''}: "
+                  "drafts from its hidden states, no second model")] if main_info.mtp_layers else []  # fmt: skip
+    fixed = [*own,
         Choice(NO_DRAFT, "No draft", "plain decoding: the baseline"),
         Choice(LOOKUP, "Prompt lookup", "n-gram drafts copied from the prompt and reply; no model, almost free"),
     ]

@@ -41,8 +41,8 @@ BONUS = Style.parse("black on #5fd7ff")
 CORRECTION = Style.parse("black on #ffd75f")
 PLAIN = Style.parse("bold")
 VERDICT_STYLES = {"PASS": "bold green", "FAIL": "bold red"}
-SOURCE_WORDS = {"model": "draft", "lookup": "lookup", "none": "plain"}
-SOURCE_NAMES = {"model": "the draft model", "lookup": "prompt lookup", "none": "no draft"}
+SOURCE_WORDS = {"model": "draft", "mtp": "mtp", "lookup": "lookup", "none": "plain"}
+SOURCE_NAMES = {"model": "the draft model", "mtp": "the MTP head", "lookup": "prompt lookup", "none": "no draft"}
 
 _VISIBLE = {i: chr(0x2400 + i) for i in range(32)} | {0x0A: "⏎", 0x09: "⇥", 0x0D: "␍", 0x7F: "␡"}
 
