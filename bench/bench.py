@@ -102,6 +102,10 @@ def mode_config(name: str, base: GenerationConfig) -> tuple[str, GenerationConfi
         return "model", replace(base, draft_max=16, adaptive=True, draft_p_min=int(m.group(1)) / 100)
     if name == "lookup":
         return "lookup", replace(base, draft_max=16, adaptive=True)
+    if name == "mtp":  # the default on a model with an MTP head: the head + lookup, controller's choice
+        return "mtp", replace(base, draft_max=16, adaptive=True)
+    if m := re.fullmatch(r"mtp-k(\d+)", name):  # the head alone, a fixed length (llama-server's draft-mtp)
+        return "mtp", replace(base, draft_max=int(m.group(1)), adaptive=False, draft_p_min=0.0)
     raise SystemExit(f"unknown mode {name!r}")
 
 
@@ -232,6 +236,9 @@ def main() -> int:
         "model": SpeculativeEngine(main_model, draft_model, n_ctx=4096, n_threads=args.threads, lookup=True, exact=args.exact),
         "lookup": SpeculativeEngine(main_model, None, n_ctx=4096, n_threads=args.threads, lookup=True, exact=args.exact),
     }
+    if main_model.mtp_layers:
+        engines["mtp"] = SpeculativeEngine(main_model, None, n_ctx=4096, n_threads=args.threads, lookup=True, exact=args.exact,
+                                           mtp=True)  # fmt: skip
     base = GenerationConfig(max_tokens=args.max_tokens, sampler=SamplerSettings(temperature=0.0))
     modes = args.modes.split(",")
     prompts = load_prompts(args.prompts) + ([] if args.no_short else [SHORT_ANSWER])

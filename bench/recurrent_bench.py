@@ -1,6 +1,7 @@
 """Never slower on hybrid and recurrent main models (issue #27): plain vs the default mode vs lookup on tiny
 random-weight LFM2 (hybrid: llama.cpp's rollback snapshots) and Mamba-2 (recurrent, no snapshots in llama.cpp:
-checkpoint and replay) files, through bench/bench.py.
+checkpoint and replay) files, and Qwen3.5 (hybrid, with an MTP block: `--arch qwen35 --modes plain,mtp,mtp-k3,lookup`)
+files, through bench/bench.py.
 
 No real model of these families can be fetched here, so the pairs are made the way the tests make theirs
 (tests/tiny_models.py), but wide enough that a decode costs milliseconds: the main model's layers are damped so
@@ -28,6 +29,13 @@ EOS = 0  # <unk>: the damped models' loops never reach it, so every reply runs t
 
 
 def make_pair(arch: str, root: Path) -> tuple[Path, Path]:
+    if arch == "qwen35":  # with its MTP block, agreeing with the damped trunk most of the time
+        weights = tiny_models.qwen35_weights(n_embd=512, n_layer=8, n_ff=1536, damp=0.1, mtp_noise=0.003)
+        trunk = {k: v for k, v in weights.items() if not k.startswith("blk.8.")}
+        main = tiny_models.qwen35_model(root / "qwen35-bench-main.gguf", weights, name="qwen35-bench-main", eos_id=EOS)
+        draft = tiny_models.qwen35_model(root / "qwen35-bench-draft.gguf", tiny_models.first_layers(trunk, 2),
+                                         name="qwen35-bench-draft", eos_id=EOS)  # fmt: skip
+        return main, draft
     if arch == "lfm2":
         weights = tiny_models.damped(tiny_models.lfm2_weights(n_embd=512, n_ff=1536, layers="cacacaca"), 0.3)
         write = tiny_models.lfm2_model

@@ -242,3 +242,32 @@ def test_the_debug_pane_names_mtp_rounds(qwen35) -> None:
     event = next(r for r in rounds if r.draft_source == "mtp")
     assert " mtp " in format_round(1, event).plain
     assert any("MTP head" in line.plain for line in round_details(1, event))
+
+
+def test_a_drafter_that_runs_only_inside_the_main_context_is_refused_in_words(tmp_path: Path, tiny) -> None:
+    """Gemma 4's MTP drafter files (gemma4-assistant), EAGLE-3 and DFlash: refused from the header, with the reason."""
+    import gguf
+
+    from app.engine.compat import metadata_compatibility
+    from app.engine.gguf_info import read_gguf_info
+
+    path = tmp_path / "assistant.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma4-assistant")
+    tiny_models._add_vocabulary(writer, tiny_models.WORDS, 2)
+    tiny_models._write(writer, {"token_embd.weight": np.zeros((tiny_models.n_vocab(), 8), dtype=np.float32)})
+    verdict = metadata_compatibility(read_gguf_info(tiny.main), read_gguf_info(path))
+    assert not verdict.ok and "Gemma 4's MTP drafter" in verdict.reason and "--draft mtp" in verdict.reason
+
+
+def test_a_long_prompt_feeds_the_head_as_it_is_read_and_keeps_few_hidden_states(qwen35) -> None:
+    from app.engine.speculative import MTP_FEED_AFTER
+
+    main = qwen35["mtp"]
+    engine = engine_of(main)
+    prompt = main.tokenize("the cat sat on the mat and the dog ran to the mat and " * 12)[:400]
+    run(engine, prompt, max_tokens=1)  # one plain round: the head has not drafted yet
+    assert len(engine.mtp.ctx.seqs[0]) >= MTP_FEED_AFTER  # fed in batches while the prompt was read
+    assert sum(len(rows) for _, rows in engine.mtp._pending[0]) < len(prompt) - MTP_FEED_AFTER + 64
+    out, rounds = run(engine, prompt, max_tokens=24, draft_max=3)
+    assert out.tokens == run(engine_of(main, mtp=False), prompt, max_tokens=24)[0].tokens
+    assert any(r.draft_source == "mtp" and r.n_accepted for r in rounds)

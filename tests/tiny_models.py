@@ -331,7 +331,7 @@ QWEN35 = {"n_head": 4, "n_ff": 128, "d_conv": 4, "head_dim": 16, "n_k_heads": 2,
 
 
 def qwen35_weights(seed: int = 17, n_embd: int = 64, n_layer: int = 2, nextn: bool = True, damp: float = 1.0,
-                   mtp_noise: float = 0.0) -> dict[str, np.ndarray]:  # fmt: skip
+                   mtp_noise: float = 0.0, n_ff: int = QWEN35["n_ff"]) -> dict[str, np.ndarray]:  # fmt: skip
     """Random weights of a tiny Qwen3.5 (hybrid: gated-delta-net layers, every `interval`-th a gated attention
     layer), laid out as llama.cpp's src/models/qwen35.cpp loads them; `nextn`: one multi-token-prediction block
     after the trunk (`blk.<n_layer>.nextn.*`, Qwen3.5/3.6's built-in draft head).
@@ -342,7 +342,7 @@ def qwen35_weights(seed: int = 17, n_embd: int = 64, n_layer: int = 2, nextn: bo
     `mtp_noise` it disagrees now and then, so MTP drafts are both accepted and rejected."""
     rng = np.random.default_rng(seed)
     c = QWEN35
-    n_head, n_ff, head = c["n_head"], c["n_ff"], c["head_dim"]
+    n_head, head = c["n_head"], c["head_dim"]
     key_dim, value_dim = head * c["n_k_heads"], head * c["n_v_heads"]
     conv_dim = 2 * key_dim + value_dim
     ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
@@ -415,7 +415,7 @@ def qwen35_model(path: Path, weights: dict[str, np.ndarray] | None = None, name:
     writer.add_block_count(n_blocks)  # the trunk and the MTP blocks
     if n_nextn:
         writer.add_uint32("qwen35.nextn_predict_layers", n_nextn)
-    writer.add_feed_forward_length(c["n_ff"])
+    writer.add_feed_forward_length(w["blk.0.ffn_up.weight"].shape[0])
     writer.add_head_count(c["n_head"])
     writer.add_head_count_kv(c["n_head"])
     writer.add_key_length(c["head_dim"])

@@ -132,6 +132,15 @@ def require_compatible(main_name: str, draft_name: str, compat: Compatibility) -
         raise IncompatibleDraftError(f"draft {draft_name} cannot be used with {main_name}: {compat.reason}")
 
 
+# drafter files that are not models of their own: llama.cpp runs them against the main model's context and hidden
+# states (common/speculative.cpp: gemma4-assistant shares the main model's KV cache; EAGLE-3 and DFlash read its layers)
+HEAD_ONLY_DRAFTERS = {"gemma4-assistant": "Gemma 4's MTP drafter", "eagle3": "an EAGLE-3 drafter", "dflash": "a DFlash drafter"}
+
+
 def metadata_compatibility(main: GGUFInfo, draft: GGUFInfo) -> Compatibility:
-    """The same rule from GGUF headers alone (no weights loaded): what the pickers show."""
+    """The same rule from GGUF headers alone (no weights loaded): what the pickers show. A drafter that only runs
+    inside the main model's context is refused in words here, before llama.cpp fails to make it a context."""
+    if draft.architecture in HEAD_ONLY_DRAFTERS:
+        return Compatibility(False, f"it is {HEAD_ONLY_DRAFTERS[draft.architecture]} ({draft.architecture}), which Tandem does "
+                                    "not run yet; a main model with its own MTP layers drafts with --draft mtp")  # fmt: skip
     return compare_vocabularies(gguf_vocabulary(main), gguf_vocabulary(draft))

@@ -347,8 +347,13 @@ class MtpDrafter:
         return rows
 
     def _cut(self, seq: int, position: int) -> None:
-        """Drop the hidden states at `position` and after."""
-        self._pending[seq] = [(start, chunk[: position - start]) for start, chunk in self._pending[seq] if start < position]
+        """Drop the hidden states at `position` and after (from the end: a round's decode starts near it)."""
+        chunks = self._pending[seq]
+        while chunks and chunks[-1][0] >= position:
+            chunks.pop()
+        if chunks and chunks[-1][0] + len(chunks[-1][1]) > position:
+            start, chunk = chunks[-1]
+            chunks[-1] = (start, chunk[: position - start])
 
     def _forget(self, seq: int, position: int) -> None:
         """Drop the hidden states before `position` (fed to the head: only the last one is asked for again)."""
