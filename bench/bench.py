@@ -104,6 +104,8 @@ def mode_config(name: str, base: GenerationConfig) -> tuple[str, GenerationConfi
         return "lookup", replace(base, draft_max=16, adaptive=True)
     if name == "mtp":  # the default on a model with an MTP head: the head + lookup, controller's choice
         return "mtp", replace(base, draft_max=16, adaptive=True)
+    if name == "mtp-alone":  # the head without lookup, controller's choice (--draft mtp where lookup never matches)
+        return "mtp-alone", replace(base, draft_max=16, adaptive=True)
     if m := re.fullmatch(r"mtp-k(\d+)", name):  # the head alone, a fixed length (llama-server's draft-mtp)
         return "mtp", replace(base, draft_max=int(m.group(1)), adaptive=False, draft_p_min=0.0)
     raise SystemExit(f"unknown mode {name!r}")
@@ -237,8 +239,9 @@ def main() -> int:
         "lookup": SpeculativeEngine(main_model, None, n_ctx=4096, n_threads=args.threads, lookup=True, exact=args.exact),
     }
     if main_model.mtp_layers:
-        engines["mtp"] = SpeculativeEngine(main_model, None, n_ctx=4096, n_threads=args.threads, lookup=True, exact=args.exact,
-                                           mtp=True)  # fmt: skip
+        for name, lookup in (("mtp", True), ("mtp-alone", False)):
+            engines[name] = SpeculativeEngine(main_model, None, n_ctx=4096, n_threads=args.threads, lookup=lookup,
+                                              exact=args.exact, mtp=True)  # fmt: skip
     base = GenerationConfig(max_tokens=args.max_tokens, sampler=SamplerSettings(temperature=0.0))
     modes = args.modes.split(",")
     prompts = load_prompts(args.prompts) + ([] if args.no_short else [SHORT_ANSWER])
