@@ -759,7 +759,7 @@ class TandemApp(App[None]):
         """Tandem's own commands only (Textual's theme, screenshot and maximize ones mean nothing here)."""
         yield SystemCommand("New chat", "Start a new conversation (Ctrl+N)", self.action_new_chat)
         yield SystemCommand("Pick main model", "Choose the main model (F2)", self.action_pick_model)
-        yield SystemCommand("Pick draft", "Choose a draft model, prompt lookup or none (F3)", self.action_pick_draft)
+        yield SystemCommand("Pick draft", "Choose the MTP head, a draft model, prompt lookup or none (F3)", self.action_pick_draft)
         yield SystemCommand("Toggle debug pane", "Drafted vs accepted tokens per round (F4)", self.action_toggle_debug)
         yield SystemCommand("Toggle accepted-token view", "Color text from accepted drafts (F5)", self.action_toggle_accepted)
         yield SystemCommand("Settings", "Sampling, draft and hardware settings (F6)", self.action_settings)

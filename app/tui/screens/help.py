@@ -19,7 +19,7 @@ EXPLAIN = {
     "scroll_chat": "Scroll the chat, also while typing (the debug pane, when it has focus)",
     "new_chat": "Start a new conversation (the last one stays in the history, F7)",
     "pick_model": "Pick the main model (GGUF files in the model folders)",
-    "pick_draft": "Pick the draft: a small model of the same family, prompt lookup, or none",
+    "pick_draft": "Pick the draft: the model's own MTP head, a small model of the same family, prompt lookup, or none",
     "settings": "Settings: sampling, draft length, context, threads, GPU layers",
     "toggle_serving": "Serve the loaded pair over HTTP (OpenAI and LM Studio API); again to stop",
     "toggle_debug": "Show or hide the debug pane: each round's drafted tokens, accepted or rejected",
