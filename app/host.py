@@ -28,7 +28,7 @@ from app.engine import rpc
 from app.engine.chat import ChatWindow, Message, fit_chat, read_chat, reply_reserve, tokenize_prompt
 from app.engine.errors import TandemError
 from app.engine.events import Finished, RoundEvent
-from app.engine.loading import SOURCES, EngineSpec, describe_draft, load_engine, own_draft
+from app.engine.loading import MTP, SOURCES, EngineSpec, describe_draft, load_engine, own_draft
 from app.engine.rounds import Rounds
 from app.engine.rpc import WorkerLost, parse_endpoints, parse_split
 from app.engine.speculative import GenerationConfig, SpeculativeEngine
@@ -477,7 +477,9 @@ class EngineHost:
 
     def _switch(self, spec: EngineSpec) -> None:
         """Load `spec`, keeping the current main model when only the draft changes (no weights re-read)."""
-        same_main = self.spec is not None and replace(self.spec, draft=spec.draft) == spec
+        # (the MTP head is loaded with the main model only to draft with it: a switch to or from it reloads)
+        same_main = (self.spec is not None and replace(self.spec, draft=spec.draft) == spec
+                     and (spec.draft == MTP) == (self.spec.draft == MTP))  # fmt: skip
         keep = self.engine.main if self.engine is not None and same_main else None
         engine = load_engine(spec, reuse_main=keep, main_profile=self.engine.main_profile if keep else None)
         if self.engine is not None:

@@ -229,7 +229,7 @@ def main() -> int:
     if args.chat:
         chat_ttft(main_path, draft_path, args.threads, args.runs, args.max_tokens)
         return 0
-    main_model = Model(main_path, kernels=kernels.PLAIN_CHOICE if args.exact else None)
+    main_model = Model(main_path, kernels=kernels.PLAIN_CHOICE if args.exact else None, mtp=True)  # its head, if it has one
     draft_model = Model(draft_path, role="draft") if draft_path else None
     for model in (main_model, draft_model):
         if model is not None:

@@ -31,7 +31,7 @@ def qwen35(tmp_path_factory) -> dict[str, Model]:
     weights = tiny_models.qwen35_weights(damp=0.1, mtp_noise=0.015)
     trunk = {k: v for k, v in weights.items() if not k.startswith("blk.2.")}
     return {
-        "mtp": Model(tiny_models.qwen35_model(root / "qwen35-mtp.gguf", weights), n_gpu_layers=0),
+        "mtp": Model(tiny_models.qwen35_model(root / "qwen35-mtp.gguf", weights), n_gpu_layers=0, mtp=True),
         "plain": Model(tiny_models.qwen35_model(root / "qwen35.gguf", trunk, name="tiny-qwen35-trunk"), n_gpu_layers=0),
     }
 
@@ -136,6 +136,9 @@ def test_the_head_holds_only_what_the_main_model_kept(qwen35) -> None:
     first, _ = run(engine, prompt, max_tokens=40, draft_max=4)
     held, kept = engine.mtp.ctx.seqs[0], engine.main_ctx.seqs[0]
     assert held == kept[: len(held)] and len(kept) - len(held) <= 4
+    # the hidden state at the prompt's end is kept: a regenerated reply feeds the head from there again, not zeros
+    anchor = len(prompt) - 2
+    assert any(start <= anchor < start + len(rows) for start, rows in engine.mtp._pending[0])
     again, _ = run(engine, prompt, max_tokens=40, draft_max=4)
     assert again.stats.prompt_tokens_evaluated == 1 and again.tokens == first.tokens
     follow = [*prompt, *first.tokens, *main.tokenize(" hello world", add_special=False)]

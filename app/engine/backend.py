@@ -110,6 +110,7 @@ class Model:
         devices: Sequence[int] = (),  # where its layers go (RPC workers first, rpc.py); empty: this machine's GPUs
         tensor_split: Sequence[float] = (),  # each device's share of the layers; empty: by free memory
         where: str = "",  # where `devices` are, in words ("RPC 10.0.0.2:50052"): stats and the status bar
+        mtp: bool = False,  # load the file's MTP head, if it has one llama.cpp runs (drafting with it: MtpContext)
     ):
         self.info: GGUFInfo = read_gguf_info(path)
         self.path = Path(path).expanduser().resolve()
@@ -126,8 +127,9 @@ class Model:
         if tensor_split:
             self._split = (ctypes.c_float * max(len(tensor_split), llama_cpp.LLAMA_MAX_DEVICES))(*tensor_split)
             params.tensor_split = self._split
-        # a file with multi-token-prediction blocks loads them: the model's own draft head (MtpContext)
-        self.mtp_layers = self.info.mtp_layers
+        # the model's own draft head (MtpContext), loaded only to draft with: on a GPU an MoE model's MTP block is a
+        # whole expert layer of VRAM (llama-server too loads it only for draft-mtp)
+        self.mtp_layers = self.info.mtp_layers if mtp else 0
         params.load_mtp = self.mtp_layers > 0
         self.kernels = kernels or choose_kernels(self.path, n_gpu_layers, os.cpu_count() or 1, role)
         params.use_extra_bufts, overrides = placement(self.info, self.kernels.bufts)
@@ -454,9 +456,7 @@ class Context:
         if n >= len(tokens):
             return True
         recurrent = self.recurrent
-        # a snapshot holds the state after each of the last decode's tokens but its last: never the state before it
-        snapshot = len(tokens) - n <= min(self._last_decoded[seq] - 1, self.rollback_limit or 0)
-        if (snapshot or not recurrent) and llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1):
+        if (not self.replays(n, seq) or not recurrent) and llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1):
             self._last_decoded[seq] = 0  # llama.cpp's rollback is single-use until the next decode
             del tokens[n:]
             self._drop_checkpoints(seq, n)
@@ -464,6 +464,15 @@ class Context:
         if not recurrent:
             return False
         return self._restore(n, seq, exact)
+
+    def replays(self, n: int, seq: int = 0) -> bool:
+        """Whether truncate(n, seq) goes back to a checkpoint and decodes again (a recurrent model whose snapshots
+        do not reach back to n): that decode overwrites the logits of the one before it."""
+        tokens = self.seqs[seq]
+        if not self.recurrent or n >= len(tokens):
+            return False
+        # a snapshot holds the state after each of the last decode's tokens but its last: never the state before it
+        return len(tokens) - n > min(self._last_decoded[seq] - 1, self.rollback_limit or 0)
 
     def checkpoint(self, seq: int = 0, transient: bool = False) -> None:
         """Save sequence `seq`'s recurrent state at its current length (a no-op for an attention-only model).
@@ -661,9 +670,10 @@ class MtpContext(Context):
                 idx = llama_cpp.llama_batch_ext_add_token(ext, seq, token)
                 pos[0] = pos0 + j
                 row = llama_cpp.llama_embd(rows[j].ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 1, self.n_embd)
-                placed = idx >= 0 and llama_cpp.llama_batch_ext_set_pos(ext, idx, pos)
-                if not placed or not llama_cpp.llama_batch_ext_set_embd_token(ext, idx, row):
+                if idx < 0:
                     raise TandemError(f"llama.cpp refused a token for the MTP head (code {idx}): {_last_llama_error()}")
+                if not llama_cpp.llama_batch_ext_set_pos(ext, idx, pos) or not llama_cpp.llama_batch_ext_set_embd_token(ext, idx, row):
+                    raise TandemError(f"llama.cpp refused the MTP head's input at position {pos0 + j}: {_last_llama_error()}")
                 if j >= first_out:
                     llama_cpp.llama_batch_ext_set_output_logits(ext, idx, True)
                     outputs += 1

@@ -27,6 +27,13 @@ _STRING, _ARRAY = 8, 9
 _MAX_ARRAY_KEPT = 64
 
 
+# the architectures llama.cpp 0.3.36's MTP graph (LLM_GRAPH_TYPE_DECODER_MTP, src/models/*.cpp) is built for
+MTP_ARCHITECTURES = frozenset({
+    "qwen35", "qwen35moe", "qwen3next", "glm4moe", "glm5-next", "glm-dsa", "deepseek2", "deepseek32", "deepseek4",
+    "bailingmoe3", "cohere2moe", "nemotron_h_moe", "mimo2", "hy_v3", "step35",
+})  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -57,8 +64,11 @@ class GGUFInfo:
 
     @property
     def mtp_layers(self) -> int:
-        """Multi-token-prediction (NextN) blocks the file carries after its trunk: the model's own draft head
-        (Qwen3.5/3.6, GLM-4.5+, DeepSeek-V3/4, MiMo...), loaded with llama.cpp's `load_mtp`."""
+        """Multi-token-prediction (NextN) blocks the file carries after its trunk that the llama.cpp inside Tandem
+        can run as a draft head (MTP_ARCHITECTURES): Qwen3.5/3.6, GLM-4.5+, DeepSeek-V3/4, MiMo... Others that
+        write the key (EXAONE's keeps the blocks "preserved but unused"; granite-switch reuses it) count 0."""
+        if self.architecture not in MTP_ARCHITECTURES:
+            return 0
         try:
             return int(self.metadata.get(f"{self.architecture}.nextn_predict_layers", 0))
         except (TypeError, ValueError):

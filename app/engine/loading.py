@@ -56,7 +56,7 @@ def _main_on_workers(spec: EngineSpec, progress: Callable[[float], None] | None,
         raise rpc.WorkerUnavailable(f"--tensor-split has {len(spec.tensor_split)} shares for {len(devices)} devices"
                                     f" ({', '.join(w.endpoint for w in workers)} and this machine's GPUs)")  # fmt: skip
     return Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=progress, kernels=kernels.PLAIN_CHOICE, cancel=cancel,
-                 devices=devices, tensor_split=spec.tensor_split, where=rpc.describe(workers))  # fmt: skip
+                 devices=devices, tensor_split=spec.tensor_split, where=rpc.describe(workers), mtp=spec.draft == MTP)  # fmt: skip
 
 
 def default_draft(info: GGUFInfo) -> str:
@@ -95,7 +95,10 @@ def load_engine(
     main_info = read_gguf_info(spec.main)  # both headers checked before either model loads: fail fast, fail clearly
     draft_info = read_gguf_info(spec.draft_path) if spec.draft_path is not None else None
     if spec.draft == MTP and not main_info.mtp_layers:
-        raise ModelFileError(f"{spec.main.name} has no MTP head (no nextn layers): pick a draft model or prompt lookup")
+        raise ModelFileError(f"{spec.main.name} has no MTP head (no nextn layers this llama.cpp runs): pick a draft model "
+                             "or prompt lookup")  # fmt: skip
+    if reuse_main is not None and bool(reuse_main.mtp_layers) != (spec.draft == MTP):
+        raise ValueError("the loaded main model's MTP head does not match the draft choice: load it again")
     if draft_info is not None:  # before any kernel trial or load: an incompatible draft costs nothing
         require_compatible(spec.main.name, draft_info.path.name, metadata_compatibility(main_info, draft_info))
 
@@ -125,7 +128,8 @@ def load_engine(
         # do not); the engine's self-check confirms it or turns drafting off. Otherwise measured (kernels.py).
         choice = kernels.PLAIN_CHOICE if spec.exact else choose_kernels(
             spec.main, spec.gpu_layers, spec.threads, "main", steps(f"{spec.main.name}: trying this CPU's kernels"), cancel)
-        main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name), kernels=choice, cancel=cancel)
+        main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name), kernels=choice, cancel=cancel,
+                     mtp=spec.draft == MTP)  # fmt: skip
     draft = None
     check = steps(f"{spec.main.name}: measuring this CPU's kernels (once), batch sizes")
     try:

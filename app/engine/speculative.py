@@ -286,6 +286,14 @@ class MtpDrafter:
         self._confidence = Confidence(main_ctx.model.n_vocab)
         # per sequence: the main model's hidden states not yet fed to the head, as (first position, rows) chunks
         self._pending: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(main_ctx.n_seq)]
+        # per sequence: the position whose hidden state a regenerated reply needs (the prompt's last cached token)
+        self._anchor = [-1] * main_ctx.n_seq
+
+    def start(self, seq: int, prefix: Sequence[int], valid: int) -> None:
+        """A reply starts on `seq` from `prefix` (all but the prompt's last token), whose first `valid` tokens are
+        those the main context held there before (their hidden states still hold; later ones were another text's)."""
+        self._cut(seq, valid)
+        self._anchor[seq] = len(prefix) - 1
 
     def observe(self, needs: Sequence[Verify]) -> None:
         """After a main-model decode of `needs`: keep each sequence's new hidden states by position (rows left from a
@@ -356,12 +364,15 @@ class MtpDrafter:
             chunks[-1] = (start, chunk[: position - start])
 
     def _forget(self, seq: int, position: int) -> None:
-        """Drop the hidden states before `position` (fed to the head: only the last one is asked for again)."""
-        self._pending[seq] = [
-            (max(start, position), chunk[max(position - start, 0) :])
-            for start, chunk in self._pending[seq]
-            if start + len(chunk) > position
-        ]
+        """Drop the hidden states before `position` (fed to the head: only the last one is asked for again), but the
+        anchor's: regenerating the reply feeds the head from the end of its prompt again."""
+        anchor, kept = self._anchor[seq], []
+        for start, chunk in self._pending[seq]:
+            if start + len(chunk) > position:
+                kept.append((max(start, position), chunk[max(position - start, 0) :]))
+            elif start <= anchor < start + len(chunk):
+                kept.append((anchor, chunk[anchor - start : anchor - start + 1]))
+        self._pending[seq] = kept
 
 
 class Reply:
@@ -527,7 +538,9 @@ class SpeculativeEngine:
         if draft is not None:
             require_compatible(main.path.name, draft.path.name, check_compatibility(main, draft))
         if mtp and not main.mtp_layers:
-            raise TandemError(f"{main.path.name} has no MTP head (no nextn layers): pick a draft model or prompt lookup")
+            raise TandemError(f"{main.path.name} was loaded without its MTP head" if main.info.mtp_layers else
+                              f"{main.path.name} has no MTP head (no nextn layers this llama.cpp runs): "
+                              "pick a draft model or prompt lookup")  # fmt: skip
         if main_profile is None:
             main_profile = profile_main(main, n_threads, progress=progress) if draft is not None or lookup or mtp else PLAIN_ONLY
         self.main_profile = main_profile
@@ -544,6 +557,7 @@ class SpeculativeEngine:
         self.lookup = lookup
         self._states = [SequenceState(LookupDrafter() if self.lookup else None) for _ in range(n_seq)]
         self.n_ctx = self.main_ctx.n_ctx
+        self._shared: list[Verify] = []  # the last decode's needs, when several sequences of a recurrent model shared it
         self.prompt_chunk = PROMPT_CHUNK if main.on_cpu else self.main_ctx.n_batch
         kernels = self.main_profile.kernels
         # --exact: verify no batch wider than the self-check found bit-identical to one-token decoding
@@ -651,13 +665,21 @@ class SpeculativeEngine:
         rows = self.main_ctx.decode_parts([(need.seq, need.tokens, len(need.tokens) if need.logits else 0) for need in needs])
         seconds = time.perf_counter() - started
         width = sum(len(need.tokens) for need in needs)
-        # a recurrent model's rejected drafts may be taken back by a replay (Context.truncate), a decode that overwrites
-        # llama.cpp's logits before the other sequences of this decode have read their rows: theirs are copied
-        keep = len(needs) > 1 and self.main_ctx.recurrent
         for need, view in zip(needs, rows, strict=True):
-            need.rows, need.width, need.seconds = view.copy() if keep and need.logits else view, width, seconds
+            need.rows, need.width, need.seconds = view, width, seconds
+        # a recurrent model's rejected drafts may be taken back by a replay (Context.truncate), a decode that would
+        # overwrite llama.cpp's logits before the other sequences of this decode have read their rows (_keep_rows)
+        self._shared = list(needs) if len(needs) > 1 and self.main_ctx.recurrent else []
         if self.mtp:  # the hidden states the MTP head drafts from (copied before the next decode overwrites them)
             self.mtp.observe(needs)
+
+    def _keep_rows(self) -> None:
+        """Copy the rows of the last shared decode out of llama.cpp's buffer, before a replay decodes over them (only
+        then: a 9-token verify of a 248k vocabulary is 9 MB a sequence)."""
+        for need in self._shared:
+            if need.rows is not None and need.rows.base is not None:
+                need.rows = need.rows.copy()
+        self._shared = []
 
     def pick_sequence(self, prompt: Sequence[int], busy: set[int]) -> int:
         """The free sequence that already holds the longest part of `prompt` (a continuing conversation lands
@@ -708,10 +730,12 @@ class SpeculativeEngine:
         # the last prompt token opens the first verify batch. The draft model is not fed the prompt here:
         # it catches up only when the controller first chooses it (a reply that never drafts never pays)
         prefix = tokens[:-1]
-        if self.n_seq > 1:  # a prefix another sequence holds is shared, not read again (both contexts)
+        if self.mtp:
+            self.mtp.start(seq, prefix, self.main_ctx.common_prefix(prefix, seq))
+        if self.n_seq > 1:  # a prefix another sequence holds is shared, not read again (every context)
             self.main_ctx.borrow_prefix(prefix, seq, PROMPT_FIRST_CHUNK)
-            if self.drafter:
-                self.drafter.ctx.borrow_prefix(prefix, seq, PROMPT_FIRST_CHUNK)
+            for drafter in self._drafters.values():
+                drafter.ctx.borrow_prefix(prefix, seq, PROMPT_FIRST_CHUNK)
         kept = self.main_ctx.keep_common_prefix(prefix, seq=seq)
         if self.mtp:  # the head follows the main context (it is fed from its hidden states, lazily)
             self.mtp.ctx.keep_common_prefix(prefix, seq=seq)
@@ -759,6 +783,8 @@ class SpeculativeEngine:
                 n_accepted, main_token = _verify_greedy(need.rows, draft.tokens)
             else:
                 n_accepted, main_token = _verify_sampled(need.rows, draft, tokens, settings, penalty, uniforms)
+            if self._shared and self.main_ctx.replays(len(tokens) + n_accepted, seq):
+                self._keep_rows()
             if not self.main_ctx.truncate(len(tokens) + n_accepted, seq):  # drop rejected drafts from the KV cache
                 raise TandemError(f"llama.cpp could not drop rejected draft tokens from {self.main.path.name}'s cache")
             verify_seconds = need.seconds + time.perf_counter() - resumed
@@ -888,7 +914,7 @@ class SpeculativeEngine:
             if self.drafter:
                 decision = Decision("model", limit, FIXED)
             elif self.mtp:
-                decision = Decision("mtp", min(limit, MTP_DEPTH), FIXED)
+                decision = Decision("mtp", min(limit, max(MTP_DEPTH, config.draft_min)), FIXED)
             elif len(match) >= max(1, config.draft_min):
                 decision = Decision("lookup", len(match), FIXED_LOOKUP)
             else:
@@ -898,7 +924,7 @@ class SpeculativeEngine:
             if self.drafter:
                 available["model"] = limit
             if self.mtp:
-                available["mtp"] = min(limit, MTP_DEPTH)
+                available["mtp"] = min(limit, max(MTP_DEPTH, config.draft_min))
             # beyond the main model's last token and an accepted draft's last token, a drafting model
             # evaluates what it missed: a new prompt, or what other sources and plain rounds produced meanwhile
             behind = {source: max(len(tokens) - len(d.ctx.seqs[seq]) - 2, 0) for source, d in self._drafters.items()}
