@@ -249,3 +249,22 @@ def test_the_confidence_stop_holds_while_unsure_tokens_are_mostly_wrong_and_lift
         ctl.observe_unsure(False)  # a smaller draft guessing at hard places
     assert ctl.stop_unsure(4)
 
+
+
+def test_a_rollbacks_cost_in_the_next_round_is_charged_to_drafting_not_to_plain_decoding() -> None:
+    """A recurrent main model's decode after a snapshot rollback is dearer: that excess is kept out of the verify
+    curve (plain decoding stays priced at its own cost) and charged to drafts by their chance of a rejection."""
+    ctl = DraftController(draft_min=0, draft_max=8)
+    feed(ctl, "model", 4, 2, draft_cost=0.001, rounds=20)
+    before = ctl.expected_rate("model", 4)
+    plain = ctl.verify_time(1)
+    for _ in range(10):  # each one-token round after a rejected draft took 3 ms more than one token does
+        ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE + 0.003, after_rollback=True)
+    assert ctl.verify_time(1) == plain
+    assert ctl.rollback_cost == pytest.approx(0.003)
+    assert ctl.expected_rate("model", 4) < before
+    full = DraftController(draft_min=0, draft_max=8)
+    feed(full, "model", 4, 4, draft_cost=0.001, rounds=20)
+    rate = full.expected_rate("model", 4, acceptance=0.999)
+    full.rollback_cost = 0.003
+    assert full.expected_rate("model", 4, acceptance=0.999) == pytest.approx(rate, rel=0.01)  # never rejected: no cost

@@ -261,20 +261,24 @@ class Decision:
     @property
     def reason(self) -> str:
         """The engine's own terse words for it (--json, logs, the debug pane's "engine:" line)."""
-        words = {
-            PAYS: f"expects {self.acceptance:.0%} accepted: {self.speedup:.2f}x plain",
-            PLAIN: f"plain {self.rate:.0f} tok/s",
-            UNMEASURED: "plain (nothing measured yet)",
-            PROBE: f"probe: {self.acceptance:.0%} accepted lately, at best {self.speedup:.2f}x plain",
-            EXPLORE: f"explore: {self.acceptance:.0%} accepted so far, {self.plausible:.0%} would be {self.speedup:.2f}x plain",
-            FIRST_TOKEN: "first token: plain decoding",
-            FIXED: f"fixed k={self.k}",
-            FIXED_LOOKUP: f"fixed, lookup match of {self.k}",
-            NO_MATCH: "no lookup match",
-            NO_SOURCE: "no drafting",
-            NEAR_END: f"at most {self.left} tokens left to draft, under draft-min {self.draft_min}",
-        }
-        return words.get(self.why, self.detail)
+        # one sentence formatted, not all of them: this runs every round
+        word = _REASONS.get(self.why)
+        return word(self) if word is not None else self.detail
+
+
+_REASONS = {
+    PAYS: lambda d: f"expects {d.acceptance:.0%} accepted: {d.speedup:.2f}x plain",
+    PLAIN: lambda d: f"plain {d.rate:.0f} tok/s",
+    UNMEASURED: lambda d: "plain (nothing measured yet)",
+    PROBE: lambda d: f"probe: {d.acceptance:.0%} accepted lately, at best {d.speedup:.2f}x plain",
+    EXPLORE: lambda d: f"explore: {d.acceptance:.0%} accepted so far, {d.plausible:.0%} would be {d.speedup:.2f}x plain",
+    FIRST_TOKEN: lambda d: "first token: plain decoding",
+    FIXED: lambda d: f"fixed k={d.k}",
+    FIXED_LOOKUP: lambda d: f"fixed, lookup match of {d.k}",
+    NO_MATCH: lambda d: "no lookup match",
+    NO_SOURCE: lambda d: "no drafting",
+    NEAR_END: lambda d: f"at most {d.left} tokens left to draft, under draft-min {d.draft_min}",
+}
 
 
 @dataclass
@@ -288,7 +292,14 @@ class DraftController:
     closed: dict[str, str] = field(default_factory=dict)
     # each source's traits, by name (the engine passes its sources'; these two are the ones it has)
     traits: dict[str, SourceTraits] = field(default_factory=lambda: {"model": MODEL_TRAITS, "lookup": LOOKUP_TRAITS})
+    # A recurrent main model that stepped back through a snapshot (llama.cpp's pending rollback index) reads its state
+    # from the snapshot plane in its next decode, which costs more: on the LFM2 stand-in (AMD EPYC, 2 threads) a
+    # one-token round after a rejected draft took 5.4-5.7 ms against 4.8 after a plain one. Measured as the excess of
+    # such rounds over the verify curve (seconds, EMA), kept out of the curve (plain decoding is not dearer for it)
+    # and charged to each drafting round by its chance of a rejection.
+    rollback_cost: float = 0.0
     _rounds: int = 0
+    _rollbacks: int = 0
 
     def new_reply(self) -> None:
         """A reply starts on this controller's sequence: what was seen of the last one's text counts less."""
@@ -316,19 +327,35 @@ class DraftController:
         shrinks as load makes the batch compute-bound (a CPU) and stays where a wider batch is nearly free (a
         GPU). (Priced one sequence at a time against the others' actual drafts, each would find its own draft
         cheap beside theirs, and all would draft where none should.)"""
+        if k == 0:
+            n = 1 + batch.sequences if batch else 1
+            return n / (self.verify_time(n) or 1.0 + PRIOR_VERIFY_SLOPE * (n - 1))
+        return self.rates(source, range(k, k + 1), acceptance, behind, horizon, batch)[0]
+
+    def rates(
+        self, source: str, ks: range, acceptance: float | None = None, behind: int = 0, horizon: int = CATCH_UP_HORIZON,
+        batch: Batch | None = None,
+    ) -> list[float]:  # fmt: skip
+        """expected_rate for every k in `ks` (all > 0), the terms that do not depend on k worked out once: the
+        controller prices up to 2 x 16 lengths a round, and on a 2 ms model its Python is a cost of drafting."""
         n = 1 + batch.sequences if batch else 1
         one = self.verify_time(n) or 1.0 + PRIOR_VERIFY_SLOPE * (n - 1)
-        if k == 0:
-            return n / one
         state = self.sources[source]
         a = min(state.acceptance if acceptance is None else acceptance, 0.999)
-        accepted = a * (1 - a**k) / (1 - a)
-        unit = self.unit_cost(source)
-        cost = n * unit * (k + a**k if self.traits[source].catches_up else k)
-        if behind:  # the catch-up is paid once, then the model drafts for a while: charge each round its share
-            cost += self.catch_up_cost(source) * behind * (accepted + 1.0) / max(horizon, 1)
-        verify = self.verify_time(n * (k + 1)) or one * (1 + PRIOR_VERIFY_SLOPE * n * k)
-        return n * (accepted + 1.0) / (cost + verify)
+        unit = n * self.unit_cost(source)
+        catches_up = self.traits[source].catches_up
+        rollback = n * self.rollback_cost  # a rejection's rollback, paid in the next round's decode
+        # the catch-up is paid once, then the model drafts for a while: each round is charged its share
+        lag = self.catch_up_cost(source) * behind / max(horizon, 1) if behind else 0.0
+        verify_at = self.verify_cost.at
+        out = []
+        for k in ks:
+            ak = a**k
+            accepted = a * (1 - ak) / (1 - a)
+            cost = unit * (k + ak if catches_up else k) + (1 - ak) * rollback + lag * (accepted + 1.0)
+            verify = verify_at(n * (k + 1) - 1) or one * (1 + PRIOR_VERIFY_SLOPE * n * k)
+            out.append(n * (accepted + 1.0) / (cost + verify))
+        return out
 
     def unit_cost(self, source: str) -> float:
         """Seconds per draft evaluation: measured live, else probed (scaled like verify costs), else a prior."""
@@ -371,7 +398,8 @@ class DraftController:
         self.state(source)
         plain = self.expected_rate("none", 0)
         lo = max(1, self.draft_min)
-        rates = {k: self.expected_rate(source, k, acceptance=1.0) for k in range(lo, max(lo, self.draft_max) + 1)}
+        ks = range(lo, max(lo, self.draft_max) + 1)
+        rates = dict(zip(ks, self.rates(source, ks, acceptance=1.0), strict=True))
         k = max(rates, key=rates.__getitem__)
         return rates[k] / plain, k
 
@@ -410,8 +438,8 @@ class DraftController:
         for source, limit in available.items():
             state = self.state(source)
             lo, hi = max(1, self.draft_min), min(self.draft_max, limit)
-            for k in range(lo, hi + 1):
-                rate = self.expected_rate(source, k, behind=behind.get(source, 0), horizon=horizon, batch=batch)
+            ks = range(lo, hi + 1)
+            for k, rate in zip(ks, self.rates(source, ks, behind=behind.get(source, 0), horizon=horizon, batch=batch), strict=True):
                 if rate > best_rate * (MARGIN if best.source == "none" else 1.001):
                     best_rate = rate
                     best = Decision(source, k, PAYS, acceptance=state.acceptance, speedup=rate / plain)
@@ -435,10 +463,7 @@ class DraftController:
             # what the source has shown here: at its acceptance so far it must pay for that catch-up (a model that
             # drafts 70% right where only 90% would pay loses a whole catch-up to every optimistic re-probe)
             hope = state.acceptance if lag > CATCH_UP_BATCH and state.unit_cost is not None else OPTIMISTIC_ACCEPTANCE
-            ceiling = max(
-                self.expected_rate(source, j, hope, lag, horizon, batch)
-                for j in range(k, min(self.draft_max, limit) + 1)
-            )
+            ceiling = max(self.rates(source, range(k, max(k, min(self.draft_max, limit)) + 1), hope, lag, horizon, batch))
             if ceiling > best_rate * PROBE_GAIN:
                 state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
                 return Decision(source, k, PROBE, acceptance=state.acceptance, speedup=ceiling / plain)
@@ -463,9 +488,11 @@ class DraftController:
             if hi < lo:
                 continue
             hope = state.overall.plausible()
-            ceiling = max(self.expected_rate(source, k, hope, batch=batch) for k in range(lo, hi + 1))
+            ks = range(lo, hi + 1)
+            ceiling = max(self.rates(source, ks, hope, batch=batch))
             if ceiling > plain * MARGIN:
-                k = max(range(lo, hi + 1), key=lambda j: self.expected_rate(source, j, batch=batch))
+                estimated = self.rates(source, ks, batch=batch)
+                k = ks[estimated.index(max(estimated))]
                 return Decision(source, k, EXPLORE, acceptance=state.acceptance, speedup=ceiling / plain, plausible=hope)
         return None
 
@@ -508,8 +535,15 @@ class DraftController:
         verify_seconds: float | None,  # None: verified in a batch shared with other sequences (not this round's cost)
         draft_work: int | None = None,  # draft-model evaluations this round (catch-up included); default k
         catch_up: tuple[int, float] | None = None,  # (tokens, seconds) of a batched catch-up inside draft_seconds
+        after_rollback: bool = False,  # the decode before this round's was stepped back through a snapshot
     ) -> None:
-        if verify_seconds is not None:
+        if verify_seconds is not None and after_rollback:
+            expected = self.verify_cost.at(n_drafted)
+            if expected is not None:
+                excess = max(verify_seconds - expected, 0.0)
+                self.rollback_cost = excess if not self._rollbacks else 0.7 * self.rollback_cost + 0.3 * excess
+                self._rollbacks += 1
+        elif verify_seconds is not None:
             self.verify_cost.add(n_drafted, verify_seconds)
         for source, state in self.sources.items():
             for evidence in (state.overall, state.cold, state.streak):

@@ -722,6 +722,7 @@ class SpeculativeEngine:
         if controller is not None:
             controller.new_reply()
         tokens = list(prompt)
+        stepped_back = False  # the last verify was rolled back through a recurrent model's snapshot
         state = self._states[seq]
         state.shadow, state.batch = None, None
         if state.lookup is not None:
@@ -783,8 +784,11 @@ class SpeculativeEngine:
                 n_accepted, main_token = _verify_greedy(need.rows, draft.tokens)
             else:
                 n_accepted, main_token = _verify_sampled(need.rows, draft, tokens, settings, penalty, uniforms)
-            if self._shared and self.main_ctx.replays(len(tokens) + n_accepted, seq):
+            replays = self.main_ctx.replays(len(tokens) + n_accepted, seq)
+            if self._shared and replays:
                 self._keep_rows()
+            # stepped back through a snapshot: the next decode reads the state from there (DraftController.rollback_cost)
+            after_rollback, stepped_back = stepped_back, self.main_ctx.recurrent and n_accepted < len(draft.tokens) and not replays
             if not self.main_ctx.truncate(len(tokens) + n_accepted, seq):  # drop rejected drafts from the KV cache
                 raise TandemError(f"llama.cpp could not drop rejected draft tokens from {self.main.path.name}'s cache")
             verify_seconds = need.seconds + time.perf_counter() - resumed
@@ -799,7 +803,8 @@ class SpeculativeEngine:
                 # (real pair, 1 ms each way), and plain decoding priced from it made every draft look like a gain
                 timed = need.alone and decision.why != FIRST_TOKEN
                 controller.record(decision, len(draft.tokens), n_accepted, draft_seconds, verify_seconds if timed else None,
-                                  draft.evaluated if model else None, draft.caught_up if model else None)  # fmt: skip
+                                  draft.evaluated if model else None, draft.caught_up if model else None,
+                                  after_rollback)  # fmt: skip
                 if decision.source == "model":
                     _judge_unsure(controller, draft, n_accepted, main_token)
             emitted = reply.take([*draft.tokens[:n_accepted], main_token], tokens)
