@@ -268,3 +268,29 @@ def test_a_rollbacks_cost_in_the_next_round_is_charged_to_drafting_not_to_plain_
     rate = full.expected_rate("model", 4, acceptance=0.999)
     full.rollback_cost = 0.003
     assert full.expected_rate("model", 4, acceptance=0.999) == pytest.approx(rate, rel=0.01)  # never rejected: no cost
+
+
+def test_a_source_far_from_paying_is_not_priced_again_every_round_but_a_probe_or_a_match_still_comes(monkeypatch) -> None:
+    from app.engine import controller as c
+
+    ctl = DraftController(draft_min=0, draft_max=8)
+    feed(ctl, "model", 4, 0, draft_cost=0.004, rounds=20)  # never accepted: far from paying
+    ctl.state("model").probe_interval = 1000
+    priced = []
+    real = DraftController.rates
+    monkeypatch.setattr(DraftController, "rates", lambda self, *a, **k: priced.append(self._rounds) or real(self, *a, **k))
+    decisions = []
+    for _ in range(c.QUIET_ROUNDS + 2):
+        decisions.append(ctl.decide({"model": 8}))
+        ctl.record(decisions[-1], 0, 0, 0.0, ONE)
+    assert all(d.source == "none" for d in decisions)
+    assert len(set(priced)) == 2  # priced on the first round, then again once QUIET_ROUNDS had passed
+    ctl.decide({"model": 8})  # quiet again: not priced
+    before = len(priced)
+    ctl.state("lookup")
+    ctl.decide({"model": 8, "lookup": 6})
+    assert len(priced) > before  # a new offer (a lookup match) is priced at once
+    ctl.state("model").rounds_since_used = ctl.state("model").probe_interval = 4
+    before = len(priced)
+    ctl.decide({"model": 8})
+    assert len(priced) > before  # a due probe is weighed
