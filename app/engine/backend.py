@@ -331,8 +331,9 @@ class Context:
         # the most tokens one truncate may drop without a checkpoint (None: any number, a KV cache; 0: a recurrent
         # architecture llama.cpp keeps no snapshots for, Mamba, RWKV, Jamba, Granite-H...: every rollback is a checkpoint's)
         self.rollback_limit: int | None = llama_cpp.llama_n_rs_seq(ptr) if self.recurrent else None
-        self.checkpoints: list[list[tuple[int, bytes]]] = [[] for _ in range(n_seq)]  # per sequence: (tokens, state)
-        self._transient: list[tuple[int, bytes] | None] = [None] * n_seq  # this round's rollback point (checkpoint)
+        # per sequence: (tokens, state: a ctypes byte array holding llama_state_seq_get_data_ext's output)
+        self.checkpoints: list[list[tuple[int, ctypes.Array]]] = [[] for _ in range(n_seq)]
+        self._transient: list[tuple[int, ctypes.Array] | None] = [None] * n_seq  # this round's rollback point
         # per sequence: tokens of its last decode, while no rollback came since: a recurrent model's snapshots cover them
         self._last_decoded = [0] * n_seq
         self.restored = 0  # tokens re-read after going back to a checkpoint (tests check which way a rollback went)
@@ -487,11 +488,18 @@ class Context:
         if not transient and marks and marks[-1][0] == n:
             return
         size = llama_cpp.llama_state_seq_get_size_ext(self.ptr, seq, _PARTIAL)
-        buf = (ctypes.c_uint8 * size)()
+        # a round's rollback point reuses the last one's buffer (Mamba-2 stand-in: 660 KB a round, allocated, zeroed
+        # and copied twice, was a cost of drafting no timing saw); a kept checkpoint gets its own
+        old = self._transient[seq]
+        reuse = transient and old is not None and len(old[1]._buffer) >= size  # type: ignore[attr-defined]
+        buf = old[1]._buffer if reuse else (ctypes.c_uint8 * size)()  # type: ignore[union-attr]
         written = llama_cpp.llama_state_seq_get_data_ext(self.ptr, buf, size, seq, _PARTIAL)
         if written == 0:
+            if reuse:  # the buffer held the last rollback point, now half overwritten
+                self._transient[seq] = None
             return
-        state = ctypes.string_at(buf, written)
+        state = (ctypes.c_uint8 * written).from_buffer(buf)  # a view of the state's bytes, no copy
+        state._buffer = buf  # type: ignore[attr-defined]  # (keeps the whole buffer for reuse)
         if transient:
             self._transient[seq] = (n, state)
             return
@@ -525,8 +533,7 @@ class Context:
         if not candidates:
             return False
         at, state = max(candidates, key=lambda mark: mark[0])
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if not llama_cpp.llama_state_seq_set_data_ext(self.ptr, buf, len(state), seq, _PARTIAL):
+        if not llama_cpp.llama_state_seq_set_data_ext(self.ptr, state, len(state), seq, _PARTIAL):
             self.clear(seq)  # llama.cpp has already emptied the sequence's recurrent state: the tokens must go too
             return False
         # the recurrent part is now at `at`; cut the attention part (a hybrid's KV cells) to match, as llama-server does

@@ -775,8 +775,10 @@ class SpeculativeEngine:
                 draft = request.draft
                 draft_seconds += request.seconds  # drafted together with other sequences: this one's share
                 reply.drafted(request.seconds)
+            saved = time.perf_counter()
             if draft.tokens:  # a recurrent model without usable snapshots: its replay lands inside this verify's time
                 self.main_ctx.rollback_point(seq)
+            saved = time.perf_counter() - saved  # (saving that point is part of verifying: priced with it)
             need = Verify(seq, [tokens[-1], *draft.tokens], logits=True)
             yield need
             resumed = time.perf_counter()  # (with other sequences, their work came between the decode and now)
@@ -791,7 +793,7 @@ class SpeculativeEngine:
             after_rollback, stepped_back = stepped_back, self.main_ctx.recurrent and n_accepted < len(draft.tokens) and not replays
             if not self.main_ctx.truncate(len(tokens) + n_accepted, seq):  # drop rejected drafts from the KV cache
                 raise TandemError(f"llama.cpp could not drop rejected draft tokens from {self.main.path.name}'s cache")
-            verify_seconds = need.seconds + time.perf_counter() - resumed
+            verify_seconds = need.seconds + time.perf_counter() - resumed + saved
             others = need.round_sequences - 1
             # (a prompt chunk read beside is left out: a one-off, decoded apart, its cost the same whatever is drafted)
             state.batch = Batch(others) if others else None
