@@ -223,6 +223,10 @@ def test_a_curve_timed_under_load_is_replaced_within_one_reply(kquant, monkeypat
 
 def test_first_measurements_report_their_progress(kquant, monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    # a tiny model's curve is microseconds: noise may dip it, or a busy moment take the CPU, and then it is rightly not
+    # kept (the next test); here the measurement counts as quiet and plausible, so the cache itself is what is tested
+    monkeypatch.setattr(probe, "PLAUSIBLE_DIP", 0.0)
+    monkeypatch.setattr(probe, "QUIET_SHARE", 0.0)
     steps: list[tuple[str, int, int]] = []
     engine = load_engine(EngineSpec(main=kquant, threads=2, ctx_size=256), measuring=lambda *step: steps.append(step))
     engine.close()
