@@ -34,9 +34,9 @@ MAX_PROBE_INTERVAL = 256
 CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up after idling is paid back (or what is left of the reply)
 CATCH_UP_BATCH = 3  # a draft context evaluating more tokens than this in one sync is catching up (a new prompt, idling)
 REVIEW_EVERY = 16  # rounds between re-checks of which sources could pay at all
-# A round where no source came within QUIET_MARGIN of plain decoding's rate is followed by up to QUIET_ROUNDS rounds
-# that answer plain without pricing again, while what is on offer is the same (no new lookup match) and no probe is
-# due: estimates move a few percent a round, and on a 2 ms model pricing 2 x 16 lengths was 2% of every round
+# A source that came nowhere near paying (under QUIET_MARGIN of plain decoding's rate at its best length) is not priced
+# again for QUIET_ROUNDS rounds while it offers the same: its estimates move a few percent a round, and on a 2 ms model
+# pricing 2 x 16 lengths every round was 2% of it. Probes are weighed as ever; lookup (free evidence, streaks) always.
 QUIET_MARGIN, QUIET_ROUNDS = 0.9, 4
 # a new reply keeps this share of the last one's acceptance evidence: a sequence's next reply is often another
 # conversation (a server's sequence serves any client), and a draft that was 95% right on code must not draft 12
@@ -304,11 +304,12 @@ class DraftController:
     rollback_cost: float = 0.0
     _rounds: int = 0
     _rollbacks: int = 0
-    _quiet: tuple[object, int, Decision] | None = None  # (what was on offer, until which round, the plain decision)
+    # source -> (until which round, what it offered, the batch): not priced meanwhile (QUIET_ROUNDS)
+    _quiet: dict[str, tuple[int, int, Batch | None]] = field(default_factory=dict)
 
     def new_reply(self) -> None:
         """A reply starts on this controller's sequence: what was seen of the last one's text counts less."""
-        self._quiet = None
+        self._quiet.clear()
         for state in self.sources.values():
             for evidence in (state.overall, state.cold, state.streak):
                 evidence.accepted *= NEW_REPLY_EVIDENCE
@@ -412,7 +413,7 @@ class DraftController:
     def review(self, sources: list[str]) -> None:
         """Close the sources that cannot pay on this machine, with the figures that say so; reopen those that can
         (the figures are live: a machine that got less busy, a measured verify curve that turned out cheaper)."""
-        self._quiet = None
+        self._quiet.clear()
         for source in sources:
             gain, k = self.best_case(source)
             if gain >= MARGIN:
@@ -436,23 +437,23 @@ class DraftController:
         to pay a catch-up back (never more than what is left of the reply); `batch`: what other sequences are
         expected to put in the same main-model decode (their last round's)."""
         behind = behind or {}
-        offer = (tuple(available.items()), batch)
-        if (quiet := self._quiet) is not None and quiet[0] == offer and self._rounds < quiet[1] and not self._probe_due(available):
-            return quiet[2]
-        self._quiet = None
         horizon = min(horizon, CATCH_UP_HORIZON)
         plain = self.expected_rate("none", 0, batch=batch)
         measured = self.verify_time(1) is not None
         best = Decision("none", 0, PLAIN, rate=plain) if measured else Decision("none", 0, UNMEASURED)
         best_rate = plain
-        closest = 0.0  # the best rate any source offered, paying or not
         available = {s: n for s, n in available.items() if s not in self.closed}
+        quiet = {s for s, n in available.items() if self._is_quiet(s, n, batch)}
+        priced: dict[str, float] = {}  # each source priced this round: its best rate
         for source, limit in available.items():
             state = self.state(source)
             lo, hi = max(1, self.draft_min), min(self.draft_max, limit)
             ks = range(lo, hi + 1)
-            for k, rate in zip(ks, self.rates(source, ks, behind=behind.get(source, 0), horizon=horizon, batch=batch), strict=True):
-                closest = max(closest, rate)
+            if source in quiet or hi < lo:
+                continue
+            rates = self.rates(source, ks, behind=behind.get(source, 0), horizon=horizon, batch=batch)
+            priced[source] = max(rates)
+            for k, rate in zip(ks, rates, strict=True):
                 if rate > best_rate * (MARGIN if best.source == "none" else 1.001):
                     best_rate = rate
                     best = Decision(source, k, PAYS, acceptance=state.acceptance, speedup=rate / plain)
@@ -483,17 +484,15 @@ class DraftController:
         if best.source != "none":
             self.sources[best.source].probe_interval = PROBE_EVERY  # it wins on merit: probe it promptly again
             return best
-        explored = self._explore(available, behind, batch, plain)
-        # (not while a lookup match is on offer: its evidence comes every round, for free, and its streaks matter)
-        if explored is None and best.why == PLAIN and closest < plain * QUIET_MARGIN and not any(
-            self.traits[s].observed for s in available
-        ):
-            self._quiet = (offer, self._rounds + QUIET_ROUNDS, best)
+        explored = self._explore({s: n for s, n in available.items() if s not in quiet}, behind, batch, plain)
+        for source, top in priced.items():
+            if top < plain * QUIET_MARGIN and not self.traits[source].observed and (explored is None or explored.source != source):
+                self._quiet[source] = (self._rounds + QUIET_ROUNDS, available[source], batch)
         return explored or best
 
-    def _probe_due(self, available: dict[str, int]) -> bool:
-        return any(s in self.sources and self.sources[s].rounds_since_used >= self.sources[s].probe_interval
-                   and not self.traits[s].observed for s in available)  # fmt: skip
+    def _is_quiet(self, source: str, offered: int, batch: Batch | None) -> bool:
+        until = self._quiet.get(source)
+        return until is not None and self._rounds < until[0] and until[1:] == (offered, batch)
 
     def _explore(self, available: dict[str, int], behind: dict[str, int], batch: Batch | None, plain: float) -> Decision | None:
         """A source in sync (nothing to catch up on) whose estimate says plain on thin evidence, but whose plausible
@@ -580,7 +579,7 @@ class DraftController:
             self.review(list(self.closed))
         if decision.source == "none" or decision.k == 0:
             return
-        self._quiet = None  # a source drafted: its figures moved
+        self._quiet.pop(decision.source, None)  # it drafted: its figures moved
         state = self.sources[decision.source]
         state.rounds_since_used = 0
         for evidence in (state.overall, state.evidence) if state.streaky else (state.overall,):
