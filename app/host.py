@@ -176,8 +176,10 @@ class EngineHost:
         on_ready: Callable[[SpeculativeEngine], None] | None = None,
         on_event: Callable[[Job, object], None] | None = None,
         parallel: int = 1,  # replies generated together (--parallel): one main-model batch per round carries them
+        on_failed: Callable[[str], None] | None = None,  # the first load failed: why, in one line
     ):
         self.config = config
+        self._on_failed = on_failed
         self.max_queue = max_queue
         self.parallel = parallel
         self.engine: SpeculativeEngine | None = None
@@ -332,6 +334,8 @@ class EngineHost:
                     self._on_ready(self.engine)
             except TandemError as exc:  # the server keeps answering (health says why); requests may name another model
                 self.state, self.load_error = "failed", str(exc)
+                if self._on_failed is not None:
+                    self._on_failed(self.load_error)
         stopping = False
         while not stopping or self.active:
             try:

@@ -238,3 +238,56 @@ def test_host_fails_one_job_and_serves_the_next(tiny) -> None:
     finally:
         host.stop()
     assert host.stopped
+
+
+# ---- memory known before it is taken (#28) ---------------------------------------------------------------------------
+
+
+def test_the_cache_size_is_read_from_the_header_for_each_kind_of_model(tiny, tmp_path) -> None:
+    from app.engine.gguf_info import read_gguf_info
+    from tests import tiny_models
+
+    info = read_gguf_info(tiny.main)  # 2 layers, 4 KV heads of 16: keys and values in F16
+    assert info.kv_bytes_per_token == 2 * (4 * 16 + 4 * 16) * 2
+    lfm2 = read_gguf_info(tiny_models.lfm2_model(tmp_path / "lfm2.gguf"))  # attention in 2 of its 4 layers
+    assert lfm2.kv_bytes_per_token == 2 * (4 * 16 + 4 * 16) * 2
+    qwen35 = read_gguf_info(tiny_models.qwen35_model(tmp_path / "q35.gguf", tiny_models.qwen35_weights(nextn=False)))
+    assert qwen35.kv_bytes_per_token == 1 * (4 * 16 + 4 * 16) * 2  # every 2nd of 2 layers attends
+    assert read_gguf_info(tiny_models.mamba2_model(tmp_path / "m2.gguf")).kv_bytes_per_token is None  # no attention cache
+
+
+def test_a_cache_that_cannot_fit_is_refused_in_one_line_before_anything_loads(tiny, monkeypatch) -> None:
+    import app.engine.backend as backend
+    from app.engine import loading
+    from app.engine.errors import TandemError
+
+    free = 16 * 2**20  # the pair's caches: 2 x 512 bytes a token x 1024 tokens x 64 sequences = 64 MiB
+    monkeypatch.setattr(backend.psutil, "virtual_memory", lambda: SimpleNamespace(available=free))
+    monkeypatch.setattr(loading, "Model", lambda *a, **k: pytest.fail("a model was loaded before the refusal"))
+    spec = EngineSpec(main=tiny.main, draft=str(tiny.draft), ctx_size=1024, parallel=64, threads=2, gpu_layers=0)
+    with pytest.raises(TandemError) as refused:
+        loading.load_engine(spec)
+    message = str(refused.value)
+    assert "\n" not in message and "--parallel or --ctx-size" in message and "64 sequences of 1024 tokens" in message
+    assert "needs 0.1 GiB but 0.0 GiB" in message and "main.gguf and draft.gguf" in message
+    # what fits is not refused (the same pair, one sequence)
+    loading.check_cache_memory("x", 2 * 512 * 2 * 256 * 2, 512, 1)
+
+
+def test_the_server_says_in_one_line_why_its_models_did_not_load(tiny, monkeypatch) -> None:
+    import app.engine.backend as backend
+
+    monkeypatch.setattr(backend.psutil, "virtual_memory", lambda: SimpleNamespace(available=2**20))
+    config = Config(main=str(tiny.main), draft=str(tiny.draft))
+    config.settings.set("ctx_size", 1024)
+    said: list[str] = []
+    host = EngineHost(config, parallel=8, on_failed=said.append)
+    host.start()
+    try:
+        deadline = time.monotonic() + 30
+        while host.state == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert host.state == "failed" and said == [host.load_error] and "--parallel or --ctx-size" in said[0]
+    finally:
+        host.stop()

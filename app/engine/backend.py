@@ -309,6 +309,8 @@ class Context:
             # llama.cpp's CPU flash attention is slower for one token at a time (21.7 vs 18.4 ms for the demo
             # main model at depth 300, 2 threads); "auto" turns it on. llama-bench's default is off too.
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if head_of is None:
+            _check_cache_memory(model, n_ctx, n_seq)
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
             shared = f" ({n_seq} sequences of {n_ctx}: lower --parallel or --ctx-size)" if n_seq > 1 else ""
@@ -617,6 +619,23 @@ class Context:
         keep = self.keep_common_prefix(tokens, limit, seq)
         self.decode(tokens[keep:], seq=seq)
         return len(tokens) - keep
+
+
+def _check_cache_memory(model: Model, n_ctx: int, n_seq: int) -> None:
+    """The last guard before llama.cpp allocates a context's cache (load_engine checks the pair from the headers first)."""
+    if model.on_cpu:
+        check_cache_memory(model.path.name, (model.info.kv_bytes_per_token or 0) * n_ctx * n_seq, n_ctx, n_seq)
+
+
+def check_cache_memory(name: str, need: int, n_ctx: int, n_seq: int) -> None:
+    """Refuse a KV cache that would not fit in the memory free now, in one line, before anything allocates it: the
+    kernel's OOM killer ends the process without a word (`--parallel 64 --ctx-size 32768` on the demo pair: 48 GB of
+    cache on a 24 GiB machine). On a GPU the cache goes to VRAM, where llama.cpp reports a shortfall itself."""
+    free = psutil.virtual_memory().available
+    if need > free:
+        sizes = f"{n_seq} sequences of {n_ctx} tokens" if n_seq > 1 else f"{n_ctx} tokens"
+        raise TandemError(f"{name}: a cache for {sizes} needs {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB of memory "
+                          f"is free: lower {'--parallel or ' if n_seq > 1 else ''}--ctx-size")  # fmt: skip
 
 
 class SingleTokenContext(Context):

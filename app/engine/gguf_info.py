@@ -88,6 +88,45 @@ class GGUFInfo:
         return self.tensor_types <= {"F32", "F16", "BF16"}
 
     @property
+    def context_length(self) -> int:
+        """The context the model was trained for (0 when the header does not say)."""
+        value = self.metadata.get(f"{self.architecture}.context_length")
+        return value if isinstance(value, int) else 0
+
+    @property
+    def kv_bytes_per_token(self) -> int | None:
+        """Bytes of llama.cpp's KV cache (F16 keys and values) per token of context, from the header: every layer with
+        attention heads (a hybrid's per-layer head counts, or Qwen3.5/Qwen3-Next's every full_attention_interval-th
+        layer). None where the header does not say enough to estimate it honestly (a sliding-window model keeps
+        less, an MLA model a compressed cache, an array too long to be kept here)."""
+        arch, meta = self.architecture, self.metadata
+        layers = meta.get(f"{arch}.block_count")
+        heads, kv_heads = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.attention.head_count_kv", None)
+        embd = meta.get(f"{arch}.embedding_length")
+        if not isinstance(layers, int) or layers <= 0 or f"{arch}.attention.sliding_window" in meta:
+            return None
+        # an MLA cache (compressed) or an SSM model without per-layer head counts: only Qwen3.5/Qwen3-Next say which
+        # layers attend (full_attention_interval)
+        mla_or_ssm = f"{arch}.attention.kv_lora_rank" in meta or (f"{arch}.ssm_inner_size" in meta and not isinstance(kv_heads, list))
+        if mla_or_ssm and f"{arch}.full_attention_interval" not in meta:
+            return None
+        if kv_heads is None:
+            kv_heads = heads
+        if isinstance(kv_heads, list):
+            per_layer = [int(h) for h in kv_heads[:layers]]
+        elif isinstance(kv_heads, int):
+            interval = meta.get(f"{arch}.full_attention_interval")
+            per_layer = [kv_heads if not isinstance(interval, int) or (i + 1) % interval == 0 else 0 for i in range(layers)]
+        else:
+            return None
+        first_heads = heads[0] if isinstance(heads, list) and heads else heads
+        fallback = embd // first_heads if isinstance(embd, int) and isinstance(first_heads, int) and first_heads else None
+        key, value = meta.get(f"{arch}.attention.key_length", fallback), meta.get(f"{arch}.attention.value_length", fallback)
+        if not isinstance(key, int) or not isinstance(value, int):
+            return None
+        return sum(per_layer) * (key + value) * 2
+
+    @property
     def vocab_size(self) -> int:
         return self.array_lengths.get("tokenizer.ggml.tokens", 0)
 

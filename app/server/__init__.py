@@ -159,12 +159,16 @@ def serve(
         log.write(f"tandem: ready: {engine_host.describe()}, {parallel} at once, at {url}/v1 (LM Studio API at {url}/api/v0)\n")
         log.flush()
 
+    def failed(reason: str) -> None:
+        log.write(f"tandem: could not load the models: {reason} (the server still answers; a request may name other models)\n")
+        log.flush()
+
     def observe(_job, item: object) -> None:  # on the worker thread: one line, once per model and reason
         if isinstance(item, TemplateFallback) and item.first:
             log.write(f"tandem: {item.sentence()}\n")
             log.flush()
 
-    engine_host = EngineHost(config, max_queue=max_queue, on_ready=ready, on_event=observe, parallel=parallel)
+    engine_host = EngineHost(config, max_queue=max_queue, on_ready=ready, on_event=observe, parallel=parallel, on_failed=failed)
     app = create_app(engine_host, api_key=api_key, dirs=config.dirs, any_path=any_path)
     # explicit loop and protocol: no implementation picked by import at run time (the one-file binary has these)
     server = uvicorn.Server(uvicorn.Config(app, loop="asyncio", http="h11", ws="none", lifespan="off", log_level="warning",
