@@ -291,3 +291,27 @@ def test_the_server_says_in_one_line_why_its_models_did_not_load(tiny, monkeypat
         assert host.state == "failed" and said == [host.load_error] and "--parallel or --ctx-size" in said[0]
     finally:
         host.stop()
+
+
+def test_the_sequence_whose_cache_is_worth_least_is_found_by_sorting_as_by_comparing_every_pair(models) -> None:
+    """pick_sequence at --parallel 64: the cache a new conversation may take is the one with the fewest tokens no other
+    sequence also holds; found from neighbours in sorted order, it equals the every-pair answer."""
+    import random
+
+    engine = SpeculativeEngine(models["main"], None, n_ctx=64, n_threads=2, n_seq=64)
+    rng = random.Random(3)
+    stems = [[rng.randrange(300) for _ in range(rng.randrange(1, 20))] for _ in range(6)]
+    for seq in range(64):
+        stem = rng.choice(stems)
+        engine.main_ctx.seqs[seq] = stem[: rng.randrange(len(stem) + 1)] + [rng.randrange(300) for _ in range(rng.randrange(4))]
+
+    def brute(seq: int) -> int:
+        ctx = engine.main_ctx
+        return len(ctx.seqs[seq]) - max(ctx.common_prefix(ctx.seqs[seq], o) for o in range(64) if o != seq)
+
+    assert engine._unique_tokens() == [brute(seq) for seq in range(64)]
+    busy = set(range(0, 64, 3))
+    free = [s for s in range(64) if s not in busy]
+    expected = min(free, key=lambda s: (brute(s), len(engine.main_ctx.seqs[s])))
+    assert engine.pick_sequence([999, 998], busy) == expected
+    engine.main_ctx.seqs = [[] for _ in range(64)]  # (the fake caches must not reach llama.cpp at close)

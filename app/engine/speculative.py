@@ -7,6 +7,7 @@ is the same loop with k = 0, so plain and speculative numbers come from one code
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -692,14 +693,20 @@ class SpeculativeEngine:
         best = max(free, key=lambda seq: ctx.common_prefix(prompt, seq))
         if ctx.common_prefix(prompt, best) >= PROMPT_FIRST_CHUNK or len(free) == 1:
             return best
-        return min(free, key=lambda seq: (self._unique_tokens(seq), len(ctx.seqs[seq])))
+        unique = self._unique_tokens()
+        return min(free, key=lambda seq: (unique[seq], len(ctx.seqs[seq])))
 
-    def _unique_tokens(self, seq: int) -> int:
-        """Tokens of sequence `seq`'s cache that no other sequence holds too (what dropping it would lose)."""
-        ctx = self.main_ctx
-        tokens = ctx.seqs[seq]
-        shared = max((ctx.common_prefix(tokens, other) for other in range(self.n_seq) if other != seq), default=0)
-        return len(tokens) - shared
+    def _unique_tokens(self) -> list[int]:
+        """Per sequence: the tokens of its cache that no other sequence holds too (what dropping it would lose). In
+        lexicographic order the longest prefix a sequence shares with any other is shared with a neighbour, so a sort
+        and one comparison per neighbouring pair do what comparing every pair did (n log n, not n squared)."""
+        seqs = self.main_ctx.seqs
+        order = sorted(range(self.n_seq), key=seqs.__getitem__)
+        shared = [0] * self.n_seq
+        for a, b in itertools.pairwise(order):
+            n = self.main_ctx.common_prefix(seqs[a], b)
+            shared[a], shared[b] = max(shared[a], n), max(shared[b], n)
+        return [len(seqs[seq]) - shared[seq] for seq in range(self.n_seq)]
 
     def sequence(
         self, seq: int, prompt: Sequence[int], config: GenerationConfig, cancel: threading.Event | None = None
