@@ -14,13 +14,11 @@ import numpy as np
 import pytest
 
 from app.engine.backend import Context, Model, MtpContext
-from app.engine.events import Finished, RoundEvent
-from app.engine.rounds import Rounds
 from app.engine.sampling import SamplerSettings
 from app.engine.speculative import MTP_DEPTH, GenerationConfig, SpeculativeEngine
 from tests import tiny_models
+from tests.test_recurrent import GREEDY, run, run_together
 
-GREEDY = SamplerSettings(temperature=0.0)
 PROMPT = "def sort ( x ) : return x"
 
 
@@ -38,14 +36,6 @@ def qwen35(tmp_path_factory) -> dict[str, Model]:
 
 def engine_of(main: Model, mtp: bool = True, lookup: bool = False, n_seq: int = 1) -> SpeculativeEngine:
     return SpeculativeEngine(main, None, n_ctx=512, n_threads=2, lookup=lookup, n_seq=n_seq, mtp=mtp)
-
-
-def run(engine: SpeculativeEngine, prompt: list[int], **config) -> tuple[Finished, list[RoundEvent]]:
-    config.setdefault("sampler", GREEDY)
-    config.setdefault("adaptive", False)  # fixed lengths: every round drafts, so rejections surely happen
-    config.setdefault("draft_p_min", 0.0)
-    events = list(engine.generate(prompt, GenerationConfig(**config)))
-    return events[-1], [e for e in events if isinstance(e, RoundEvent)]
 
 
 def test_the_tiny_file_is_a_hybrid_with_one_mtp_block(qwen35) -> None:
@@ -151,20 +141,9 @@ def test_four_sequences_draft_with_the_head_and_each_equals_plain(qwen35) -> Non
     prompts = [main.tokenize(p) for p in (PROMPT, "the cat sat on the mat and the dog ran to the mat and the cat sat on the mat and",
                                           "hello world , hello world ,", "def sort ( x ) : return x + 1")]  # fmt: skip
     engine = engine_of(main, n_seq=4)
-    rounds = Rounds(engine)
     cfg = GenerationConfig(max_tokens=32, sampler=GREEDY, adaptive=False, draft_max=3, draft_p_min=0.0)
-    out: dict[int, list] = {i: [] for i in range(4)}
-    for i in (2, 0, 3, 1):
-        for key, item in rounds.start(i, prompts[i], cfg, None):
-            out[key].append(item)
-        for key, item in rounds.round():
-            out[key].append(item)
-    while rounds.busy:
-        for key, item in rounds.round():
-            out[key].append(item)
     accepted = 0
-    for i, prompt in enumerate(prompts):
-        finished = next(e for e in out[i] if isinstance(e, Finished))
+    for i, (prompt, finished) in enumerate(zip(prompts, run_together(engine, prompts, cfg, apart=True), strict=True)):
         assert finished.tokens == run(engine_of(main, mtp=False), prompt, max_tokens=32)[0].tokens, i
         accepted += finished.stats.accepted_draft_tokens_count
     assert accepted > 0

@@ -56,6 +56,22 @@ def run(engine: SpeculativeEngine, prompt: list[int], **config) -> tuple[Finishe
     return events[-1], [e for e in events if isinstance(e, RoundEvent)]
 
 
+def run_together(engine: SpeculativeEngine, prompts: list[list[int]], config: GenerationConfig, apart: bool) -> list[Finished]:
+    """The prompts as --parallel requests through Rounds, started in the order 2, 0, 3, 1 (`apart`: a round between
+    starts); each one's Finished, in the prompts' order."""
+    rounds = Rounds(engine)
+    out: dict[int, list] = {i: [] for i in range(len(prompts))}
+    for i in (2, 0, 3, 1):
+        for key, item in rounds.start(i, prompts[i], config, None):
+            out[key].append(item)
+        for key, item in rounds.round() if apart else ():  # a round before the next one starts
+            out[key].append(item)
+    while rounds.busy:
+        for key, item in rounds.round():
+            out[key].append(item)
+    return [next(e for e in out[i] if isinstance(e, Finished)) for i in range(len(prompts))]
+
+
 def fresh_logits(main: Model, tokens: list[int]) -> np.ndarray:
     """The last logits of a context that read `tokens` and nothing else."""
     fresh = Context(main, 256, 2)
@@ -278,20 +294,9 @@ def test_four_sequences_on_a_hybrid_main_model_each_equal_plain(hybrid, apart: b
     prompts = [main.tokenize(p) for p in (REPETITIVE, "def sort ( x ) : return x", "hello world , hello world ,",
                                           "the dog ran to the mat and the dog")]  # fmt: skip
     engine = engine_of(main, hybrid["lfm2-draft"], lookup=True, n_seq=4)
-    rounds = Rounds(engine)
     cfg = GenerationConfig(max_tokens=32, sampler=GREEDY, adaptive=False, draft_max=4, draft_p_min=0.0)
-    out: dict[int, list] = {i: [] for i in range(4)}
-    for i in (2, 0, 3, 1):
-        for key, item in rounds.start(i, prompts[i], cfg, None):
-            out[key].append(item)
-        for key, item in rounds.round() if apart else ():  # a round before the next one starts
-            out[key].append(item)
-    while rounds.busy:
-        for key, item in rounds.round():
-            out[key].append(item)
     rejected = kept = 0
-    for i, prompt in enumerate(prompts):
-        finished = next(e for e in out[i] if isinstance(e, Finished))
+    for i, (prompt, finished) in enumerate(zip(prompts, run_together(engine, prompts, cfg, apart), strict=True)):
         assert finished.tokens == run(engine_of(main), prompt, max_tokens=32)[0].tokens, i
         rejected += finished.stats.rejected_draft_tokens_count
         kept += finished.stats.accepted_draft_tokens_count + finished.stats.rounds

@@ -376,18 +376,25 @@ class Context:
     def decode_parts(self, parts: Sequence[tuple[int, Sequence[int], int]]) -> list[np.ndarray]:
         """One llama_decode over several sequences' tokens: (seq, tokens, rows wanted: logits for the last that
         many tokens). Returns each part's logits rows, views valid until the next decode."""
-        width = sum(len(tokens) for _, tokens, _ in parts)
+        self._check_room([(seq, tokens) for seq, tokens, _ in parts])
+        self._decode(parts)
+        return self._rows_by_part([(tokens, wanted) for _, tokens, wanted in parts])
+
+    def _check_room(self, parts: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """(seq, tokens) about to be decoded together: one batch, and room in every sequence."""
+        width = sum(len(tokens) for _, tokens in parts)
         if width > self.n_batch:
             raise ValueError(f"{width} tokens in one decode, over n_batch {self.n_batch}")
-        for seq, tokens, _ in parts:
+        for seq, tokens in parts:
             if len(self.seqs[seq]) + len(tokens) > self.n_ctx:
                 raise ContextOverflowError(f"the context is full ({self.n_ctx} tokens); start a new chat or raise --ctx-size")
-        self._decode(parts)
-        if not any(min(wanted, len(tokens)) for _, tokens, wanted in parts):
+
+    def _rows_by_part(self, parts: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
+        """(tokens, rows wanted) of the last decode, in its order: each part's logits rows (views)."""
+        if not any(min(wanted, len(tokens)) for tokens, wanted in parts):
             return [self._logits_view[:0] for _ in parts]
-        rows, views = self.logits(), []
-        at = 0
-        for _, tokens, wanted in parts:
+        rows, views, at = self.logits(), [], 0
+        for tokens, wanted in parts:
             n = min(wanted, len(tokens))
             views.append(rows[at : at + n])
             at += n
@@ -410,15 +417,20 @@ class Context:
         if not i:
             return
         batch.n_tokens = i
+        self._evaluate(lambda: llama_cpp.llama_decode(self.ptr, batch), [(seq, tokens) for seq, tokens, _ in parts], outputs)
+
+    def _evaluate(self, run: Callable[[], int], parts: Sequence[tuple[int, Sequence[int]]], outputs: int) -> None:
+        """Run one llama.cpp evaluation of `parts` (seq, tokens), already in its batch, and account for it."""
+        width = sum(len(tokens) for _, tokens in parts)
         started = time.perf_counter()
-        rc = llama_cpp.llama_decode(self.ptr, batch)
+        rc = run()
         # a GPU's or an RPC worker's decode only starts here: wait for it, so that every timing (the probe, the
         # verify curve, the stats) is the decode's own (the logits read next would wait anyway; free on a CPU)
         llama_cpp.llama_synchronize(self.ptr)
         self.decode_seconds += time.perf_counter() - started
         raise_if_interrupted()
         if rc != 0:
-            raise TandemError(f"llama.cpp failed to evaluate {i} tokens (code {rc}): {_last_llama_error()}")
+            raise TandemError(f"llama.cpp failed to evaluate {width} tokens (code {rc}): {_last_llama_error()}")
         # llama.cpp may move a recurrent sequence's state to another cell when a decode carries other sequences
         # (find_slot's re-ordering) and its snapshots stay behind: they are trusted only for a sequence decoded alone,
         # and until the next decode of any sequence
@@ -426,11 +438,10 @@ class Context:
             self._last_decoded = [0] * self.n_seq
             if len(parts) == 1:
                 self._last_decoded[parts[0][0]] = len(parts[0][1])
-        for seq, tokens, _ in parts:
+        for seq, tokens in parts:
             self.seqs[seq].extend(tokens)
-        self.n_evaluated += i
-        self._n_outputs = outputs
-        self._n_decoded = i
+        self.n_evaluated += width
+        self._n_outputs, self._n_decoded = outputs, width
 
     def hidden(self) -> np.ndarray:
         """(tokens of the last decode, n_embd): each token's last hidden state, in batch order (a context made with
@@ -681,15 +692,11 @@ class MtpContext(Context):
     def feed(self, parts: Sequence[tuple[int, Sequence[int], np.ndarray, int]]) -> list[np.ndarray]:
         """One decode over several sequences' (seq, tokens, hidden: one float32 row per token, rows of logits wanted
         for the last that many tokens); returns each part's logits rows (views valid until the next decode)."""
-        width = sum(len(tokens) for _, tokens, _, _ in parts)
-        if width > self.n_batch:
-            raise ValueError(f"{width} tokens in one decode, over n_batch {self.n_batch}")
+        self._check_room([(seq, tokens) for seq, tokens, _, _ in parts])
         ext, pos = self._ext, self._pos
         llama_cpp.llama_batch_ext_clear(ext)
         outputs = 0
         for seq, tokens, hidden, wanted in parts:
-            if len(self.seqs[seq]) + len(tokens) > self.n_ctx:
-                raise ContextOverflowError(f"the context is full ({self.n_ctx} tokens); start a new chat or raise --ctx-size")
             rows = np.ascontiguousarray(hidden, dtype=np.float32)
             pos0, first_out = len(self.seqs[seq]), len(tokens) - wanted
             for j, token in enumerate(tokens):
@@ -703,23 +710,9 @@ class MtpContext(Context):
                 if j >= first_out:
                     llama_cpp.llama_batch_ext_set_output_logits(ext, idx, True)
                     outputs += 1
-        started = time.perf_counter()
-        rc = llama_cpp.llama_process(self.ptr, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, ext)
-        llama_cpp.llama_synchronize(self.ptr)
-        self.decode_seconds += time.perf_counter() - started
-        raise_if_interrupted()
-        if rc != 0:
-            raise TandemError(f"llama.cpp failed to run the MTP head over {width} tokens (code {rc}): {_last_llama_error()}")
-        for seq, tokens, _, _ in parts:
-            self.seqs[seq].extend(tokens)
-        self.n_evaluated += width
-        self._n_outputs, self._n_decoded = outputs, width
-        rows_out, views, at = self.logits(), [], 0
-        for _, tokens, _, wanted in parts:
-            n = min(wanted, len(tokens))
-            views.append(rows_out[at : at + n])
-            at += n
-        return views
+        self._evaluate(lambda: llama_cpp.llama_process(self.ptr, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, ext),
+                       [(seq, tokens) for seq, tokens, _, _ in parts], outputs)  # fmt: skip
+        return self._rows_by_part([(tokens, wanted) for _, tokens, _, wanted in parts])
 
     def hidden_row(self, index: int) -> np.ndarray:
         """The head's own hidden state at token `index` of the last feed (one with logits): what it drafts the next

@@ -78,11 +78,11 @@ class SourceTraits:
     # its acceptance is known without ever spending a verify batch on a probe
     observed: bool = False
     prior_cost: float | None = None  # seconds per drafted token until measured; None: prior_share of a main token
-    prior_share: float = 0.25  # PRIOR_MODEL_COST for a draft model
+    prior_share: float = PRIOR_MODEL_COST
     label: str = "draft model"  # in the controller's sentences
 
 
-MODEL_TRAITS = SourceTraits(catches_up=True, prior_share=PRIOR_MODEL_COST)
+MODEL_TRAITS = SourceTraits(catches_up=True)
 LOOKUP_TRAITS = SourceTraits(streaky=True, observed=True, prior_cost=0.0, label="prompt lookup")  # a dictionary probe: microseconds
 # An MTP head is one decoder block and the output matrix: priced at a tenth of a main-model token until measured (a
 # 24-layer model's block is ~4% of it; the vocabulary projection is the rest). It follows the main model's kept
@@ -294,7 +294,7 @@ class DraftController:
     # sources that cannot beat plain decoding on this machine even if every drafted token were accepted:
     # never drafted, never probed (a draft model is then never even fed the prompt). Source -> why.
     closed: dict[str, str] = field(default_factory=dict)
-    # each source's traits, by name (the engine passes its sources'; these two are the ones it has)
+    # each source's traits, by name (the engine passes its sources': these two, and "mtp" with an MTP head)
     traits: dict[str, SourceTraits] = field(default_factory=lambda: {"model": MODEL_TRAITS, "lookup": LOOKUP_TRAITS})
     # A recurrent main model that stepped back through a snapshot (llama.cpp's pending rollback index) reads its state
     # from the snapshot plane in its next decode, which costs more: on the LFM2 stand-in (AMD EPYC, 2 threads) a
@@ -448,9 +448,9 @@ class DraftController:
         for source, limit in available.items():
             state = self.state(source)
             lo, hi = max(1, self.draft_min), min(self.draft_max, limit)
-            ks = range(lo, hi + 1)
             if source in quiet or hi < lo:
                 continue
+            ks = range(lo, hi + 1)
             rates = self.rates(source, ks, behind=behind.get(source, 0), horizon=horizon, batch=batch)
             priced[source] = max(rates)
             for k, rate in zip(ks, rates, strict=True):

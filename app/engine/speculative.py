@@ -745,11 +745,9 @@ class SpeculativeEngine:
             for drafter in self._drafters.values():
                 drafter.ctx.borrow_prefix(prefix, seq, PROMPT_FIRST_CHUNK)
         kept = self.main_ctx.keep_common_prefix(prefix, seq=seq)
-        if self.mtp:  # the head follows the main context (it is fed from its hidden states, lazily)
-            self.mtp.ctx.keep_common_prefix(prefix, seq=seq)
-        if self.drafter:  # and what the draft holds of another conversation goes now (no decode: it catches up lazily),
-            # or its length would pass for being in sync (the controller's `behind`) after a longer conversation
-            self.drafter.ctx.keep_common_prefix(prefix, seq=seq)
+        for drafter in self._drafters.values():  # and what a drafter holds of another conversation goes now (no decode:
+            # it catches up lazily), or its length would pass for being in sync (the controller's `behind`)
+            drafter.ctx.keep_common_prefix(prefix, seq=seq)
         reply.stats.prompt_tokens_evaluated = len(prefix) - kept + 1
         yield from self._read_prompt(seq, prefix, kept, cancel, reply)  # stopped early by a cancel: the loop ends at once
         self.main_ctx.checkpoint(seq)  # a recurrent model: an edited or regenerated turn goes back here, not to the start
