@@ -263,7 +263,7 @@ def main() -> int:
         header += [f"llama-speculative-simple k{args.anchor_k} tok/s", f"ours k{args.anchor_k} / it"]
         if "plain" in modes:
             header += ["llama-bench tg (same depth, length) tok/s", "plain / llama-bench"]
-    rows, ratios = [], {m: [] for m in modes}
+    rows, ratios, paired = [], {m: [] for m in modes}, {m: [] for m in modes}
     for prompt in prompts:
         text = format_chat(main_model, [Message("user", prompt["prompt"])])
         tokens = tokenize_prompt(main_model, text)
@@ -298,6 +298,9 @@ def main() -> int:
             row += [f"{statistics.median(tg):.1f}", f"{med['plain'] / statistics.median(tg):.2f}x"]
         rows.append(row)
         overhead = {m: statistics.median(s.overhead_per_round for s in samples[m]) * 1000 for m in modes}
+        if "plain" in modes:  # each run against the plain run of the same round of runs: a drift between rounds cancels out
+            for m in modes:
+                paired[m] += [s.tok_s / p.tok_s for s, p in zip(samples[m], samples["plain"], strict=True) if m != "plain"]
         print(" | ".join(row), flush=True)
         print("   outside llama_decode, ms per round: " + ", ".join(f"{m} {v:.2f}" for m, v in overhead.items()), flush=True)
 
@@ -309,6 +312,11 @@ def main() -> int:
     for m, values in ratios.items():
         if values:
             print(f"{m}/plain: mean {statistics.mean(values):.2f}x, min {min(values):.2f}x over {len(values)} prompts")
+    for m, values in paired.items():
+        if len(values) >= 4:
+            q1, q2, q3 = statistics.quantiles(values, n=4)
+            print(f"{m}/plain, paired (each run / the plain run of its round), all prompts: median {q2:.3f}x, "
+                  f"quartiles {q1:.3f}-{q3:.3f}x over {len(values)} pairs")
     fixed = [m for m in modes if m.startswith("k")]
     if "adaptive" in modes and fixed:
         best = [max(float(r[1 + modes.index(m)]) for m in fixed) for r in rows]

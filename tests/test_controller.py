@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
 from app.engine.controller import NEW_REPLY_EVIDENCE, PRIOR_VERIFY_SLOPE, PROBE_EVERY, Decision, DraftController, VerifyCost
@@ -88,6 +91,35 @@ def test_verify_cost_answers_measured_sizes_and_interpolates_the_rest() -> None:
     assert cost.at(0) == 0.018 and cost.at(4) == 0.035
     assert cost.at(2) == pytest.approx(0.018 + (0.035 - 0.018) / 2)
     assert cost.at(8) > cost.at(5)
+
+
+def _curve_afresh(cost: VerifyCost, x: int) -> float:
+    """What VerifyCost.at answers, worked out from scratch: the probe's curve scaled by the mean sample/probe ratio,
+    samples over it, interpolated between known sizes, the prior shape below them, the fitted slope above."""
+    both = [n for n in cost.samples if n in cost.prior]
+    scale = sum(cost.samples[n] / cost.prior[n] for n in both) / len(both) if both else 1.0
+    known = {n: s * scale for n, s in cost.prior.items()} | cost.samples
+    if x in known:
+        return known[x]
+    sizes = sorted(known)
+    lower, higher = [n for n in sizes if n < x], [n for n in sizes if n > x]
+    if lower and higher:
+        lo, hi = lower[-1], higher[0]
+        return known[lo] + (known[hi] - known[lo]) * (x - lo) / (hi - lo)
+    if higher:
+        return known[higher[0]] * (1 + PRIOR_VERIFY_SLOPE * x) / (1 + PRIOR_VERIFY_SLOPE * higher[0])
+    return known[sizes[-1]] + VerifyCost._slope(known, sizes[-1]) * (x - sizes[-1])
+
+
+def test_verify_cost_kept_up_to_date_answers_what_the_curve_worked_out_afresh_would() -> None:
+    rng = random.Random(5)
+    cost = VerifyCost()
+    for step in range(400):
+        if step % 150 == 20:  # a probe (again): its sizes, not every size
+            cost.set_prior({n: ONE * (1 + 0.3 * n) * rng.uniform(0.9, 1.1) for n in (0, 1, 3, 7, 8, 15)})
+        cost.add(rng.choice((0, 0, 0, 1, 2, 4, 8, 12, 20)), ONE * rng.uniform(0.5, 6.0))
+        for x in (0, 1, 2, 5, 9, 15, 16, 30):
+            assert cost.at(x) == pytest.approx(_curve_afresh(cost, x), rel=1e-9), (step, x)
 
 
 def test_free_lookup_draft_beats_a_costly_model_draft_when_it_matches() -> None:
@@ -270,21 +302,30 @@ def test_a_rollbacks_cost_in_the_next_round_is_charged_to_drafting_not_to_plain_
     assert full.expected_rate("model", 4, acceptance=0.999) == pytest.approx(rate, rel=0.01)  # never rejected: no cost
 
 
+def _clock(monkeypatch: pytest.MonkeyPatch, step: float) -> None:
+    """The controller's clock advances `step` seconds a reading: pricing one round takes `step`."""
+    from app.engine import controller as c
+
+    ticks = itertools.count()
+    monkeypatch.setattr(c.time, "perf_counter", lambda: next(ticks) * step)
+
+
 def test_a_source_far_from_paying_is_not_priced_again_every_round_but_a_probe_or_a_match_still_comes(monkeypatch) -> None:
     from app.engine import controller as c
 
     ctl = DraftController(draft_min=0, draft_max=8)
     feed(ctl, "model", 4, 0, draft_cost=0.004, rounds=20)  # never accepted: far from paying
     ctl.state("model").probe_interval = 1000
+    _clock(monkeypatch, 4 * c.PRICING_SHARE * ONE)  # pricing costs 4 rounds' worth of PRICING_SHARE
     priced = []
     real = DraftController.rates
     monkeypatch.setattr(DraftController, "rates", lambda self, *a, **k: priced.append(self._rounds) or real(self, *a, **k))
     decisions = []
-    for _ in range(c.QUIET_ROUNDS + 2):
+    for _ in range(4 + 2):
         decisions.append(ctl.decide({"model": 8}))
         ctl.record(decisions[-1], 0, 0, 0.0, ONE)
     assert all(d.source == "none" for d in decisions)
-    assert len(set(priced)) == 2  # priced on the first round, then again once QUIET_ROUNDS had passed
+    assert sorted(set(priced)) == [priced[0], priced[0] + 4]  # priced on the first round, then again 4 rounds later
     ctl.decide({"model": 8})  # quiet again: not priced
     before = len(priced)
     ctl.state("lookup")
@@ -293,4 +334,67 @@ def test_a_source_far_from_paying_is_not_priced_again_every_round_but_a_probe_or
     ctl.state("model").rounds_since_used = ctl.state("model").probe_interval = 4
     before = len(priced)
     ctl.decide({"model": 8})
-    assert len(priced) > before  # a due probe is weighed
+    assert len(priced) == before  # a due probe of a quiet source waits for the quiet rounds to pass...
+    for _ in range(4):
+        ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)
+    ctl.decide({"model": 8})
+    assert len(priced) > before  # ...then it is weighed
+
+
+def test_how_long_a_source_stays_quiet_follows_what_pricing_costs_against_a_token(monkeypatch) -> None:
+    from app.engine import controller as c
+
+    for pricing, rounds in ((0.1 * c.PRICING_SHARE * ONE, 1), (7.5 * c.PRICING_SHARE * ONE, 8), (ONE, c.QUIET_MAX)):
+        ctl = DraftController(draft_min=0, draft_max=8)
+        feed(ctl, "model", 4, 0, draft_cost=0.004, rounds=20)
+        ctl.state("model").probe_interval = 1000
+        _clock(monkeypatch, pricing)
+        ctl.decide({"model": 8})
+        assert ctl._quiet["model"][0] - ctl._rounds == rounds  # a model of tens of ms is priced every round
+
+
+def test_with_nothing_near_paying_the_controller_rests_and_then_catches_up_the_rounds_bookkeeping(monkeypatch) -> None:
+    from app.engine import controller as c
+
+    def hopeless() -> DraftController:
+        ctl = DraftController(draft_min=0, draft_max=8)
+        feed(ctl, "model", 4, 0, draft_cost=0.004, rounds=20)  # never accepted
+        ctl.state("lookup")
+        ctl.state("model").probe_interval = 1000
+        return ctl
+
+    resting, awake = hopeless(), hopeless()
+    _clock(monkeypatch, 6 * c.PRICING_SHARE * ONE)  # quiet for 6 rounds
+    priced = []
+    real = DraftController.rates
+    monkeypatch.setattr(DraftController, "rates", lambda self, *a, **k: priced.append(self) or real(self, *a, **k))
+    plain = resting.decide({"model": 8})
+    assert plain.source == "none" and resting.resting(None) is plain
+    assert resting.resting(c.Batch(1)) is None  # another batch shape: weighed again
+    weighed = len(priced)
+    for _ in range(6):  # the engine asks nothing while resting: no match, no weighing
+        assert resting.resting(None) is plain
+        resting.record(plain, 0, 0, 0.0, ONE)
+        awake.record(Decision("none", 0, "test"), 0, 0, 0.0, ONE)  # the same rounds, bookkept one by one
+    assert resting.resting(None) is None  # the model's quiet rounds are over
+    assert len(priced) == weighed
+    resting._wake()
+    for source in ("model", "lookup"):
+        mine, theirs = resting.sources[source], awake.sources[source]
+        assert mine.rounds_since_used == theirs.rounds_since_used
+        for name in ("overall", "cold", "streak"):
+            assert getattr(mine, name).accepted == pytest.approx(getattr(theirs, name).accepted)
+            assert getattr(mine, name).rejected == pytest.approx(getattr(theirs, name).rejected)
+    assert resting.verify_cost.samples == pytest.approx(awake.verify_cost.samples)
+
+
+def test_a_controller_does_not_rest_while_lookup_is_on_a_streak_or_a_source_is_still_weighed() -> None:
+    ctl = DraftController(draft_min=0, draft_max=8)
+    feed(ctl, "model", 4, 0, draft_cost=0.004, rounds=20)
+    ctl.state("model").probe_interval = 1000
+    ctl.observe("lookup", 3, 3)  # its proposal came true: a streak may be starting
+    assert ctl.decide({"model": 8}).source == "none" and ctl.resting(None) is None
+    fresh = DraftController(draft_min=0, draft_max=8)
+    feed(fresh, "model", 4, 4, draft_cost=0.0001, rounds=3)  # a source that pays is never quiet
+    fresh.decide({"model": 8})
+    assert fresh.resting(None) is None

@@ -70,7 +70,7 @@ def event(
         drafted=tuple(range(100, 100 + len(pieces))), n_accepted=n_accepted, main_token=7, n_ignored=n_past_end,
         n_past_end=n_past_end,
         tokens=tuple(range(emitted)), text="", draft_seconds=0.0021, verify_seconds=0.0052, draft_source=source,
-        decision=decision.reason, why=decision, pieces=(*pieces, main),
+        why=decision, pieces=(*pieces, main),
     )  # fmt: skip
 
 
@@ -404,7 +404,7 @@ def scripted_sequence(gate: threading.Event):
             yield RoundEvent(
                 drafted=tuple(range(500, 500 + len(pieces))), n_accepted=accepted, main_token=9,
                 n_ignored=1 if ended else 0, n_past_end=1 if ended else 0, tokens=tokens, text=text, draft_seconds=0.0004 * len(pieces),
-                verify_seconds=0.021 + 0.002 * len(pieces), draft_source=source, decision=decision.reason, why=decision,
+                verify_seconds=0.021 + 0.002 * len(pieces), draft_source=source, why=decision,
                 pieces=(*pieces, main), context=len(prompt) + len(reply),
             )  # fmt: skip
         stats = GenerationStats(

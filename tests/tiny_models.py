@@ -25,8 +25,9 @@ CHATML = (
 )
 
 
-def vocabulary(words: list[str] = WORDS) -> tuple[list[str], list[float], list[int]]:
-    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *words]
+def vocabulary(words: list[str] = WORDS, eos_id: int = 2) -> tuple[list[str], list[float], list[int]]:
+    # llama.cpp ends a reply at "</s>" by its text too: with another end token, token 2 is a mere control token
+    tokens = ["<unk>", "<s>", "</s>" if eos_id == 2 else "<pad>", *(f"<0x{b:02X}>" for b in range(256)), *words]
     T = gguf.TokenType
     types = [T.UNKNOWN, T.CONTROL, T.CONTROL, *([T.BYTE] * 256), *([T.NORMAL] * len(words))]
     scores = [0.0, 0.0, 0.0, *([0.0] * 256), *(-float(i) for i in range(len(words)))]
@@ -177,7 +178,7 @@ def _write_ssm(path: Path, arch: str, name: str, weights: dict[str, np.ndarray],
 
 
 def _add_vocabulary(writer: gguf.GGUFWriter, words: list[str], eos_id: int, chat_template: str | None = CHATML) -> None:
-    tokens, scores, types = vocabulary(words)
+    tokens, scores, types = vocabulary(words, eos_id)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from dataclasses import dataclass, field
 
 DECAY = 0.9  # per-round decay of acceptance evidence: about the last 10-20 rounds count
@@ -34,10 +35,13 @@ MAX_PROBE_INTERVAL = 256
 CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up after idling is paid back (or what is left of the reply)
 CATCH_UP_BATCH = 3  # a draft context evaluating more tokens than this in one sync is catching up (a new prompt, idling)
 REVIEW_EVERY = 16  # rounds between re-checks of which sources could pay at all
-# A source that came nowhere near paying (under QUIET_MARGIN of plain decoding's rate at its best length) is not priced
-# again for QUIET_ROUNDS rounds while it offers the same: its estimates move a few percent a round, and on a 2 ms model
-# pricing 2 x 16 lengths every round was 2% of it. Probes are weighed as ever; lookup (free evidence, streaks) always.
-QUIET_MARGIN, QUIET_ROUNDS = 0.9, 4
+# A source that came nowhere near paying (under QUIET_MARGIN of plain decoding's rate at its best length) is neither priced
+# nor weighed for a probe again for a while, as long as it offers the same: its estimates move a few percent a round, and
+# on a 2 ms model pricing 2 x 16 lengths and weighing a due probe every round took 85 us of a 2.2 ms round (Mamba-2
+# stand-in, AMD EPYC). How long: enough rounds that pricing costs at most PRICING_SHARE of plain decoding's time (its
+# own time measured), from one round on a model of tens of milliseconds to QUIET_MAX on a tiny one. Lookup's offer
+# changes every round (its match), so it stays quiet whatever it offers, until its free evidence starts a streak.
+QUIET_MARGIN, PRICING_SHARE, QUIET_MAX = 0.9, 0.003, 32
 # a new reply keeps this share of the last one's acceptance evidence: a sequence's next reply is often another
 # conversation (a server's sequence serves any client), and a draft that was 95% right on code must not draft 12
 # tokens at a time into prose for the ten rounds it takes that evidence to decay; costs carry over in full
@@ -103,58 +107,66 @@ class VerifyCost:
     prior: dict[int, float] = field(default_factory=dict)  # x -> seconds, from the probe
     # x -> how many samples in a row came in under STALE_RATIO of the prior (the engine re-times a stale probe)
     runs: dict[int, int] = field(default_factory=dict)
-    _known: dict[int, float] | None = None  # prior (scaled) and samples merged; None: to be rebuilt
-    _sizes: list[int] = field(default_factory=list)  # _known's sizes in order
-    _fitted: float = 0.0  # the slope above the largest known size
-    _scale: float = 1.0
+    # Kept up to date as samples come, not rebuilt: every plain round adds one, and a curve merged afresh for each
+    # round that prices a draft was a cost of drafting on a 2 ms model
+    _sizes: list[int] = field(default_factory=list)  # every size sampled or probed, in order
+    _ratios: float = 0.0  # the sum of sample / prior over the sizes that have both (their mean is the scale)
+    _both: int = 0  # how many sizes have both
+    _fitted: float | None = None  # the slope above the largest size; None: to be fitted again
 
     def add(self, x: int, seconds: float) -> None:
         # the probe's figure is where the average starts: one slow first decode (a worker waking up, a busy
         # moment) must not stand alone for a size that drafting rounds then never measure again (a slow
         # first-token round made plain decoding look 4x dearer than it was for a whole reply)
         probed = self.prior.get(x)
-        old = self.samples.get(x, probed)
-        self.samples[x] = seconds if old is None else 0.7 * old + 0.3 * seconds
-        self._known = None  # rebuilt when a size without its own sample is asked for (not in plain rounds)
+        old = self.samples.get(x)
+        new = seconds if old is None and probed is None else 0.7 * (old if old is not None else probed) + 0.3 * seconds
+        if probed:
+            self._ratios += (new - (old if old is not None else 0.0)) / probed
+            self._both += old is None
+        elif old is None:
+            bisect.insort(self._sizes, x)
+        self.samples[x] = new
+        self._fitted = None
         self.runs[x] = self.runs.get(x, 0) + 1 if probed and seconds < STALE_RATIO * probed else 0
 
     def set_prior(self, prior: dict[int, float]) -> None:
-        self.prior, self._known, self.runs = prior, None, {}
+        self.prior, self.runs, self._fitted = prior, {}, None
+        self._sizes = sorted(prior.keys() | self.samples.keys())
+        both = [x for x in self.samples if prior.get(x)]
+        self._ratios, self._both = sum(self.samples[x] / prior[x] for x in both), len(both)
 
     @property
     def scale(self) -> float:
         """Live figures / the probe's, where both exist: how much slower (or faster) than probed."""
-        self._merged()
-        return self._scale
+        return self._ratios / self._both if self._both else 1.0
 
-    def _merged(self) -> dict[int, float]:
-        if self._known is None:
-            both = [x for x in self.samples if x in self.prior]
-            self._scale = scale = sum(self.samples[x] / self.prior[x] for x in both) / len(both) if both else 1.0
-            self._known = {x: s * scale for x, s in self.prior.items()} | self.samples
-            self._sizes = sorted(self._known)
-            self._fitted = self._slope(self._known, self._sizes[-1]) if self._known else 0.0
-        return self._known
+    def _known(self, x: int, scale: float) -> float:
+        measured = self.samples.get(x)
+        return measured if measured is not None else self.prior[x] * scale
 
     def at(self, x: int) -> float | None:
         measured = self.samples.get(x)
         if measured is not None:
             return measured
-        known = self._merged()
-        if not known:
-            return None
-        if x in known:
-            return known[x]
         sizes = self._sizes  # a bisection, not a scan: the controller asks for dozens of sizes every round
+        if not sizes:
+            return None
+        scale = self.scale
         i = bisect.bisect_left(sizes, x)
+        if i < len(sizes) and sizes[i] == x:
+            return self.prior[x] * scale
         if 0 < i < len(sizes):
             lo, hi = sizes[i - 1], sizes[i]
-            return known[lo] + (known[hi] - known[lo]) * (x - lo) / (hi - lo)
+            at_lo, at_hi = self._known(lo, scale), self._known(hi, scale)
+            return at_lo + (at_hi - at_lo) * (x - lo) / (hi - lo)
         if i == 0:
             hi = sizes[0]
-            return known[hi] * (1 + PRIOR_VERIFY_SLOPE * x) / (1 + PRIOR_VERIFY_SLOPE * hi)
+            return self._known(hi, scale) * (1 + PRIOR_VERIFY_SLOPE * x) / (1 + PRIOR_VERIFY_SLOPE * hi)
         lo = sizes[-1]
-        return known[lo] + self._fitted * (x - lo)
+        if self._fitted is None:
+            self._fitted = self._slope({size: self._known(size, scale) for size in sizes}, lo)
+        return self._known(lo, scale) + self._fitted * (x - lo)
 
     @staticmethod
     def _slope(known: dict[int, float], lo: int) -> float:
@@ -304,11 +316,21 @@ class DraftController:
     rollback_cost: float = 0.0
     _rounds: int = 0
     _rollbacks: int = 0
-    # source -> (until which round, what it offered, the batch): not priced meanwhile (QUIET_ROUNDS)
+    # source -> (until which round, what it offered, the batch): not priced meanwhile (QUIET_MARGIN)
     _quiet: dict[str, tuple[int, int, Batch | None]] = field(default_factory=dict)
+    _pricing: float = 0.0  # seconds one round's pricing takes (EMA): what a quiet round saves
+    # Resting: the last weighing chose plain decoding and every source offering was quiet (lookup in no streak). Until
+    # the first of them wakes (and while the batch stays the same), a round asks no lookup match and weighs nothing, and
+    # record keeps only its verify time: (until which round, the batch, the plain decision). Right after a decode the
+    # Python that runs is slow (its code and data evicted: a 5 us dictionary fill took 15 right after a 2 ms decode),
+    # so every line a round skips counts: on the Mamba-2 stand-in (AMD EPYC) a round's lookup match, weighing and
+    # bookkeeping took 40-50 us of a 2.5 ms token. The per-round bookkeeping skipped is done at once after (_wake).
+    _rest: tuple[int, Batch | None, Decision] | None = None
+    _rested: int = 0  # rounds rested whose bookkeeping _wake has still to do
 
     def new_reply(self) -> None:
         """A reply starts on this controller's sequence: what was seen of the last one's text counts less."""
+        self._wake()
         self._quiet.clear()
         for state in self.sources.values():
             for evidence in (state.overall, state.cold, state.streak):
@@ -436,14 +458,59 @@ class DraftController:
         `behind`: source -> tokens it must catch up on first (see expected_rate); `horizon`: tokens left
         to pay a catch-up back (never more than what is left of the reply); `batch`: what other sequences are
         expected to put in the same main-model decode (their last round's)."""
-        behind = behind or {}
-        horizon = min(horizon, CATCH_UP_HORIZON)
+        self._wake()
         plain = self.expected_rate("none", 0, batch=batch)
         measured = self.verify_time(1) is not None
         best = Decision("none", 0, PLAIN, rate=plain) if measured else Decision("none", 0, UNMEASURED)
-        best_rate = plain
         available = {s: n for s, n in available.items() if s not in self.closed}
         quiet = {s for s, n in available.items() if self._is_quiet(s, n, batch)}
+        if len(quiet) == len(available):  # the common round on a model where drafting does not pay: nothing to weigh
+            return self._settle(best, available, batch)
+        started = time.perf_counter()
+        decision, hopeless = self._weigh(available, quiet, behind or {}, min(horizon, CATCH_UP_HORIZON), batch, plain, best)
+        spent = time.perf_counter() - started
+        self._pricing = spent if not self._pricing else 0.8 * self._pricing + 0.2 * spent
+        until = self._rounds + self._quiet_rounds()
+        for source in hopeless:
+            self._quiet[source] = (until, available[source], batch)
+        return self._settle(decision, available, batch)
+
+    def _settle(self, decision: Decision, available: dict[str, int], batch: Batch | None) -> Decision:
+        """Rest (_rest) after `decision` when it is plain decoding and every source offering is quiet."""
+        if decision.source != "none" or not available or any(state.in_streak for state in self.sources.values()):
+            return decision
+        if all(self._is_quiet(source, offered, batch) for source, offered in available.items()):
+            self._rest = (min(self._quiet[source][0] for source in available), batch, decision)
+        return decision
+
+    def resting(self, batch: Batch | None) -> Decision | None:
+        """This round's decision while resting (plain decoding: nothing to match or weigh), else None."""
+        rest = self._rest
+        return rest[2] if rest is not None and self._rounds < rest[0] and rest[1] == batch else None
+
+    def _wake(self) -> None:
+        """The per-round bookkeeping of the rounds rested (record's), done at once."""
+        self._rest = None
+        n, self._rested = self._rested, 0
+        if not n:
+            return
+        factor = DECAY**n
+        for state in self.sources.values():
+            for evidence in (state.overall, state.cold, state.streak):
+                evidence.accepted *= factor
+                evidence.rejected *= factor
+            state.rounds_since_used += n
+            state.in_streak = False
+        if self.closed and self._rounds // REVIEW_EVERY != (self._rounds - n) // REVIEW_EVERY:
+            self.review(list(self.closed))
+
+    def _weigh(
+        self, available: dict[str, int], quiet: set[str], behind: dict[str, int], horizon: int, batch: Batch | None,
+        plain: float, best: Decision,
+    ) -> tuple[Decision, list[str]]:  # fmt: skip
+        """decide's pricing, probes and exploration over the sources not quiet; and the sources that came nowhere near
+        paying (to be quiet for a while)."""
+        best_rate = plain
         priced: dict[str, float] = {}  # each source priced this round: its best rate
         for source, limit in available.items():
             state = self.state(source)
@@ -463,7 +530,7 @@ class DraftController:
             state = self.sources[source]
             if source == best.source or self.traits[source].observed or limit < max(1, self.draft_min):
                 continue
-            if state.rounds_since_used < state.probe_interval:
+            if state.rounds_since_used < state.probe_interval or source in quiet:  # (a quiet one waits a few rounds more)
                 continue
             if self.traits[source].catches_up:  # a first probe is longer: it decides whether drafting starts early in a reply
                 k = min(max(FIRST_PROBE if state.unit_cost is None else 2, self.draft_min), limit, self.draft_max)
@@ -480,19 +547,29 @@ class DraftController:
             ceiling = max(self.rates(source, range(k, max(k, min(self.draft_max, limit)) + 1), hope, lag, horizon, batch))
             if ceiling > best_rate * PROBE_GAIN:
                 state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
-                return Decision(source, k, PROBE, acceptance=state.acceptance, speedup=ceiling / plain)
+                return Decision(source, k, PROBE, acceptance=state.acceptance, speedup=ceiling / plain), []
         if best.source != "none":
             self.sources[best.source].probe_interval = PROBE_EVERY  # it wins on merit: probe it promptly again
-            return best
+            return best, []
         explored = self._explore({s: n for s, n in available.items() if s not in quiet}, behind, batch, plain)
-        for source, top in priced.items():
-            if top < plain * QUIET_MARGIN and not self.traits[source].observed and (explored is None or explored.source != source):
-                self._quiet[source] = (self._rounds + QUIET_ROUNDS, available[source], batch)
-        return explored or best
+        hopeless = [source for source, top in priced.items() if top < plain * QUIET_MARGIN
+                    and (explored is None or explored.source != source)]  # fmt: skip
+        return explored or best, hopeless
+
+    def _quiet_rounds(self) -> int:
+        """How many rounds a source that came nowhere near paying stays quiet: pricing at most PRICING_SHARE of the time."""
+        one = self.verify_time(1)
+        if not one or not self._pricing:
+            return 1
+        return max(1, min(QUIET_MAX, math.ceil(self._pricing / (PRICING_SHARE * one))))
 
     def _is_quiet(self, source: str, offered: int, batch: Batch | None) -> bool:
         until = self._quiet.get(source)
-        return until is not None and self._rounds < until[0] and until[1:] == (offered, batch)
+        if until is None or self._rounds >= until[0] or until[2] != batch:
+            return False
+        if self.traits[source].observed:  # its offer changes every round (a lookup match's length); a streak wakes it
+            return not self.sources[source].in_streak
+        return until[1] == offered
 
     def _explore(self, available: dict[str, int], behind: dict[str, int], batch: Batch | None, plain: float) -> Decision | None:
         """A source in sync (nothing to catch up on) whose estimate says plain on thin evidence, but whose plausible
@@ -535,6 +612,7 @@ class DraftController:
 
     def observe_unsure(self, accepted: bool) -> None:
         """One unsure draft token judged against the main model's own token at its place."""
+        self._wake()
         evidence = self.state("model").unsure
         evidence.accepted = evidence.accepted * UNSURE_DECAY + accepted
         evidence.rejected = evidence.rejected * UNSURE_DECAY + (not accepted)
@@ -542,6 +620,7 @@ class DraftController:
     def observe(self, source: str, n_matched: int, n_checked: int) -> None:
         """Free evidence for an observed source (SourceTraits.observed): of the n_checked tokens that came after it was asked (and not
         used), its proposal had the first n_matched right."""
+        self._wake()
         state = self.state(source)
         for evidence in (state.overall, state.evidence) if state.streaky else (state.overall,):
             evidence.accepted += n_matched
@@ -559,6 +638,14 @@ class DraftController:
         catch_up: tuple[int, float] | None = None,  # (tokens, seconds) of a batched catch-up inside draft_seconds
         after_rollback: bool = False,  # the decode before this round's was stepped back through a snapshot
     ) -> None:
+        rest = self._rest
+        if rest is not None and decision is rest[2] and not after_rollback:  # a round rested: its time alone now
+            if verify_seconds is not None:
+                self.verify_cost.add(0, verify_seconds)
+            self._rounds += 1
+            self._rested += 1
+            return
+        self._wake()
         if verify_seconds is not None and after_rollback:
             expected = self.verify_cost.at(n_drafted)
             if expected is not None:

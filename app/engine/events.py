@@ -24,7 +24,6 @@ class RoundEvent:
     draft_seconds: float
     verify_seconds: float
     draft_source: str  # "model", "mtp", "lookup" or "none"
-    decision: str = ""  # why this draft length, in the engine's terse words (why.reason)
     # the bytes of each drafted token, then of main_token: consumers show tokens without calling llama.cpp
     # (its token-to-piece buffer is the engine thread's), and without keeping the model alive
     pieces: tuple[bytes, ...] = ()
@@ -33,6 +32,11 @@ class RoundEvent:
     n_past_end: int = 0
     context: int = 0  # tokens of this reply's sequence in the main context after the round (a front-end's "ctx")
     why: Decision | None = None  # the same as data: a code and its figures, for front-ends to word
+
+    @property
+    def decision(self) -> str:
+        """Why this draft length, in the engine's terse words (worded when asked: a round is not formatted for nobody)."""
+        return self.why.reason if self.why is not None else ""
 
     def drafted_piece(self, i: int) -> bytes:
         return self.pieces[i] if i < len(self.pieces) else b""

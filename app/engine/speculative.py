@@ -466,7 +466,6 @@ class Reply:
             draft_seconds=draft_seconds,
             verify_seconds=verify_seconds,
             draft_source=decision.source if draft.tokens or draft.n_ignored else "none",
-            decision=decision.reason,
             why=decision,
             pieces=tuple(self.engine.main.piece(t) for t in (*draft.tokens, main_token)),
             context=context,
@@ -919,6 +918,8 @@ class SpeculativeEngine:
         if limit < config.draft_min:  # the end of the reply is nearer than draft-min: a draft would be thrown away
             return Decision("none", 0, NEAR_END, left=limit, draft_min=config.draft_min), Draft()
         state = self._states[seq]
+        if controller is not None and (resting := controller.resting(state.batch)) is not None:
+            return resting, Draft()  # nothing came near paying lately: not even a lookup match is looked for
         match = state.lookup.match(tokens, limit) if state.lookup else []
         if controller is not None and state.shadow is not None:
             self._check_shadow(state, tokens, controller)
