@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
@@ -302,12 +301,9 @@ def test_a_rollbacks_cost_in_the_next_round_is_charged_to_drafting_not_to_plain_
     assert full.expected_rate("model", 4, acceptance=0.999) == pytest.approx(rate, rel=0.01)  # never rejected: no cost
 
 
-def _clock(monkeypatch: pytest.MonkeyPatch, step: float) -> None:
-    """The controller's clock advances `step` seconds a reading: pricing one round takes `step`."""
-    from app.engine import controller as c
-
-    ticks = itertools.count()
-    monkeypatch.setattr(c.time, "perf_counter", lambda: next(ticks) * step)
+def _deciding_takes(ctl: DraftController, seconds: float) -> None:
+    """A plain round whose deciding (the engine's lookup match, the weighing) took `seconds`."""
+    ctl.record(Decision("none", 0), 0, 0, seconds, ONE)
 
 
 def test_a_source_far_from_paying_is_not_priced_again_every_round_but_a_probe_or_a_match_still_comes(monkeypatch) -> None:
@@ -316,7 +312,7 @@ def test_a_source_far_from_paying_is_not_priced_again_every_round_but_a_probe_or
     ctl = DraftController(draft_min=0, draft_max=8)
     feed(ctl, "model", 4, 0, draft_cost=0.004, rounds=20)  # never accepted: far from paying
     ctl.state("model").probe_interval = 1000
-    _clock(monkeypatch, 4 * c.PRICING_SHARE * ONE)  # pricing costs 4 rounds' worth of PRICING_SHARE
+    _deciding_takes(ctl, 3.5 * c.PRICING_SHARE * ONE)  # deciding costs 3.5 rounds' worth of PRICING_SHARE
     priced = []
     real = DraftController.rates
     monkeypatch.setattr(DraftController, "rates", lambda self, *a, **k: priced.append(self._rounds) or real(self, *a, **k))
@@ -348,7 +344,7 @@ def test_how_long_a_source_stays_quiet_follows_what_pricing_costs_against_a_toke
         ctl = DraftController(draft_min=0, draft_max=8)
         feed(ctl, "model", 4, 0, draft_cost=0.004, rounds=20)
         ctl.state("model").probe_interval = 1000
-        _clock(monkeypatch, pricing)
+        _deciding_takes(ctl, pricing)
         ctl.decide({"model": 8})
         assert ctl._quiet["model"][0] - ctl._rounds == rounds  # a model of tens of ms is priced every round
 
@@ -364,7 +360,8 @@ def test_with_nothing_near_paying_the_controller_rests_and_then_catches_up_the_r
         return ctl
 
     resting, awake = hopeless(), hopeless()
-    _clock(monkeypatch, 6 * c.PRICING_SHARE * ONE)  # quiet for 6 rounds
+    for ctl in (resting, awake):
+        _deciding_takes(ctl, 5.5 * c.PRICING_SHARE * ONE)  # quiet for 6 rounds
     priced = []
     real = DraftController.rates
     monkeypatch.setattr(DraftController, "rates", lambda self, *a, **k: priced.append(self) or real(self, *a, **k))
@@ -398,3 +395,20 @@ def test_a_controller_does_not_rest_while_lookup_is_on_a_streak_or_a_source_is_s
     feed(fresh, "model", 4, 4, draft_cost=0.0001, rounds=3)  # a source that pays is never quiet
     fresh.decide({"model": 8})
     assert fresh.resting(None) is None
+
+
+def test_with_nothing_offered_the_controller_rests_only_where_deciding_is_dear_against_a_token() -> None:
+    from app.engine import controller as c
+
+    for deciding, rests in ((2.5 * c.PRICING_SHARE * ONE, 3), (0.2 * c.PRICING_SHARE * ONE, 1)):  # a tiny model; a real one
+        ctl = DraftController(draft_min=0, draft_max=8)
+        ctl.state("lookup")
+        _deciding_takes(ctl, deciding)
+        plain = ctl.decide({})  # lookup found no match: nothing to weigh
+        rested = 0
+        while True:
+            ctl.record(plain, 0, 0, 0.0, ONE)
+            rested += 1
+            if ctl.resting(None) is None:
+                break
+        assert rested == rests

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import time
 from dataclasses import dataclass, field
 
 DECAY = 0.9  # per-round decay of acceptance evidence: about the last 10-20 rounds count
@@ -38,8 +37,8 @@ REVIEW_EVERY = 16  # rounds between re-checks of which sources could pay at all
 # A source that came nowhere near paying (under QUIET_MARGIN of plain decoding's rate at its best length) is neither priced
 # nor weighed for a probe again for a while, as long as it offers the same: its estimates move a few percent a round, and
 # on a 2 ms model pricing 2 x 16 lengths and weighing a due probe every round took 85 us of a 2.2 ms round (Mamba-2
-# stand-in, AMD EPYC). How long: enough rounds that pricing costs at most PRICING_SHARE of plain decoding's time (its
-# own time measured), from one round on a model of tens of milliseconds to QUIET_MAX on a tiny one. Lookup's offer
+# stand-in, AMD EPYC). How long: enough rounds that deciding costs at most PRICING_SHARE of plain decoding's time (the
+# engine's time for it measured), from one round on a model of tens of milliseconds to QUIET_MAX on a tiny one. Lookup's offer
 # changes every round (its match), so it stays quiet whatever it offers, until its free evidence starts a streak.
 QUIET_MARGIN, PRICING_SHARE, QUIET_MAX = 0.9, 0.003, 32
 # a new reply keeps this share of the last one's acceptance evidence: a sequence's next reply is often another
@@ -318,19 +317,22 @@ class DraftController:
     _rollbacks: int = 0
     # source -> (until which round, what it offered, the batch): not priced meanwhile (QUIET_MARGIN)
     _quiet: dict[str, tuple[int, int, Batch | None]] = field(default_factory=dict)
-    _pricing: float = 0.0  # seconds one round's pricing takes (EMA): what a quiet round saves
+    # seconds the engine took to decide a round that drafted nothing, when not resting (EMA; its lookup match, the
+    # weighing): what a quiet or resting round saves
+    _pricing: float = 0.0
     # Resting: the last weighing chose plain decoding and every source offering was quiet (lookup in no streak). Until
     # the first of them wakes (and while the batch stays the same), a round asks no lookup match and weighs nothing, and
-    # record keeps only its verify time: (until which round, the batch, the plain decision). Right after a decode the
+    # record keeps only its verify time. Right after a decode the
     # Python that runs is slow (its code and data evicted: a 5 us dictionary fill took 15 right after a 2 ms decode),
     # so every line a round skips counts: on the Mamba-2 stand-in (AMD EPYC) a round's lookup match, weighing and
     # bookkeeping took 40-50 us of a 2.5 ms token. The per-round bookkeeping skipped is done at once after (_wake).
-    _rest: tuple[int, Batch | None, Decision] | None = None
+    _rest: tuple[int, int, Batch | None, Decision] | None = None  # (from which round, until which, the batch, the decision)
     _rested: int = 0  # rounds rested whose bookkeeping _wake has still to do
 
     def new_reply(self) -> None:
         """A reply starts on this controller's sequence: what was seen of the last one's text counts less."""
         self._wake()
+        self._rest = None
         self._quiet.clear()
         for state in self.sources.values():
             for evidence in (state.overall, state.cold, state.streak):
@@ -459,6 +461,7 @@ class DraftController:
         to pay a catch-up back (never more than what is left of the reply); `batch`: what other sequences are
         expected to put in the same main-model decode (their last round's)."""
         self._wake()
+        self._rest = None  # asked to decide: not resting (or no longer)
         plain = self.expected_rate("none", 0, batch=batch)
         measured = self.verify_time(1) is not None
         best = Decision("none", 0, PLAIN, rate=plain) if measured else Decision("none", 0, UNMEASURED)
@@ -466,10 +469,7 @@ class DraftController:
         quiet = {s for s, n in available.items() if self._is_quiet(s, n, batch)}
         if len(quiet) == len(available):  # the common round on a model where drafting does not pay: nothing to weigh
             return self._settle(best, available, batch)
-        started = time.perf_counter()
         decision, hopeless = self._weigh(available, quiet, behind or {}, min(horizon, CATCH_UP_HORIZON), batch, plain, best)
-        spent = time.perf_counter() - started
-        self._pricing = spent if not self._pricing else 0.8 * self._pricing + 0.2 * spent
         until = self._rounds + self._quiet_rounds()
         for source in hopeless:
             self._quiet[source] = (until, available[source], batch)
@@ -477,20 +477,21 @@ class DraftController:
 
     def _settle(self, decision: Decision, available: dict[str, int], batch: Batch | None) -> Decision:
         """Rest (_rest) after `decision` when it is plain decoding and every source offering is quiet."""
-        if decision.source != "none" or not available or any(state.in_streak for state in self.sources.values()):
+        if decision.source != "none" or any(state.in_streak for state in self.sources.values()):
             return decision
-        if all(self._is_quiet(source, offered, batch) for source, offered in available.items()):
-            self._rest = (min(self._quiet[source][0] for source in available), batch, decision)
+        if not available:  # nothing offered (lookup found no match, no model to draft with): rest as a quiet source would
+            self._rest = (self._rounds, self._rounds + self._quiet_rounds(), batch, decision)
+        elif all(self._is_quiet(source, offered, batch) for source, offered in available.items()):
+            self._rest = (self._rounds, min(self._quiet[source][0] for source in available), batch, decision)
         return decision
 
     def resting(self, batch: Batch | None) -> Decision | None:
         """This round's decision while resting (plain decoding: nothing to match or weigh), else None."""
         rest = self._rest
-        return rest[2] if rest is not None and self._rounds < rest[0] and rest[1] == batch else None
+        return rest[3] if rest is not None and self._rounds < rest[1] and rest[2] == batch else None
 
     def _wake(self) -> None:
         """The per-round bookkeeping of the rounds rested (record's), done at once."""
-        self._rest = None
         n, self._rested = self._rested, 0
         if not n:
             return
@@ -557,7 +558,8 @@ class DraftController:
         return explored or best, hopeless
 
     def _quiet_rounds(self) -> int:
-        """How many rounds a source that came nowhere near paying stays quiet: pricing at most PRICING_SHARE of the time."""
+        """How many rounds a source that came nowhere near paying stays quiet (or the controller rests): deciding costs
+        at most PRICING_SHARE of plain decoding's time."""
         one = self.verify_time(1)
         if not one or not self._pricing:
             return 1
@@ -638,14 +640,16 @@ class DraftController:
         catch_up: tuple[int, float] | None = None,  # (tokens, seconds) of a batched catch-up inside draft_seconds
         after_rollback: bool = False,  # the decode before this round's was stepped back through a snapshot
     ) -> None:
-        rest = self._rest
-        if rest is not None and decision is rest[2] and not after_rollback:  # a round rested: its time alone now
+        rest = self._rest  # (the round that decided to rest is recorded in full: it measured what deciding costs)
+        if rest is not None and decision is rest[3] and self._rounds > rest[0] and not after_rollback:  # a round rested
             if verify_seconds is not None:
                 self.verify_cost.add(0, verify_seconds)
             self._rounds += 1
             self._rested += 1
             return
         self._wake()
+        if decision.why in (PLAIN, UNMEASURED):  # decided by decide: the engine's time for it is deciding's cost
+            self._pricing = draft_seconds if not self._pricing else 0.8 * self._pricing + 0.2 * draft_seconds
         if verify_seconds is not None and after_rollback:
             expected = self.verify_cost.at(n_drafted)
             if expected is not None:
