@@ -31,6 +31,7 @@ from app.engine.events import Finished, RoundEvent
 from app.engine.loading import MTP, SOURCES, EngineSpec, describe_draft, load_engine, own_draft
 from app.engine.rounds import Rounds
 from app.engine.rpc import WorkerLost, parse_endpoints, parse_split
+from app.engine.sources import draws_on
 from app.engine.speculative import GenerationConfig, SpeculativeEngine
 
 
@@ -383,7 +384,7 @@ class EngineHost:
         if self.adopted or self.engine is None:
             return self.engine is None
         try:
-            return self._wanted(job) != self.spec
+            return self._runs_on_loaded(self._wanted(job)) is False
         except TandemError:
             return True  # it fails when it starts, once nothing else runs (never a switch under active jobs)
 
@@ -391,7 +392,7 @@ class EngineHost:
         """Read the job's prompt into tokens and start it on a sequence (a failure ends it here)."""
         job.last_read = time.monotonic()  # time spent queued is not the reader's stall
         try:
-            engine = self._engine_for(job)
+            engine, sources = self._engine_for(job)
             if job.messages is not None:
                 if job.window is not None:  # a front-end's conversation: read from its latest turns that fit
                     reserve = reply_reserve(job.config, engine.n_ctx)
@@ -405,7 +406,7 @@ class EngineHost:
                 tokens = tokenize_prompt(engine.main, job.prompt or "")
             if self._rounds is None or self._rounds.engine is not engine:
                 self._rounds = Rounds(engine)
-            outcomes = self._rounds.start(job, tokens, job.config, job.cancel)
+            outcomes = self._rounds.start(job, tokens, replace(job.config, sources=sources), job.cancel)
         except Exception as exc:
             self._fail(job, exc)
             self._end(job)
@@ -459,25 +460,45 @@ class EngineHost:
             draft = current.draft  # the loaded pair, as launched
         return self._resolve(main, draft)
 
-    def _engine_for(self, job: Job) -> SpeculativeEngine:
+    def _engine_for(self, job: Job) -> tuple[SpeculativeEngine, frozenset[str] | None]:
+        """The engine a job runs on, and the draft sources it may use there (None: all the engine's)."""
         if self.adopted:
             return self._adopted_engine(job)
         spec = self._wanted(job)
-        if self.engine is None or spec != self.spec:
+        sources = self._runs_on_loaded(spec) if self.engine is not None else False
+        if sources is False:
             self._switch(spec)
+            sources = None
         assert self.engine is not None
-        return self.engine
+        return self.engine, sources
 
-    def _adopted_engine(self, job: Job) -> SpeculativeEngine:
-        """The adopted pair, or a clear failure for a job that names another one."""
+    def _runs_on_loaded(self, spec: EngineSpec) -> frozenset[str] | bool | None:
+        """How the loaded pair runs replies of `spec`: None when it is that pair; the sources to draft from when only
+        the draft choice differs and the loaded pair has all it draws on (plain decoding, prompt lookup, the loaded draft
+        model alone...: one more sequence in the batch, no reload, no waiting for the others); False: it cannot."""
+        loaded = self.spec
+        if loaded is None:
+            return False
+        if spec == loaded:
+            return None
+        if replace(spec, draft=loaded.draft) != loaded or spec.draft_path is not None:  # (another draft model file)
+            return False
+        wanted = draws_on(spec.draft)
+        return wanted if wanted <= draws_on(loaded.draft) else False
+
+    def _adopted_engine(self, job: Job) -> tuple[SpeculativeEngine, frozenset[str] | None]:
+        """The adopted pair (with the sources a job's draft choice draws on, where the pair has them), or a clear
+        failure for a job that names another one."""
         assert self.engine is not None and self.spec is not None
         same_main = job.main is None or same_file(job.main, str(self.spec.main))
         same_draft = job.draft is None or job.draft == self.spec.draft or same_file(job.draft, self.spec.draft)
+        if same_main and not same_draft and job.draft in SOURCES and draws_on(job.draft) <= draws_on(self.spec.draft):
+            return self.engine, draws_on(job.draft)
         if not (same_main and same_draft):
             wanted = f"{Path(job.main).name if job.main else self.engine.main.name} with {describe_draft(job.draft or self.spec.draft)}"
             raise PairLocked(f"this server serves only the pair loaded in the Tandem app ({self.describe()}), "
                               f"not {wanted}: pick that pair in the app")  # fmt: skip
-        return self.engine
+        return self.engine, None
 
     def _switch(self, spec: EngineSpec) -> None:
         """Load `spec`, keeping the current main model when only the draft changes (no weights re-read)."""

@@ -18,7 +18,7 @@ from app.engine.loading import EngineSpec
 from app.engine.rounds import Rounds
 from app.engine.sampling import SamplerSettings
 from app.engine.speculative import GenerationConfig, SpeculativeEngine, Verify
-from app.host import DONE, EngineHost, Job, JobFailed
+from app.host import DONE, READER_BACKLOG, EngineHost, Job, JobFailed
 
 GREEDY = SamplerSettings(temperature=0.0)
 PROMPTS = ["the cat sat on the mat", "def sort ( x ) : return", "hello world , hello", "one two three four five"]
@@ -315,3 +315,55 @@ def test_the_sequence_whose_cache_is_worth_least_is_found_by_sorting_as_by_compa
     expected = min(free, key=lambda s: (brute(s), len(engine.main_ctx.seqs[s])))
     assert engine.pick_sequence([999, 998], busy) == expected
     engine.main_ctx.seqs = [[] for _ in range(64)]  # (the fake caches must not reach llama.cpp at close)
+
+
+# ---- a request's own draft sources inside the batch (#28 item 3) -----------------------------------------------------
+
+
+def test_each_reply_drafts_only_from_its_own_sources_inside_one_batch(models) -> None:
+    """Plain decoding, lookup alone and the whole set share the decodes of one pair: each reply equals plain decoding,
+    drafts only from the sources it may use, and names them in its stats."""
+    prompts = [models["main"].tokenize(p) for p in PROMPTS[:3]]
+    plain = engine_of(models, 1)
+    expected = [[e for e in plain.generate(p, config(draft_max=0))][-1].tokens for p in prompts]
+    allowed = [frozenset(), frozenset({"lookup"}), None]
+    # fixed length: wherever the draft model may draft, it drafts every round
+    configs = [config(sources=sources, draft_max=3, adaptive=False) for sources in allowed]
+    engine = engine_of(models, 3)
+    together = run_together(engine, prompts, configs)
+    rounds = {i: [e for e in together[i] if isinstance(e, RoundEvent)] for i in range(3)}
+    assert [finished(together[i]).tokens for i in range(3)] == expected
+    assert not any(r.drafted for r in rounds[0]) and finished(together[0]).stats.draft_model is None
+    assert finished(together[0]).stats.speculation == "plain decoding"
+    assert {r.draft_source for r in rounds[1]} <= {"lookup", "none"} and finished(together[1]).stats.draft_model == "prompt lookup"
+    assert "model" in {r.draft_source for r in rounds[2]} and finished(together[2]).stats.draft_model.endswith("+ prompt lookup")
+    assert finished(together[0]).stats.widest_batch > 1  # the plain reply shared decodes with the drafting ones
+
+
+def test_a_request_for_plain_decoding_or_lookup_runs_beside_the_others_on_the_loaded_pair(tiny) -> None:
+    """A job whose draft choice the loaded pair covers is one more sequence in its batch: it neither reloads nor waits
+    for the running jobs to end."""
+    cfg = Config(main=str(tiny.main), draft=str(tiny.draft))
+    cfg.settings.ctx_size, cfg.settings.threads = 256, 2
+    host = EngineHost(cfg, parallel=3)
+    host.start()
+    try:
+        # a long job whose reader does not read: it holds its sequence, paused behind READER_BACKLOG unread rounds
+        held = host.submit(Job(config=config(max_tokens=200), prompt=PROMPTS[0], reader_timeout=60))
+        deadline = time.monotonic() + 30
+        while held.events.qsize() < READER_BACKLOG and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine = host.engine
+        reference = None
+        for draft, used in (("none", None), ("lookup", "prompt lookup")):
+            items = drain(host.submit(Job(config=config(max_tokens=16), prompt=PROMPTS[1], draft=draft)), timeout=20)
+            reply = items[-1]
+            assert isinstance(reply, Finished), reply
+            assert reply.stats.draft_model == used
+            assert reference is None or reply.tokens == reference
+            reference = reply.tokens
+            assert held in host.active and host.engine is engine  # beside the held job, on the loaded pair
+        assert host.spec.draft == str(tiny.draft)
+    finally:
+        held.cancel.set()
+        host.stop()

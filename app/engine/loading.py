@@ -19,7 +19,7 @@ from app.engine.compat import metadata_compatibility, require_compatible
 from app.engine.errors import LoadCancelled, ModelFileError, TandemError
 from app.engine.gguf_info import GGUFInfo, read_gguf_info
 from app.engine.probe import PLAIN_ONLY, MainProfile
-from app.engine.sources import LOOKUP, MTP, NO_DRAFT, SOURCES
+from app.engine.sources import LOOKUP, MTP, NO_DRAFT, SOURCES, draws_on
 from app.engine.speculative import SpeculativeEngine
 
 LoadProgress = Callable[[str, float], None]  # (what is loading, fraction done)
@@ -149,7 +149,7 @@ def load_engine(
         called_off()
         # prompt lookup rides along with a draft model (the controller picks per round) and stands in when there is none
         return SpeculativeEngine(
-            main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=spec.draft != NO_DRAFT, exact=spec.exact,
+            main, draft, n_ctx=spec.ctx_size, n_threads=spec.threads, lookup=LOOKUP in draws_on(spec.draft), exact=spec.exact,
             main_profile=None if main_profile is PLAIN_ONLY else main_profile,  # a plain-only engine never probed
             progress=check, n_seq=spec.parallel, mtp=spec.draft == MTP,
         )  # fmt: skip

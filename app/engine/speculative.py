@@ -46,6 +46,7 @@ from app.engine.sampling import (
     distribution,
     greedy_token,
 )
+from app.engine.sources import DRAFT_MODEL, LOOKUP, MTP
 from app.engine.text import TextStream
 
 # A long prompt (a reopened conversation, one carried over to another model) is read in batches of this many
@@ -85,6 +86,9 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     adaptive: bool = True  # choose k per round from measured acceptance and costs; False: always draft_max
+    # the round sources this reply may draft from, of the engine's ("model", "mtp", "lookup"; sources.draws_on): a
+    # request's own mode on the loaded pair, one more sequence in its batch. None: every one the engine has
+    sources: frozenset[str] | None = None
 
 
 @dataclass
@@ -126,6 +130,9 @@ class SequenceState:
 
     lookup: LookupDrafter | None = None
     shadow: tuple[int, list[int]] | None = None  # (position, tokens)
+    # this reply's drafting models by source, and whether it may use lookup (GenerationConfig.sources)
+    drafters: dict[str, ModelDrafter | MtpDrafter] = field(default_factory=dict)
+    use_lookup: bool = False
     batch: Batch | None = None  # other sequences in its last verify decode: the decode it will likely share next
 
 
@@ -382,7 +389,7 @@ class Reply:
 
     def __init__(self, engine: SpeculativeEngine, config: GenerationConfig, n_prompt: int):
         self.engine, self.config = engine, config
-        self.stats = GenerationStats(draft_model=engine.draft_name, backend=engine.backend)
+        self.stats = GenerationStats(draft_model=engine.draft_name_for(config.sources), backend=engine.backend)
         self.stats.speculation = engine.speculation_state(config)
         self.stats.closed_sources = engine.closed_sources(config)
         self.stats.prompt_tokens_count = n_prompt
@@ -614,7 +621,7 @@ class SpeculativeEngine:
         """In words: what drafting a reply with `config` will do on this machine, and why (empty: nothing to say)."""
         if self.blocked:
             return self.blocked
-        if not (self._drafters or self.lookup) or config.draft_max == 0:
+        if not self._sources(config) or config.draft_max == 0:
             return "plain decoding"
         prefix = ""
         if self.exact_cap is not None and self.exact_cap < config.draft_max:
@@ -627,19 +634,22 @@ class SpeculativeEngine:
     def closed_sources(self, config: GenerationConfig) -> tuple[str, ...]:
         """The draft sources a reply with `config` will not use here: they cannot pay (or drafting is blocked)."""
         if self.blocked:
-            return tuple(self._sources())
+            return tuple(self._sources(config))
         return tuple(self._closed(config)) if config.adaptive and config.draft_max > 0 else ()
 
     def _closed(self, config: GenerationConfig) -> dict[str, str]:
         ctl = self.controller(*self._bounds(config))
         ctl.review(self._sources())
-        return {s: ctl.closed[s] for s in self._sources() if s in ctl.closed}
+        return {s: ctl.closed[s] for s in self._sources(config) if s in ctl.closed}
 
     def _bounds(self, config: GenerationConfig) -> tuple[int, int]:
         return config.draft_min, min(config.draft_max, self.exact_cap if self.exact_cap is not None else config.draft_max)
 
-    def _sources(self) -> list[str]:
-        return [*self._drafters, *(["lookup"] if self.lookup else [])]
+    def _sources(self, config: GenerationConfig | None = None) -> list[str]:
+        """The engine's draft sources, or those a reply with `config` may use."""
+        mine = [*self._drafters, *([LOOKUP] if self.lookup else [])]
+        allowed = config.sources if config is not None else None
+        return mine if allowed is None else [source for source in mine if source in allowed]
 
     def generate(
         self, prompt: Sequence[int], config: GenerationConfig, cancel: threading.Event | None = None
@@ -731,6 +741,9 @@ class SpeculativeEngine:
         stepped_back = False  # the last verify was rolled back through a recurrent model's snapshot
         state = self._states[seq]
         state.shadow, state.batch = None, None
+        allowed = config.sources
+        state.drafters = self._drafters if allowed is None else {s: d for s, d in self._drafters.items() if s in allowed}
+        state.use_lookup = self.lookup and (allowed is None or LOOKUP in allowed)
         if state.lookup is not None:
             state.lookup.start(tokens)
 
@@ -888,10 +901,15 @@ class SpeculativeEngine:
 
     @property
     def draft_name(self) -> str | None:
-        if self.mtp:
-            return "MTP head + prompt lookup" if self.lookup else "MTP head"
-        if not self.drafter:
-            return "prompt lookup" if self.lookup else None
+        return self.draft_name_for(None)
+
+    def draft_name_for(self, sources: frozenset[str] | None) -> str | None:
+        """What drafts for a reply that may use `sources` (None: all of this engine's), in the stats' words."""
+        lookup = self.lookup and (sources is None or LOOKUP in sources)
+        if self.mtp and (sources is None or MTP in sources):
+            return "MTP head + prompt lookup" if lookup else "MTP head"
+        if not self.drafter or (sources is not None and DRAFT_MODEL not in sources):
+            return "prompt lookup" if lookup else None
         draft = self.draft_model
         name = draft.name
         if draft.path == self.main.path:
@@ -899,7 +917,7 @@ class SpeculativeEngine:
         elif name == self.main.name:  # another file of the same model (the demo pair: F16 main, Q4_1 draft)
             quant = draft.info.quantization
             name += f" {quant}" if quant != self.main.info.quantization else f" ({draft.path.name})"
-        return f"{name} + prompt lookup" if self.lookup else name
+        return f"{name} + prompt lookup" if lookup else name
 
     def _make_draft(
         self,
@@ -913,34 +931,35 @@ class SpeculativeEngine:
     ) -> tuple[Decision, Draft | DraftRequest]:
         """Pick a source and a length (the controller, or fixed draft_max), then draft (lookup) or say what the
         draft model is to draft."""
-        if limit <= 0 or not (self._drafters or self.lookup):
+        state = self._states[seq]
+        drafters = state.drafters
+        if limit <= 0 or not (drafters or state.use_lookup):
             return (Decision("none", 0, OFF, detail=self.blocked) if self.blocked else Decision("none", 0, NO_SOURCE)), Draft()
         if limit < config.draft_min:  # the end of the reply is nearer than draft-min: a draft would be thrown away
             return Decision("none", 0, NEAR_END, left=limit, draft_min=config.draft_min), Draft()
-        state = self._states[seq]
         if controller is not None and (resting := controller.resting(state.batch)) is not None:
             return resting, Draft()  # nothing came near paying lately: not even a lookup match is looked for
-        match = state.lookup.match(tokens, limit) if state.lookup else []
+        match = state.lookup.match(tokens, limit) if state.use_lookup and state.lookup else []
         if controller is not None and state.shadow is not None:
             self._check_shadow(state, tokens, controller)
         if controller is None:  # fixed length: the draft model or MTP head when there is one (llama.cpp's rule), else lookup
-            if self.drafter:
-                decision = Decision("model", limit, FIXED)
-            elif self.mtp:
-                decision = Decision("mtp", min(limit, max(MTP_DEPTH, config.draft_min)), FIXED)
+            if DRAFT_MODEL in drafters:
+                decision = Decision(DRAFT_MODEL, limit, FIXED)
+            elif MTP in drafters:
+                decision = Decision(MTP, min(limit, max(MTP_DEPTH, config.draft_min)), FIXED)
             elif len(match) >= max(1, config.draft_min):
                 decision = Decision("lookup", len(match), FIXED_LOOKUP)
             else:
                 return Decision("none", 0, NO_MATCH), Draft()
         else:
-            available = {"lookup": len(match)} if match else {}
-            if self.drafter:
-                available["model"] = limit
-            if self.mtp:
-                available["mtp"] = min(limit, max(MTP_DEPTH, config.draft_min))
+            available = {LOOKUP: len(match)} if match else {}
+            if DRAFT_MODEL in drafters:
+                available[DRAFT_MODEL] = limit
+            if MTP in drafters:
+                available[MTP] = min(limit, max(MTP_DEPTH, config.draft_min))
             # beyond the main model's last token and an accepted draft's last token, a drafting model
             # evaluates what it missed: a new prompt, or what other sources and plain rounds produced meanwhile
-            behind = {source: max(len(tokens) - len(d.ctx.seqs[seq]) - 2, 0) for source, d in self._drafters.items()}
+            behind = {source: max(len(tokens) - len(d.ctx.seqs[seq]) - 2, 0) for source, d in drafters.items()}
             decision = controller.decide(available, behind, horizon=remaining, batch=state.batch)
             if match and decision.source != "lookup" and state.shadow is None:
                 state.shadow = (len(tokens), match[:SHADOW_TOKENS])
