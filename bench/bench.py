@@ -270,8 +270,8 @@ def main() -> int:
         samples: dict[str, list[Sample]] = {m: [] for m in modes}
         anchor: list[float] = []
         tg: list[float] = []
-        for _ in range(args.runs):
-            for m in modes:
+        for run in range(args.runs):
+            for m in modes if run % 2 == 0 else modes[::-1]:  # the order alternates: no mode always runs first
                 engine_key, config = mode_config(m, base)
                 samples[m].append(run_once(engines[engine_key], tokens, config))
             if bin_dir and draft_path:

@@ -412,3 +412,21 @@ def test_with_nothing_offered_the_controller_rests_only_where_deciding_is_dear_a
             if ctl.resting(None) is None:
                 break
         assert rested == rests
+
+
+def test_a_decode_hiccup_barely_moves_the_verify_curve_but_a_lasting_slowdown_is_followed() -> None:
+    from app.engine.controller import SPIKE
+
+    cost = VerifyCost()
+    cost.set_prior({0: ONE, 1: 1.3 * ONE})
+    for _ in range(10):
+        cost.add(0, ONE)
+    cost.add(0, 6 * ONE)  # one decode the machine held up: 6x its time
+    assert cost.at(0) <= ONE * (0.7 + 0.3 * SPIKE) + 1e-12  # plain decoding looks a few percent dearer, not 2.5x
+    for _ in range(12):  # the machine stays twice as slow
+        cost.add(0, 2 * ONE)
+    assert cost.at(0) == pytest.approx(2 * ONE, rel=0.02)
+    ctl = DraftController(draft_min=0, draft_max=8)
+    feed(ctl, "model", 2, 0, draft_cost=0.002, rounds=5)  # a draft that is never right
+    ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, 6 * ONE)  # and one hiccup in a plain round
+    assert ctl.decide({"model": 8}).source == "none"  # does not make it look worth drafting

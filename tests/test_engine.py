@@ -581,8 +581,9 @@ def test_a_long_prompt_is_read_in_batches_with_progress_and_can_be_stopped(model
     prompt = models["main"].tokenize(" ".join(PROMPTS) * 4)
     assert len(prompt) > 64
     config = GenerationConfig(max_tokens=8, sampler=GREEDY)
+    monkeypatch.setattr(speculative, "PROMPT_PROGRESS_AFTER", 60.0)  # (a busy machine's hiccup is not this rule's to test)
     quiet = list(SpeculativeEngine(models["main"], None, n_ctx=512, n_threads=2).generate(prompt, config))
-    assert not any(isinstance(e, PromptProgress) for e in quiet)  # the tiny model reads it at once: nothing to say
+    assert not any(isinstance(e, PromptProgress) for e in quiet)  # read well under the threshold: nothing to say
 
     monkeypatch.setattr(speculative, "PROMPT_PROGRESS_AFTER", 0.0)
     engine = SpeculativeEngine(models["main"], None, n_ctx=512, n_threads=2)

@@ -54,6 +54,7 @@ EXPLORE_SPREAD = 1.0
 # past that kept a model right 87% of the time on prose drafting where 87% just breaks even: 0.85x plain, same setting
 EXPLORE_EVIDENCE = 16.0
 STALE_RATIO = 0.75  # a live time under this fraction of the probe's: the probe was timed on a busy machine
+SPIKE = 1.3  # a verify time counts at most this many times the average so far (VerifyCost.add)
 # A draft model stops drafting at a token it gives less than this probability (llama.cpp's --draft-p-min rule), so
 # the controller's k is a most, not a must: where text gets hard the draft itself knows first. Real pair, Xeon AMX,
 # 2 threads, adaptive: main model over RPC at 1 ms, pythagoras 0.82x plain without it, 1.09x with 0.75 (87 of 92
@@ -119,7 +120,14 @@ class VerifyCost:
         # first-token round made plain decoding look 4x dearer than it was for a whole reply)
         probed = self.prior.get(x)
         old = self.samples.get(x)
-        new = seconds if old is None and probed is None else 0.7 * (old if old is not None else probed) + 0.3 * seconds
+        base = old if old is not None else probed
+        if base is not None:
+            # a hiccup (a decode that took 3-6x its time: the machine's, not the model's) moves the average a little,
+            # a lasting slowdown a few percent a round: one 28 ms one-token decode among 4.5 ms ones made plain decoding
+            # look 2.4x dearer, and a draft model right a third of the time drafted on at half of plain's speed, with no
+            # plain round left to correct it (LFM2 stand-in, AMD EPYC)
+            seconds = min(seconds, SPIKE * base)
+        new = seconds if base is None else 0.7 * base + 0.3 * seconds
         if probed:
             self._ratios += (new - (old if old is not None else 0.0)) / probed
             self._both += old is None
