@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests import tiny_models  # noqa: E402
 
-EOS = 3  # <0x00>: the damped models' loops never reach it, so every reply runs to --max-tokens
+EOS = 1  # <s>: none of the damped models emits it (token 3 ended the Qwen3.5 one after 6 tokens), so replies run to --max-tokens
 
 
 def make_pair(arch: str, root: Path) -> tuple[Path, Path]:
