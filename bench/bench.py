@@ -6,7 +6,7 @@ ratios to them. This is a benchmark, not a test: numbers on a shared 2-core mach
 which is why every figure is a median of interleaved runs and every claim is a ratio within one run.
 
     python bench/bench.py [--pair demo|real] [--runs 3] [--max-tokens 256] [--modes plain,k2,k4,k8,adaptive]
-                          [--anchor-dir DIR|none] [--chat]
+                          [--anchor-dir DIR|none] [--chat] [--busy N]
 
 `--pair real` is Qwen2.5-Coder-1.5B-Instruct Q4_K_M with its 0.5B sibling as draft, fetched (and cached) by
 ../shared/tools/fetch-real-pair.sh. Besides the shared prompts it runs a short answer (a JSON array of a few
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -109,6 +110,11 @@ def mode_config(name: str, base: GenerationConfig) -> tuple[str, GenerationConfi
     if m := re.fullmatch(r"mtp-k(\d+)", name):  # the head alone, a fixed length (llama-server's draft-mtp)
         return "mtp", replace(base, draft_max=int(m.group(1)), adaptive=False, draft_p_min=0.0)
     raise SystemExit(f"unknown mode {name!r}")
+
+
+def _spin() -> None:
+    while True:
+        pass
 
 
 def run_once(engine: SpeculativeEngine, prompt: list[int], config: GenerationConfig) -> Sample:
@@ -213,6 +219,8 @@ def main() -> int:
     parser.add_argument("--anchor-dir")
     parser.add_argument("--anchor-k", type=int, default=8, help="draft length for llama-speculative-simple")
     parser.add_argument("--no-anchor", action="store_true")
+    parser.add_argument("--busy", type=int, default=0, help="this many busy-loop processes hold cores meanwhile (a laptop "
+                        "with a browser open: never slower must hold there too)")
     parser.add_argument("--tg-child", type=Path, help=argparse.SUPPRESS)  # one engine_tg128 measurement, in its own process
     args = parser.parse_args()
     if args.tg_child:
@@ -226,6 +234,11 @@ def main() -> int:
     else:
         main_path, draft_path = ensure_demo_pair()
     print(f"machine: {machine()}; measured {time.strftime('%Y-%m-%d')}", flush=True)
+    if args.busy:
+        hogs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
+        for hog in hogs:
+            hog.start()
+        print(f"with {args.busy} busy-loop process(es) holding a core each", flush=True)
     if args.chat:
         chat_ttft(main_path, draft_path, args.threads, args.runs, args.max_tokens)
         return 0
