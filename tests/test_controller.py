@@ -430,3 +430,14 @@ def test_a_decode_hiccup_barely_moves_the_verify_curve_but_a_lasting_slowdown_is
     feed(ctl, "model", 2, 0, draft_cost=0.002, rounds=5)  # a draft that is never right
     ctl.record(Decision("none", 0, "test"), 0, 0, 0.0, 6 * ONE)  # and one hiccup in a plain round
     assert ctl.decide({"model": 8}).source == "none"  # does not make it look worth drafting
+
+
+def test_a_first_sample_of_a_size_starts_from_the_curve_as_scaled_not_from_the_raw_probe() -> None:
+    cost = VerifyCost()
+    cost.set_prior({0: ONE, 3: 2 * ONE, 7: 4 * ONE})
+    for _ in range(30):  # the machine runs at twice the probe's times
+        cost.add(0, 2 * ONE)
+    before = cost.at(7)
+    assert before == pytest.approx(8 * ONE, rel=0.02)
+    cost.add(7, 8 * ONE)  # a first live sample that says what the curve said
+    assert cost.at(7) == pytest.approx(before, rel=0.02) and cost.at(3) == pytest.approx(4 * ONE, rel=0.02)

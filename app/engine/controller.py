@@ -39,7 +39,8 @@ REVIEW_EVERY = 16  # rounds between re-checks of which sources could pay at all
 # on a 2 ms model pricing 2 x 16 lengths and weighing a due probe every round took 85 us of a 2.2 ms round (Mamba-2
 # stand-in, AMD EPYC). How long: enough rounds that deciding costs at most PRICING_SHARE of plain decoding's time (the
 # engine's time for it measured), from one round on a model of tens of milliseconds to QUIET_MAX on a tiny one. Lookup's offer
-# changes every round (its match), so it stays quiet whatever it offers, until its free evidence starts a streak.
+# changes every round (its match), so it stays quiet whatever it offers, until its free evidence starts a streak (while
+# the controller rests, below, no match is looked for: copying that starts then is noticed when the rest ends).
 QUIET_MARGIN, PRICING_SHARE, QUIET_MAX = 0.9, 0.003, 32
 # a new reply keeps this share of the last one's acceptance evidence: a sequence's next reply is often another
 # conversation (a server's sequence serves any client), and a draft that was 95% right on code must not draft 12
@@ -115,12 +116,14 @@ class VerifyCost:
     _fitted: float | None = None  # the slope above the largest size; None: to be fitted again
 
     def add(self, x: int, seconds: float) -> None:
-        # the probe's figure is where the average starts: one slow first decode (a worker waking up, a busy
-        # moment) must not stand alone for a size that drafting rounds then never measure again (a slow
-        # first-token round made plain decoding look 4x dearer than it was for a whole reply)
+        # the probe's figure, scaled as the curve scales it (at), is where the average starts: one slow first decode
+        # (a worker waking up, a busy moment) must not stand alone for a size that drafting rounds then never measure
+        # again (a slow first-token round made plain decoding look 4x dearer than it was for a whole reply); nor may a
+        # first sample pull a size below what the curve said of it (the raw probe, on a machine now twice as slow)
         probed = self.prior.get(x)
         old = self.samples.get(x)
-        base = old if old is not None else probed
+        raw = seconds
+        base = old if old is not None else probed * self.scale if probed is not None else None
         if base is not None:
             # a hiccup (a decode that took 3-6x its time: the machine's, not the model's) moves the average a little,
             # a lasting slowdown a few percent a round: one 28 ms one-token decode among 4.5 ms ones made plain decoding
@@ -135,7 +138,7 @@ class VerifyCost:
             bisect.insort(self._sizes, x)
         self.samples[x] = new
         self._fitted = None
-        self.runs[x] = self.runs.get(x, 0) + 1 if probed and seconds < STALE_RATIO * probed else 0
+        self.runs[x] = self.runs.get(x, 0) + 1 if probed and raw < STALE_RATIO * probed else 0
 
     def set_prior(self, prior: dict[int, float]) -> None:
         self.prior, self.runs, self._fitted = prior, {}, None
@@ -657,7 +660,9 @@ class DraftController:
             return
         self._wake()
         if decision.why in (PLAIN, UNMEASURED):  # decided by decide: the engine's time for it is deciding's cost
-            self._pricing = draft_seconds if not self._pricing else 0.8 * self._pricing + 0.2 * draft_seconds
+            # (a one-off inside it, a hiccup, counts at most SPIKE times the average: it must not rest a real model)
+            sample = min(draft_seconds, SPIKE * self._pricing) if self._pricing else draft_seconds
+            self._pricing = sample if not self._pricing else 0.8 * self._pricing + 0.2 * sample
         if verify_seconds is not None and after_rollback:
             expected = self.verify_cost.at(n_drafted)
             if expected is not None:

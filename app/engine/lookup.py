@@ -29,6 +29,7 @@ class LookupDrafter:
         if len(tokens) < n or tokens[:n] != self._indexed:
             self._follow.clear()
             self._indexed = []
+        self._refresh(tokens)  # the prompt indexed now, not in the reply's first round (a one-off there, timed as deciding)
 
     def _refresh(self, tokens: list[int]) -> None:
         end = len(tokens) - 1  # never index the n-grams ending at the last token: they are the query
