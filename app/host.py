@@ -31,7 +31,7 @@ from app.engine.events import Finished, RoundEvent
 from app.engine.loading import MTP, SOURCES, EngineSpec, describe_draft, load_engine, own_draft
 from app.engine.rounds import Rounds
 from app.engine.rpc import WorkerLost, parse_endpoints, parse_split
-from app.engine.sources import draws_on
+from app.engine.sources import within
 from app.engine.speculative import GenerationConfig, SpeculativeEngine
 
 
@@ -481,10 +481,10 @@ class EngineHost:
             return False
         if spec == loaded:
             return None
-        if replace(spec, draft=loaded.draft) != loaded or spec.draft_path is not None:  # (another draft model file)
+        if replace(spec, draft=loaded.draft) != loaded:
             return False
-        wanted = draws_on(spec.draft)
-        return wanted if wanted <= draws_on(loaded.draft) else False
+        sources = within(spec.draft, loaded.draft)
+        return sources if sources is not None else False
 
     def _adopted_engine(self, job: Job) -> tuple[SpeculativeEngine, frozenset[str] | None]:
         """The adopted pair (with the sources a job's draft choice draws on, where the pair has them), or a clear
@@ -492,8 +492,8 @@ class EngineHost:
         assert self.engine is not None and self.spec is not None
         same_main = job.main is None or same_file(job.main, str(self.spec.main))
         same_draft = job.draft is None or job.draft == self.spec.draft or same_file(job.draft, self.spec.draft)
-        if same_main and not same_draft and job.draft in SOURCES and draws_on(job.draft) <= draws_on(self.spec.draft):
-            return self.engine, draws_on(job.draft)
+        if same_main and not same_draft and (sources := within(job.draft, self.spec.draft)) is not None:
+            return self.engine, sources
         if not (same_main and same_draft):
             wanted = f"{Path(job.main).name if job.main else self.engine.main.name} with {describe_draft(job.draft or self.spec.draft)}"
             raise PairLocked(f"this server serves only the pair loaded in the Tandem app ({self.describe()}), "

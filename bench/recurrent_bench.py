@@ -54,6 +54,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--modes", default="plain,adaptive,lookup,k4")
     parser.add_argument("--dir", type=Path, help="where the files go (default: a temporary folder)")
+    parser.add_argument("--busy", type=int, default=0, help="busy-loop processes holding cores meanwhile (bench.py --busy)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         root = args.dir or Path(scratch)
@@ -63,7 +64,7 @@ def main() -> int:
             print(f"## {arch}", flush=True)
             subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--model", str(main_path), "--draft", str(draft_path),
                             "--modes", args.modes, "--runs", str(args.runs), "--max-tokens", str(args.max_tokens),
-                            "--no-anchor", "--no-short"], check=True)  # fmt: skip
+                            "--no-anchor", "--no-short", "--busy", str(args.busy)], check=True)  # fmt: skip
     return 0
 
 

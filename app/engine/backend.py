@@ -632,6 +632,11 @@ class Context:
         return len(tokens) - keep
 
 
+def usable_context(requested: int, trained: int) -> int:
+    """The context a sequence gets: what was asked, but never past what the model was trained for (0: unknown)."""
+    return min(requested, trained) if trained > 0 else requested
+
+
 def _check_cache_memory(model: Model, n_ctx: int, n_seq: int) -> None:
     """The last guard before llama.cpp allocates a context's cache (load_engine checks the pair from the headers first)."""
     if model.on_cpu:

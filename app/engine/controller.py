@@ -504,15 +504,20 @@ class DraftController:
     def _wake(self) -> None:
         """The per-round bookkeeping of the rounds rested (record's), done at once."""
         n, self._rested = self._rested, 0
-        if not n:
-            return
+        if n:
+            self._age(n)
+
+    def _age(self, n: int, used: str = "none") -> None:
+        """The last n rounds (already counted in _rounds) passed, `used` drafting in them: evidence decays, the other
+        sources wait longer, streaks of theirs end; the closed sources are reviewed every REVIEW_EVERY rounds."""
         factor = DECAY**n
-        for state in self.sources.values():
+        for source, state in self.sources.items():
             for evidence in (state.overall, state.cold, state.streak):
                 evidence.accepted *= factor
                 evidence.rejected *= factor
-            state.rounds_since_used += n
-            state.in_streak = False
+            if source != used:
+                state.rounds_since_used += n
+                state.in_streak = False  # the streak is about consecutive rounds of this source
         if self.closed and self._rounds // REVIEW_EVERY != (self._rounds - n) // REVIEW_EVERY:
             self.review(list(self.closed))
 
@@ -671,16 +676,8 @@ class DraftController:
                 self._rollbacks += 1
         elif verify_seconds is not None:
             self.verify_cost.add(n_drafted, verify_seconds)
-        for source, state in self.sources.items():
-            for evidence in (state.overall, state.cold, state.streak):
-                evidence.accepted *= DECAY
-                evidence.rejected *= DECAY
-            if source != decision.source:
-                state.rounds_since_used += 1
-                state.in_streak = False  # the streak is about consecutive rounds of this source
         self._rounds += 1
-        if self.closed and self._rounds % REVIEW_EVERY == 0:
-            self.review(list(self.closed))
+        self._age(1, decision.source)
         if decision.source == "none" or decision.k == 0:
             return
         self._quiet.pop(decision.source, None)  # it drafted: its figures moved

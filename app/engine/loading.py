@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.engine import backends, kernels, rpc
-from app.engine.backend import Model, check_cache_memory, choose_kernels, supports_gpu_offload
+from app.engine.backend import Model, check_cache_memory, choose_kernels, supports_gpu_offload, usable_context
 from app.engine.compat import metadata_compatibility, require_compatible
 from app.engine.errors import LoadCancelled, ModelFileError, TandemError
 from app.engine.gguf_info import GGUFInfo, read_gguf_info
@@ -99,7 +99,7 @@ def load_engine(
                              "or prompt lookup")  # fmt: skip
     on_cpu = not spec.rpc and (spec.gpu_layers == 0 or not supports_gpu_offload())
     if on_cpu:  # both caches, from the headers, before any weight is read or any kernel trial runs
-        n_ctx = min(spec.ctx_size, main_info.context_length) if main_info.context_length > 0 else spec.ctx_size
+        n_ctx = usable_context(spec.ctx_size, main_info.context_length)
         per_token = sum(info.kv_bytes_per_token or 0 for info in (main_info, draft_info) if info is not None)
         names = " and ".join(info.path.name for info in (main_info, draft_info) if info is not None)
         check_cache_memory(names, per_token * n_ctx * spec.parallel, n_ctx, spec.parallel)

@@ -16,3 +16,13 @@ def draws_on(draft: str) -> frozenset[str]:
     if draft == LOOKUP:
         return frozenset({LOOKUP})
     return frozenset({MTP if draft == MTP else DRAFT_MODEL, LOOKUP})
+
+
+def within(wanted: str, loaded: str) -> frozenset[str] | None:
+    """The sources a reply asking for draft choice `wanted` drafts from on a pair loaded with `loaded`, when that pair
+    has them all (plain decoding, lookup, the head, on a pair that has them: one more sequence in its batch); None when
+    it has not, or `wanted` is a draft file (a pair of its own)."""
+    if wanted not in SOURCES:
+        return None
+    sources = draws_on(wanted)
+    return sources if sources <= draws_on(loaded) else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engine.backend import Context, Model, MtpContext, SingleTokenContext, draft_context
+from app.engine.backend import Context, Model, MtpContext, SingleTokenContext, draft_context, usable_context
 from app.engine.backends import backends
 from app.engine.compat import check_compatibility, require_compatible
 from app.engine.controller import (
@@ -538,7 +538,7 @@ class SpeculativeEngine:
         n_seq: int = 1,  # sequences served together (--parallel): one batch per round carries them all
         mtp: bool = False,  # draft with the main model's own MTP head (it must have one: Model.mtp_layers)
     ):
-        n_ctx = min(n_ctx, main.n_ctx_train) if main.n_ctx_train > 0 else n_ctx
+        n_ctx = usable_context(n_ctx, main.n_ctx_train)
         self.main = main
         self.draft_model = draft
         self.drafter: ModelDrafter | None = None
@@ -647,9 +647,15 @@ class SpeculativeEngine:
 
     def _sources(self, config: GenerationConfig | None = None) -> list[str]:
         """The engine's draft sources, or those a reply with `config` may use."""
-        mine = [*self._drafters, *([LOOKUP] if self.lookup else [])]
-        allowed = config.sources if config is not None else None
-        return mine if allowed is None else [source for source in mine if source in allowed]
+        drafters, lookup = self._reply_sources(config) if config is not None else (self._drafters, self.lookup)
+        return [*drafters, *([LOOKUP] if lookup else [])]
+
+    def _reply_sources(self, config: GenerationConfig) -> tuple[dict[str, ModelDrafter | MtpDrafter], bool]:
+        """The drafting models a reply with `config` may use, by source, and whether it may use lookup."""
+        allowed = config.sources
+        if allowed is None:
+            return self._drafters, self.lookup
+        return {s: d for s, d in self._drafters.items() if s in allowed}, self.lookup and LOOKUP in allowed
 
     def generate(
         self, prompt: Sequence[int], config: GenerationConfig, cancel: threading.Event | None = None
@@ -741,9 +747,7 @@ class SpeculativeEngine:
         stepped_back = False  # the last verify was rolled back through a recurrent model's snapshot
         state = self._states[seq]
         state.shadow, state.batch = None, None
-        allowed = config.sources
-        state.drafters = self._drafters if allowed is None else {s: d for s, d in self._drafters.items() if s in allowed}
-        state.use_lookup = self.lookup and (allowed is None or LOOKUP in allowed)
+        state.drafters, state.use_lookup = self._reply_sources(config)
         if state.lookup is not None:
             state.lookup.start(tokens)
 
