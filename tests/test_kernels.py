@@ -7,6 +7,7 @@ offers there, never a fixed answer for one CPU.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import re
@@ -107,9 +108,48 @@ def test_the_fastest_safe_placement_is_chosen() -> None:
     assert "amx" in choice.reason and "crashed" in choice.reason  # the reason names what was ruled out
 
 
-def test_a_tie_on_one_token_is_settled_by_the_verify_batch() -> None:
-    assert kernels.choose([trial(REPACK, 70, 250), trial(PLAIN, 70.5, 200)], "main").bufts == PLAIN
-    assert kernels.choose([trial(REPACK, 60, 250), trial(PLAIN, 70, 200)], "main").bufts == REPACK
+def timed(bufts, token_ms: float, per_width_ms: dict[int, float]) -> Trial:
+    """A trial timed at every width the engine decodes, by linear interpolation between the given ones."""
+    points = sorted({1: token_ms, **per_width_ms}.items())
+    widths = {}
+    for width in kernels.MEASURED_WIDTHS[1:]:
+        (a, ta), (b, tb) = next(((p, q) for p, q in itertools.pairwise(points) if p[0] <= width <= q[0]), points[-2:])
+        widths[width] = (ta + (tb - ta) * (width - a) / (b - a)) / 1000
+    return Trial(bufts, token_ms / 1000, widths, sorted(widths))
+
+
+def test_a_main_model_gets_the_kernels_fastest_for_the_batches_it_decodes() -> None:
+    """The figures of an AMX Xeon (the real pair's Q4_K_M main model, quiet): repacked was 4% faster for one token
+    and a third slower for 4 and 8. A drafting main model, or four replies at once, decode those batches; plain
+    decoding of one reply decodes one token at a time."""
+    amx = timed(AMX, 25.3, {4: 32.6, 8: 56.8, 64: 400})
+    repacked = timed(REPACK, 24.3, {4: 49.2, 8: 71.1, 64: 520})
+    assert kernels.choose([amx, repacked], "main").bufts == AMX
+    assert kernels.choose([amx, repacked], "main", sequences=4, drafting=False).bufts == AMX
+    assert kernels.choose([amx, repacked], "main", drafting=False).bufts == REPACK
+    assert kernels.choose([amx, repacked], "draft").bufts == REPACK  # a draft decodes one token at a time
+    # one token much faster outweighs batches a little slower
+    assert kernels.choose([timed(AMX, 40, {4: 48, 8: 80}), timed(REPACK, 24, {4: 50, 8: 84})], "main").bufts == REPACK
+
+
+def test_the_widths_weighed_follow_the_sequences_and_drafting() -> None:
+    assert kernels.decode_widths("draft", 8) == {1: 1.0}
+    assert kernels.decode_widths("main", 1, drafting=False) == {1: 1.0}
+    one = kernels.decode_widths("main")
+    assert one[1] == kernels.PLAIN_SHARE and sorted(one)[1:] == list(range(2, 10))
+    four = kernels.decode_widths("main", 4)
+    assert four[4] == kernels.PLAIN_SHARE and min(w for w in four if w != 4) == 8 and max(four) == 32
+    assert kernels.decode_widths("main", 64, drafting=False) == {64: 1.0}
+    for widths in (one, four, kernels.decode_widths("main", 64)):
+        assert sum(widths.values()) == pytest.approx(1.0) and set(widths) <= set(kernels.MEASURED_WIDTHS)
+
+
+def test_a_width_one_candidate_did_not_time_is_left_out_for_all() -> None:
+    partial = Trial(REPACK, 0.010, {8: 0.030}, [8])
+    full = timed(PLAIN, 11, {8: 50})
+    shares = kernels.decode_widths("main")
+    expected = (1.1 ** shares[1] * (50 / 30) ** shares[8]) ** (1 / (shares[1] + shares[8]))  # widths 1 and 8 only
+    assert kernels.workload_cost([partial, full], shares) == {0: 1.0, 1: pytest.approx(expected)}
 
 
 def test_a_draft_may_run_one_token_at_a_time_on_the_fastest_kernels() -> None:

@@ -81,12 +81,14 @@ def amx_cpu() -> bool:
 
 
 def choose_kernels(path: Path, n_gpu_layers: int, n_threads: int, role: str,
-                   progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None) -> KernelChoice:  # fmt: skip
-    """Where this model's weights go (kernels.py): measured on this CPU, llama.cpp's default on a GPU."""
+                   progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None,
+                   sequences: int = 1, drafting: bool = True) -> KernelChoice:  # fmt: skip
+    """Where this model's weights go (kernels.py): measured on this CPU for the batches it will decode (`sequences`
+    replies at once, drafted for or not), llama.cpp's default on a GPU."""
     init_backend()
     if n_gpu_layers != 0 and supports_gpu_offload():
         return kernels.DEFAULT
-    return kernels.forced() or kernels.cached_choice(path, n_threads, role, progress, cancel)
+    return kernels.forced() or kernels.cached_choice(path, n_threads, role, progress, cancel, sequences, drafting)
 
 
 def supports_gpu_offload() -> bool:

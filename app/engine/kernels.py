@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import re
 import statistics
@@ -46,9 +47,11 @@ VERIFY_WIDTHS = tuple(range(2, 18))  # up to 16 drafted tokens + the last one
 PROMPT_WIDTHS = (32, 64)  # a prompt is read in chunks of 16, then 64 tokens on a CPU (speculative.py)
 WIDEST = max(PROMPT_WIDTHS)  # CPU contexts decode no wider batch (backend.Context)
 TIMED_WIDTHS = (4, 8, 16)
+MEASURED_WIDTHS = (1, *VERIFY_WIDTHS, *PROMPT_WIDTHS)
 PREFIX = 8  # tokens cached before the checked ones: a batch never starts on an empty cache
 TRIAL_TIMEOUT = 600.0  # seconds: a child that hangs is a candidate that fails
-SAME_SPEED = 0.03  # one-token times this close are a tie, settled by the verify batch's cost
+SAME_SPEED = 0.03  # a draft's one-token-only kernels must beat the batching ones by this much (noise otherwise)
+PLAIN_SHARE = 0.5  # of a drafting main model's decodes, those priced at plain decoding's width (decode_widths)
 MIN_CORRELATION = 0.99  # a batch row against the one-token row: rounding moves logits a little, garbage a lot
 TRIAL_FLAG = "--kernel-trial"  # the hidden command line of the child (app.cli)
 TRIAL_VERSION = 3  # bump when what a trial checks changes: cached choices are then made again (3: recurrent models roll back)
@@ -304,26 +307,66 @@ def trial(path: Path, bufts: tuple[str, ...], n_threads: int, cancel: threading.
     return result
 
 
-def choose(trials: Sequence[Trial], role: str) -> KernelChoice:
-    """The fastest safe candidate: by one-token time (what every token pays), near-ties settled by a verify
-    batch's cost. A draft may take one that is safe only token by token, if it is the fastest."""
+def decode_widths(role: str, sequences: int = 1, drafting: bool = True) -> dict[int, float]:
+    """The batch widths a model will decode, each with its share of the decodes: what its kernels are chosen for.
+    A draft model decodes one token at a time. A main model decodes one token per sequence a round when nothing is
+    drafted (always under --no-draft; where drafting does not pay, the controller stops it), and verify batches of
+    2-9 tokens per sequence when drafts are made: half of each, since which one a reply gets is known only later."""
+    if role == "draft":
+        return {1: 1.0}
+    plain = _nearest_measured(sequences)
+    if not drafting:
+        return {plain: 1.0}
+    verify = sorted({_nearest_measured(sequences * n) for n in range(2, 10)})
+    weights = {plain: PLAIN_SHARE}
+    for width in verify:
+        weights[width] = weights.get(width, 0.0) + (1 - PLAIN_SHARE) / len(verify)
+    return weights
+
+
+def _nearest_measured(width: int) -> int:
+    return min(MEASURED_WIDTHS, key=lambda w: abs(math.log(w / width)))
+
+
+def _seconds(trial: Trial, width: int) -> float | None:
+    return trial.token_seconds if width == 1 else trial.width_seconds.get(width)
+
+
+def workload_cost(trials: Sequence[Trial], widths: dict[int, float]) -> dict[int, float]:
+    """Per trial (by index): the weighted geometric mean of its time over the best trial's at each width, 1.0 for
+    the fastest everywhere. Widths some trial did not time are left out of every trial's cost."""
+    shared = {w: share for w, share in widths.items() if all(_seconds(t, w) for t in trials)}
+    if not shared:
+        shared = {1: 1.0}
+    best = {w: min(_seconds(t, w) or math.inf for t in trials) for w in shared}
+    total = sum(shared.values())
+    return {i: math.exp(sum(share * math.log(_seconds(t, w) / best[w]) for w, share in shared.items()) / total)
+            for i, t in enumerate(trials)}  # fmt: skip
+
+
+def choose(trials: Sequence[Trial], role: str, sequences: int = 1, drafting: bool = True) -> KernelChoice:
+    """The safe candidate that decodes the widths this model will decode fastest (decode_widths): for a main model
+    that drafts, one token and its verify batches both count (on an AMX Xeon, the real pair's Q4_K_M main model
+    ran one token 4% faster repacked than through AMX, but batches of 4 and 8 tokens a third slower). A draft may
+    take one that is safe only token by token, if it is the fastest."""
     safe = [t for t in trials if t.usable and t.batches]
-    fastest = min(safe, key=lambda t: t.token_seconds) if safe else None
-    if fastest is not None:
-        close = [t for t in safe if t.token_seconds <= fastest.token_seconds * (1 + SAME_SPEED)]
-        fastest = min(close, key=lambda t: t.width_seconds.get(8, t.token_seconds * 8))
+    widths = decode_widths(role, sequences, drafting)
+    fastest = None
+    if safe:
+        cost = workload_cost(safe, widths)
+        fastest = safe[min(range(len(safe)), key=cost.__getitem__)]
     if role == "draft":
         single = [t for t in trials if t.usable and not t.batches]
         best_single = min(single, key=lambda t: t.token_seconds) if single else None
         if best_single and (fastest is None or best_single.token_seconds < fastest.token_seconds * (1 - SAME_SPEED)):
-            return KernelChoice(best_single.bufts, batches=False, reason=_summary(trials, best_single))
+            return KernelChoice(best_single.bufts, batches=False, reason=_summary(trials, best_single, widths))
     if fastest is None:
         failures = "; ".join(f"{display_name(t.bufts)} {t.failure}" for t in trials)
         return KernelChoice(PLAIN, reason=f"no candidate ran soundly in a trial: {failures}")
-    return KernelChoice(fastest.bufts, reason=_summary(trials, fastest))
+    return KernelChoice(fastest.bufts, reason=_summary(trials, fastest, widths))
 
 
-def _summary(trials: Sequence[Trial], chosen: Trial) -> str:
+def _summary(trials: Sequence[Trial], chosen: Trial, widths: dict[int, float]) -> str:
     parts = []
     for t in trials:
         text = f"{display_name(t.bufts)} {t.token_seconds * 1000:.1f} ms/token" if t.usable else display_name(t.bufts)
@@ -332,11 +375,14 @@ def _summary(trials: Sequence[Trial], chosen: Trial) -> str:
         if t.failure:
             text += f" ({t.failure})"
         parts.append(text)
-    return f"{display_name(chosen.bufts)}{'' if chosen.batches else ', one token at a time'}; measured: " + "; ".join(parts)
+    sizes = sorted(widths)
+    wanted = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    way = ", one token at a time" if not chosen.batches else f", for decodes of {wanted} tokens"
+    return f"{display_name(chosen.bufts)}{way}; measured: " + "; ".join(parts)
 
 
-def measure(path: Path, n_threads: int, role: str, progress: Callable[[int, int], None] | None = None,
-            cancel: threading.Event | None = None) -> tuple[KernelChoice, list[Trial]]:  # fmt: skip
+def measure(path: Path, n_threads: int, progress: Callable[[int, int], None] | None = None,
+            cancel: threading.Event | None = None) -> list[Trial]:  # fmt: skip
     options = candidates()
     trials = []
     for i, bufts in enumerate(options):
@@ -345,7 +391,7 @@ def measure(path: Path, n_threads: int, role: str, progress: Callable[[int, int]
         trials.append(trial(path, bufts, n_threads, cancel))
     if progress is not None:
         progress(len(options), len(options))
-    return choose(trials, role), trials
+    return trials
 
 
 def forced() -> KernelChoice | None:
@@ -356,25 +402,25 @@ def forced() -> KernelChoice | None:
 
 
 def cached_choice(path: Path, n_threads: int, role: str, progress: Callable[[int, int], None] | None = None,
-                  cancel: threading.Event | None = None) -> KernelChoice:  # fmt: skip
-    """The measured choice for this file on this machine, measured now if it is not cached."""
+                  cancel: threading.Event | None = None, sequences: int = 1, drafting: bool = True) -> KernelChoice:  # fmt: skip
+    """The choice for this file on this machine (choose), from its trials: cached, else run now. The trials are
+    kept, not the choice, so a load with another number of sequences or without drafting chooses again for free."""
     from app.engine import probe
 
     if len(candidates()) <= 1:
         return PLAIN_CHOICE  # nothing to choose between (a CPU backend without extra buffers)
-    key = probe.cache_key({"kind": "kernels", "trial": TRIAL_VERSION, "file": probe.file_identity(path), "threads": n_threads, "role": role,
+    key = probe.cache_key({"kind": "kernels", "trial": TRIAL_VERSION, "file": probe.file_identity(path), "threads": n_threads,
                            "backend": backends.backends().cpu_variant, "candidates": candidates()})  # fmt: skip
     cached = probe.load_cache().get(key)
-    if cached:
-        try:
-            return KernelChoice(tuple(cached["bufts"]), bool(cached["batches"]), str(cached["reason"]))
-        except (KeyError, TypeError):
-            pass
-    choice, trials = measure(path, n_threads, role, progress, cancel)
-    # a machine that could not run any trial, or was busy with other work meanwhile, is not one to remember
-    if any(t.usable for t in trials) and all(t.cpu_share >= probe.QUIET_SHARE for t in trials if t.usable):
-        probe.store(key, {**asdict(choice), "trials": [asdict(t) for t in trials], "measured": time.time()})
-    return choice
+    try:
+        trials = [Trial(**{**t, "bufts": tuple(t["bufts"]), "width_seconds": {int(w): s for w, s in t["width_seconds"].items()}})
+                  for t in cached["trials"]]  # fmt: skip
+    except (KeyError, TypeError, AttributeError):
+        trials = measure(path, n_threads, progress, cancel)
+        # a machine that could not run any trial, or was busy with other work meanwhile, is not one to remember
+        if any(t.usable for t in trials) and all(t.cpu_share >= probe.QUIET_SHARE for t in trials if t.usable):
+            probe.store(key, {"trials": [asdict(t) for t in trials], "measured": time.time()})
+    return choose(trials, role, sequences, drafting)
 
 
 def trial_main(argument: str) -> int:

@@ -133,7 +133,8 @@ def load_engine(
         # --exact: plain memory, whose kernels compute a row the same way at any batch size (the repacked ones
         # do not); the engine's self-check confirms it or turns drafting off. Otherwise measured (kernels.py).
         choice = kernels.PLAIN_CHOICE if spec.exact else choose_kernels(
-            spec.main, spec.gpu_layers, spec.threads, "main", steps(f"{spec.main.name}: trying this CPU's kernels"), cancel)
+            spec.main, spec.gpu_layers, spec.threads, "main", steps(f"{spec.main.name}: trying this CPU's kernels"), cancel,
+            sequences=spec.parallel, drafting=bool(draws_on(spec.draft)))
         main = Model(spec.main, n_gpu_layers=spec.gpu_layers, progress=report(spec.main.name), kernels=choice, cancel=cancel,
                      mtp=spec.draft == MTP)  # fmt: skip
     draft = None
