@@ -132,6 +132,12 @@ def test_a_main_model_gets_the_kernels_fastest_for_the_batches_it_decodes() -> N
     assert kernels.choose([timed(AMX, 40, {4: 48, 8: 80}), timed(REPACK, 24, {4: 50, 8: 84})], "main").bufts == REPACK
 
 
+def test_a_tie_is_settled_by_the_batches_a_drafting_main_model_decodes() -> None:
+    for role in ("main", "draft"):
+        assert kernels.choose([trial(REPACK, 70, 250), trial(PLAIN, 70.5, 200)], role, drafting=False).bufts == PLAIN
+        assert kernels.choose([trial(REPACK, 60, 250), trial(PLAIN, 70, 200)], role, drafting=False).bufts == REPACK
+
+
 def test_the_widths_weighed_follow_the_sequences_and_drafting() -> None:
     assert kernels.decode_widths("draft", 8) == {1: 1.0}
     assert kernels.decode_widths("main", 1, drafting=False) == {1: 1.0}

@@ -50,7 +50,7 @@ TIMED_WIDTHS = (4, 8, 16)
 MEASURED_WIDTHS = (1, *VERIFY_WIDTHS, *PROMPT_WIDTHS)
 PREFIX = 8  # tokens cached before the checked ones: a batch never starts on an empty cache
 TRIAL_TIMEOUT = 600.0  # seconds: a child that hangs is a candidate that fails
-SAME_SPEED = 0.03  # a draft's one-token-only kernels must beat the batching ones by this much (noise otherwise)
+SAME_SPEED = 0.03  # costs this close are a tie (a trial times each width once or twice)
 PLAIN_SHARE = 0.5  # of a drafting main model's decodes, those priced at plain decoding's width (decode_widths)
 MIN_CORRELATION = 0.99  # a batch row against the one-token row: rounding moves logits a little, garbage a lot
 TRIAL_FLAG = "--kernel-trial"  # the hidden command line of the child (app.cli)
@@ -354,7 +354,11 @@ def choose(trials: Sequence[Trial], role: str, sequences: int = 1, drafting: boo
     fastest = None
     if safe:
         cost = workload_cost(safe, widths)
-        fastest = safe[min(range(len(safe)), key=cost.__getitem__)]
+        close = [i for i in cost if cost[i] <= min(cost.values()) * (1 + SAME_SPEED)]
+        # a tie (noise) is settled by a drafting main model's batches, which a draft and plain decoding meet too
+        # when prompts are read and when --parallel grows
+        batches = workload_cost([safe[i] for i in close], decode_widths("main", sequences))
+        fastest = safe[close[min(batches, key=batches.__getitem__)]]
     if role == "draft":
         single = [t for t in trials if t.usable and not t.batches]
         best_single = min(single, key=lambda t: t.token_seconds) if single else None
