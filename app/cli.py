@@ -148,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(the default otherwise)")
     draft.add_argument("--no-draft", action="store_true", help="plain decoding, no speculation (the baseline)")
     draft.add_argument("--exact", action="store_true",
-                       help="batch-invariant kernels for the main model: output token-identical to plain decoding "
-                       "(default: the fastest kernels, identical up to floating-point near-ties; see stats.exact)")
+                       help="batch-invariant kernels for the main model: output token-identical to plain decoding, "
+                       "also for a request served beside others (--serve --parallel) "
+                       "(default: the fastest kernels, identical up to floating-point near-ties, which a wider batch "
+                       "beside other requests can move; stats.exact says which held)")
     draft.add_argument("--no-adaptive", action="store_true",
                        help="always draft --draft-max tokens (up to an unsure one: --draft-p-min) instead of adapting per round")
     draft.add_argument("--draft-max", "--draftamount", "--draft-n", type=_non_negative_int, default=16, metavar="K",

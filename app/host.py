@@ -19,7 +19,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -103,6 +103,10 @@ class Counters:
     accepted_at: list[int] = field(default_factory=list)  # [i]: rounds whose draft token i+1 was accepted
     # per draft source ("model", "mtp", "lookup"): [rounds that drafted, tokens sent, tokens accepted]
     by_source: dict[str, list[int]] = field(default_factory=dict)
+    # the worker's time starting replies and running rounds (events handed out included), and the part of it spent
+    # inside llama.cpp's decodes: the rest is Python's share of a round (bench/server_bench.py reports it)
+    worker_seconds: float = 0.0
+    llama_seconds: float = 0.0
 
     def count(self, item: object) -> None:
         if isinstance(item, RoundEvent) and item.drafted:
@@ -406,7 +410,8 @@ class EngineHost:
                 tokens = tokenize_prompt(engine.main, job.prompt or "")
             if self._rounds is None or self._rounds.engine is not engine:
                 self._rounds = Rounds(engine)
-            outcomes = self._rounds.start(job, tokens, replace(job.config, sources=sources), job.cancel)
+            with self._timed(engine):
+                outcomes = self._rounds.start(job, tokens, replace(job.config, sources=sources), job.cancel)
         except Exception as exc:
             self._fail(job, exc)
             self._end(job)
@@ -415,10 +420,21 @@ class EngineHost:
 
     def _round(self) -> None:
         assert self._rounds is not None
-        outcomes = self._rounds.round(ready=lambda job: job.ready())
+        with self._timed(self._rounds.engine):
+            outcomes = self._rounds.round(ready=lambda job: job.ready())
+            self._deliver(outcomes)
         if not outcomes and not any(job.ready() for job in self.active):
             time.sleep(0.02)  # every reader is behind: wait for one to read (or to time out)
-        self._deliver(outcomes)
+
+    @contextlib.contextmanager
+    def _timed(self, engine: SpeculativeEngine) -> Iterator[None]:
+        """Count the worker's time in the block, and llama.cpp's part of it (Counters)."""
+        started, inside = time.perf_counter(), engine.llama_seconds
+        try:
+            yield
+        finally:
+            self.counters.llama_seconds += engine.llama_seconds - inside
+            self.counters.worker_seconds += time.perf_counter() - started
 
     def _deliver(self, outcomes: list) -> None:
         for job, item in outcomes:

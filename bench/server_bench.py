@@ -122,6 +122,25 @@ def run_level(base: str, prompts: list[str], clients: int, max_tokens: int) -> d
     }  # fmt: skip
 
 
+def worker_clock(base: str) -> tuple[float, float] | None:
+    """A Tandem server's (worker seconds, of which inside llama.cpp's decodes) from /metrics; None elsewhere."""
+    try:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    values = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("tandem:") and " " in line)
+    if "tandem:worker_seconds_total" not in values:
+        return None
+    return float(values["tandem:worker_seconds_total"]), float(values["tandem:llama_decode_seconds_total"])
+
+
+def python_share(before: tuple[float, float] | None, after: tuple[float, float] | None) -> str:
+    """The part of the worker's time outside llama.cpp over one client level."""
+    if before is None or after is None or after[0] <= before[0]:
+        return "-"
+    return f"{1 - (after[1] - before[1]) / (after[0] - before[0]):.1%}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", choices=("demo", "real"), default="demo")
@@ -150,13 +169,16 @@ def main() -> None:
             ready(*servers["llama-server -np 4 -md"], prompts[0])
         print(f"machine: {machine()}; pair: {args.pair} ({main_path.name} + {draft_path.name}); {args.threads} threads; "
               f"{args.max_tokens} tokens per request, greedy, streaming")  # fmt: skip
-        print("| server | clients | requests | tok/s | TTFT p50 | TTFT p95 | total p50 | total p95 |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("Python share: of the engine thread's time over the level, the part outside llama.cpp's decodes (/metrics)")
+        print("| server | clients | requests | tok/s | TTFT p50 | TTFT p95 | total p50 | total p95 | Python share |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for clients in args.clients:
             for name, (_, base) in servers.items():
+                before = worker_clock(base)
                 r = run_level(base, prompts, clients, args.max_tokens)
+                share = python_share(before, worker_clock(base))
                 print(f"| {name} | {clients} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} s | "
-                      f"{r['ttft_p95']:.2f} s | {r['total_p50']:.2f} s | {r['total_p95']:.2f} s |", flush=True)  # fmt: skip
+                      f"{r['ttft_p95']:.2f} s | {r['total_p50']:.2f} s | {r['total_p95']:.2f} s | {share} |", flush=True)  # fmt: skip
     finally:
         for process, _ in servers.values():
             process.send_signal(signal.SIGINT)

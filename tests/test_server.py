@@ -382,6 +382,9 @@ def test_metrics_count_requests_tokens_and_drafts_in_prometheus_format(tiny) -> 
         assert after["tandem:draft_accepted_at_position_total{'position': '1'}"] <= after["tandem:drafts_total"]
         accepted_by_position = sum(v for k, v in after.items() if k.startswith("tandem:draft_accepted_at_position_total"))
         assert accepted_by_position == after["tandem:draft_tokens_accepted_total"]
+        # the worker's time and llama.cpp's part of it, both counted, the part under the whole
+        worker, inside = after["tandem:worker_seconds_total"], after["tandem:llama_decode_seconds_total"]
+        assert 0 < inside < worker <= stats["generation_time"] + 1.0
 
 
 def test_a_request_chooses_its_speculation_and_gets_it_echoed(tiny) -> None:
@@ -554,3 +557,52 @@ def test_the_demo_main_model_named_by_path_keeps_its_own_draft(monkeypatch, tmp_
     demo_main, demo_draft = demo_paths()
     assert resolve_spec(Config(), main=str(demo_main)).draft == str(demo_draft)
     assert resolve_spec(Config(), main=str(tmp_path / "other.gguf")).draft == "lookup"
+
+
+@pytest.fixture(scope="module")
+def kquant_pair(tmp_path_factory: pytest.TempPathFactory):
+    """A K-quant pair: the main model's default (repacked) kernels may compute a row differently in a wider batch,
+    as a real K-quant model's do; the tiny F16 pair's never do."""
+    from tests.conftest import TinyPair
+    from tests.tiny_models import k_quant_model
+
+    root = tmp_path_factory.mktemp("kquant-pair")
+    main, draft = k_quant_model(root), k_quant_model(root, noise=0.3, name="tiny-q4km-draft")
+    return TinyPair(main=main, draft=draft, twin=main, foreign=main)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])
+def test_eight_concurrent_requests_get_their_answers_alone_wherever_exact(kquant_pair, exact) -> None:
+    """Eight temperature-0 requests on four sequences, all waiting before the worker starts (so they are batched
+    and queued whatever the HTTP timing): each gets the text it gets alone wherever its stats say exact, and
+    with --exact always (verify decodes capped at the self-check's exact width, prompts read alone)."""
+    prompts = [f"the {a} sat on the {b} and" for a in ("cat", "dog", "list", "mat") for b in ("mat", "x")]
+
+    def ask(base: str, prompt: str) -> dict:
+        body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 40}
+        response = httpx.post(f"{base}/api/v0/chat/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def text(reply: dict) -> str:
+        return reply["choices"][0]["message"]["content"]
+
+    settings = {"parallel": 4, "max_tokens": 40, "ctx_size": 1024, "exact": exact}
+    with running_server(kquant_pair, **settings) as (base, _host, _):
+        alone = [ask(base, p) for p in prompts]
+    with running_server(kquant_pair, start_host=False, **settings) as (base, host, submitted), ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(ask, base, p) for p in prompts]
+        deadline = time.monotonic() + 30
+        while len(submitted) < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        host.start()
+        together = [future.result(timeout=300) for future in futures]
+    if exact:
+        assert all(r["stats"]["exact"] for r in alone)
+    assert max(r["stats"]["widest_batch"] for r in together) > max(r["stats"]["widest_batch"] for r in alone)  # batched
+    for prompt, solo, batched in zip(prompts, alone, together, strict=True):
+        if exact:
+            assert batched["stats"]["exact"]
+        if batched["stats"]["exact"]:
+            assert text(batched) == text(solo), prompt

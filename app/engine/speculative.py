@@ -580,6 +580,13 @@ class SpeculativeEngine:
         self._controllers: dict[tuple[int, int, int], DraftController] = {}
         self._verify_cost = VerifyCost()
 
+    @property
+    def llama_seconds(self) -> float:
+        """Time inside llama.cpp's decodes, every context of the pair together, since it loaded: the rest of a
+        round's time is this process's own (stepping, drafting logic, sampling, events)."""
+        contexts = [self.main_ctx, *(d.ctx for d in self._drafters.values())]
+        return sum(ctx.decode_seconds for ctx in contexts)
+
     def close(self) -> None:
         if self.mtp:  # before the main context: the head's context reads it
             self.mtp.ctx.close()

@@ -35,6 +35,10 @@ class HostCollector:
             ("drafts", "Drafting calls: rounds that drafted tokens", counted.drafts),
             ("draft_tokens", "Draft tokens sent to the main model for verification", counted.draft_tokens),
             ("draft_tokens_accepted", "Draft tokens the main model accepted", counted.draft_accepted),
+            ("worker_seconds", "Time the engine's thread spent starting replies and running rounds, in seconds",
+             counted.worker_seconds),
+            ("llama_decode_seconds", "Of worker_seconds, the time inside llama.cpp's decodes (the rest is Python's)",
+             counted.llama_seconds),
         ]
         for name, help_text, value in totals:
             yield CounterMetricFamily(f"tandem:{name}", help_text, value=value)
