@@ -364,6 +364,11 @@ class Context:
     def __del__(self) -> None:
         self.close()
 
+    def set_threads(self, n_threads: int) -> None:
+        """The threads the next decodes run on (cores.FreeCores). A row's logits do not depend on it: each output
+        is computed by one thread whatever their number (tests/test_engine.py checks it)."""
+        llama_cpp.llama_set_n_threads(self.ptr, n_threads, n_threads)
+
     def decode(self, tokens: Sequence[int], all_logits: bool = False, seq: int = 0) -> None:
         """Append `tokens` to sequence `seq`. Logits are kept for the last token, or for every token."""
         if len(self.seqs[seq]) + len(tokens) > self.n_ctx:

@@ -84,6 +84,7 @@ class GenerationStats:
     speedup_estimate: float = 1.0
     closed_sources: tuple[str, ...] = ()  # draft sources ("model", "mtp", "lookup") closed for this reply: they cannot pay here
     widest_batch: int = 1  # the widest main-model decode this reply's verify tokens were part of (other sequences' too)
+    threads: int = 0  # the threads its last decode ran on: fewer than --threads while other processes keep cores busy
     backend: str = ""  # which llama.cpp build runs here and where each model's weights live (kernels.py)
 
     def count_source(self, source: str, drafted: int, accepted: int) -> None:

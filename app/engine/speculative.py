@@ -34,6 +34,7 @@ from app.engine.controller import (
     DraftController,
     VerifyCost,
 )
+from app.engine.cores import FreeCores, following
 from app.engine.errors import ContextOverflowError, TandemError
 from app.engine.events import Event, Finished, GenerationStats, PromptProgress, RoundEvent
 from app.engine.lookup import LookupDrafter
@@ -493,6 +494,7 @@ class Reply:
         kernels = engine.main_profile.kernels
         stats.exact = engine.exact_kernels or (stats.widest_batch <= kernels.exact_up_to and not self.shared_prompt)
         stats.exact_check = kernels.describe()
+        stats.threads = engine.cores.threads if engine.cores is not None else engine.n_threads
         after_first = len(self.tokens) - self.first_round_tokens
         if after_first > 0 and finished_at > self.first_token_at:
             stats.tokens_per_second = after_first / (finished_at - self.first_token_at)
@@ -537,6 +539,7 @@ class SpeculativeEngine:
         progress: Progress | None = None,  # the self-check's steps, when it runs (not cached yet)
         n_seq: int = 1,  # sequences served together (--parallel): one batch per round carries them all
         mtp: bool = False,  # draft with the main model's own MTP head (it must have one: Model.mtp_layers)
+        follow_cores: bool | None = None,  # fewer threads while other processes keep cores busy (default: cores.following)
     ):
         n_ctx = usable_context(n_ctx, main.n_ctx_train)
         self.main = main
@@ -552,6 +555,9 @@ class SpeculativeEngine:
             main_profile = profile_main(main, n_threads, progress=progress) if draft is not None or lookup or mtp else PLAIN_ONLY
         self.main_profile = main_profile
         self.n_threads = n_threads
+        # threads follow the free cores (cores.py) where the CPU decodes; a GPU's decode hardly uses them
+        follow = following() if follow_cores is None else follow_cores
+        self.cores = FreeCores(n_threads) if main.on_cpu and follow else None
         self.n_seq = n_seq
         self.main_ctx = Context(main, n_ctx, n_threads, n_seq=n_seq, hidden=mtp)
         self.mtp = MtpDrafter(self.main_ctx, n_threads) if mtp else None
@@ -579,6 +585,13 @@ class SpeculativeEngine:
         # later chat turns start from measured figures instead of priors
         self._controllers: dict[tuple[int, int, int], DraftController] = {}
         self._verify_cost = VerifyCost()
+
+    def _follow_free_cores(self) -> None:
+        """Decode with the cores other processes leave free (cores.py); every context of the pair alike."""
+        threads = self.cores.check()
+        if threads is not None:
+            for ctx in (self.main_ctx, *(d.ctx for d in self._drafters.values())):
+                ctx.set_threads(threads)
 
     @property
     def llama_seconds(self) -> float:
@@ -685,6 +698,8 @@ class SpeculativeEngine:
     def decode(self, needs: Sequence[Verify]) -> None:
         """One main-model decode over several sequences' needs; each gets its rows, the width and the time."""
         started = time.perf_counter()
+        if self.cores is not None and self.cores.due(started):
+            self._follow_free_cores()
         rows = self.main_ctx.decode_parts([(need.seq, need.tokens, len(need.tokens) if need.logits else 0) for need in needs])
         seconds = time.perf_counter() - started
         width = sum(len(need.tokens) for need in needs)
