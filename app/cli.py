@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     hw = p.add_argument_group("hardware")
     hw.add_argument("--threads", "-t", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
-                    help="CPU threads (default: all cores)")
+                    help="CPU threads, at most: fewer while other processes keep cores busy (default: all cores)")
     hw.add_argument("--gpu-layers", "--gpulayers", "-ngl", type=_layers, default=-1, metavar="N",
                     help="main-model layers on the GPU: -1 or 'all' (default), 0 for none; ignored without a GPU backend")
     hw.add_argument("--draft-gpu-layers", "--draftgpulayers", "-ngld", type=_layers, default=-1, metavar="N",
