@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import psutil
 
-CHECK_SECONDS = 0.5  # how often the machine is sampled (reading /proc/stat and this process's times: ~50 us)
+CHECK_SECONDS = 0.25  # how often the machine is sampled while decoding (/proc/stat and this process's times: ~50 us)
 TAKEN = 0.65  # other processes' work beyond this share of a core takes a thread away (on 2 cores: work of
 # 0.65 cores or less leaves both threads, a busy loop leaves one)
 
