@@ -108,8 +108,10 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_level(base: str, prompts: list[str], clients: int, max_tokens: int) -> dict[str, float]:
     # each request its own text, as independent clients send: the shared prompts repeated verbatim would let a
-    # server answer some from its prompt cache, by the luck of which sequence is free when (see the README)
-    requests = [f"Request {i + 1}. {prompts[i % len(prompts)]}" for i in range(max(3 * clients, 12))]
+    # server answer some from its prompt cache, by the luck of which sequence is free when (see the README); the
+    # level is in it too, or a server that keeps old prompts in RAM (llama-server's --cache-ram) reads the next
+    # level's prompts from the last one's
+    requests = [f"Request {clients}-{i + 1}. {prompts[i % len(prompts)]}" for i in range(max(3 * clients, 12))]
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda p: one_request(base, p, max_tokens), requests))
