@@ -3,7 +3,7 @@ headless CLI (`tandem --prompt ... --json`, its own process), same prompt, same 
 interleaved (ABBA), medians; and how long a key
 press takes to be handled while a reply streams at full speed.
 
-    python bench/tui_bench.py [--runs 3] [--max-tokens 256] [--prompts 2]
+    python bench/tui_bench.py [--pair demo|real] [--runs 3] [--max-tokens 256] [--prompts 2]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.engine.demo import ensure_demo_pair  # noqa: E402
 from app.tui.app import LaunchOptions, TandemApp  # noqa: E402
-from bench.bench import load_prompts  # noqa: E402
+from bench.bench import load_prompts, real_pair  # noqa: E402
 
 _APP = None
 REPAINTS: list[float] = []  # reply repaints per second, per TUI run
@@ -99,6 +99,7 @@ async def main() -> int:
     if "--no-switch" not in sys.argv:
         prefer_engine_thread()
     parser = argparse.ArgumentParser()
+    parser.add_argument("--pair", choices=("demo", "real"), default="demo")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--prompts", type=int, default=2)
@@ -108,7 +109,7 @@ async def main() -> int:
     parser.add_argument("--verbose", action="store_true", help="print every run")
     parser.add_argument("--no-switch", action="store_true")
     args = parser.parse_args()
-    main_path, draft_path = ensure_demo_pair()
+    main_path, draft_path = real_pair() if args.pair == "real" else ensure_demo_pair()
     prompts = load_prompts(None)[: args.prompts]
     with tempfile.TemporaryDirectory() as tmp:
         options = LaunchOptions(
