@@ -278,3 +278,14 @@ def test_files_that_are_not_models_are_named_for_what_they_are(tiny, tmp_path: P
     data[at : at + 5] = b"lxama"
     other.write_bytes(bytes(data))
     assert_clean_failure(tandem("--model", str(other), "--prompt", "hi"), "unknown model architecture: 'lxama'")
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_only_the_cache(tiny, tmp_path: Path) -> None:
+    """A cache under a file (as a read-only mount refuses it, root included): the probe cannot store its figures,
+    nor clean up after trying; the reply comes all the same, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    flags = ("--draft", str(tiny.draft), "--prompt", "the cat", "--temp", "0", "-n", "8", "--json")
+    result = tandem(*tiny_args(tiny, *flags), env={"TANDEM_CACHE_DIR": str(blocker / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and len(json.loads(result.stdout)["tokens"]) == 8

@@ -197,7 +197,8 @@ def store(key: str, value: dict) -> None:
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses the clean-up too (EROFS)
+            tmp.unlink(missing_ok=True)
 
 
 def probe_tokens(model: Model, n: int) -> list[int]:
