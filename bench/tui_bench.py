@@ -29,6 +29,7 @@ from bench.bench import load_prompts, real_pair  # noqa: E402
 
 _APP = None
 REPAINTS: list[float] = []  # reply repaints per second, per TUI run
+UI_SHARE: list[float] = []  # the UI thread's CPU time over the reply's, per TUI run
 
 
 async def wait_for(predicate, timeout: float = 120.0, step: float = 0.02) -> None:
@@ -53,11 +54,14 @@ async def tui_run(app: TandemApp, pilot, prompt: str) -> float:
         except TimeoutError:
             continue
     # poll slowly: every wake-up of this (benchmark) loop would be charged to the app
+    ui_cpu = time.thread_time()  # this thread is the app's UI thread: what it spends, the engine's cores lose
     await wait_for(lambda: app.last_finished is not None, step=0.25)
+    ui_cpu = time.thread_time() - ui_cpu
     # let the app settle the reply into its Markdown widget now, not during the next measured run
     await pilot.pause(0.5)
     stats = app.last_finished.stats
     REPAINTS.append(app.pacer.updates / stats.generation_time)
+    UI_SHARE.append(ui_cpu / stats.generation_time)
     return stats.tokens_per_second
 
 
@@ -142,7 +146,8 @@ async def main() -> int:
             latencies = await key_latency(app, pilot, long_prompt["prompt"])
     if ratios:
         repaints = statistics.median(REPAINTS)
-        print(f"mean tui/headless {statistics.mean(ratios):.2f}x; reply repainted {repaints:.1f} times a second (median)")
+        print(f"mean tui/headless {statistics.mean(ratios):.2f}x; reply repainted {repaints:.1f} times a second (median); "
+              f"UI thread busy {statistics.median(UI_SHARE):.1%} of a core while streaming (median)")
     if latencies:
         print(f"key press while streaming: median {statistics.median(latencies) * 1000:.0f} ms, "
               f"max {max(latencies) * 1000:.0f} ms over {len(latencies)} presses")  # fmt: skip

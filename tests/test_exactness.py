@@ -185,3 +185,26 @@ def test_the_near_tie_rule_fails_on_a_real_difference(kquant) -> None:
     fake = SimpleNamespace(tokens=(far, *plain.tokens[1:]), stats=SimpleNamespace(exact=False))
     with pytest.raises(AssertionError, match="beyond the kernels' disagreement"):
         assert_first_difference_is_a_near_tie(main, engine, prompt, plain, fake)
+
+
+def decode_token_by_token(model: Model, tokens: list[int], n_seq: int, unified: bool, beside: bool) -> np.ndarray:
+    """Sequence 0's logits for each token, decoded one at a time; `beside`: another sequence's token in each decode."""
+    ctx = Context(model, 256, 2, n_seq=n_seq, unified=unified)
+    rows = []
+    for i, token in enumerate(tokens):
+        parts = [(0, [token], 1)] + ([(1, [tokens[(i * 7) % len(tokens)]], 1)] if beside else [])
+        rows.append(ctx.decode_parts(parts)[0][-1].copy())
+    ctx.close()
+    return np.stack(rows)
+
+
+def test_a_stream_per_sequence_decodes_as_alone_whatever_runs_beside_it(kquant) -> None:
+    """In one pool of cells a sequence's cells sit among another's, which moves attention's rounding (seen: 1e-5 on
+    this model); a stream per sequence (what --exact takes with --parallel) gives plain decoding's logits, bit for bit."""
+    model = Model(kquant[0], kernels=PLAIN_CHOICE)
+    tokens = model.tokenize(PROMPTS[0] * 3)
+    alone = decode_token_by_token(model, tokens, 1, True, False)
+    assert np.array_equal(decode_token_by_token(model, tokens, 4, False, True), alone)
+    shared = Context(model, 64, 2, n_seq=4)
+    assert shared.shared_cells and not Context(model, 64, 2, n_seq=4, unified=False).shared_cells
+    shared.close()

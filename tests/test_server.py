@@ -191,7 +191,8 @@ def test_sixteen_concurrent_clients_get_their_sequential_answers(tiny) -> None:
 
 def test_parallel_requests_share_batches_and_each_gets_its_answer_alone(tiny) -> None:
     """--parallel 4: four requests with different options run in shared decodes (widest_batch), and each
-    gets what it gets alone (temperature 0; the tiny models' kernels are batch-invariant: exact)."""
+    gets what it gets alone (temperature 0; batch-invariant kernels, and a random model whose best tokens lie far
+    enough apart that attention's rounding among other sequences' cells does not move them)."""
     prompts = ["the cat sat on the mat", "def sort ( x ) : return", "hello world , hello", "the dog ran to the cat"]
     # (modes "none" and "lookup" are left out: they name another pair, without the draft model, which the host
     # loads once the others have ended; see the README)
@@ -223,7 +224,8 @@ def test_parallel_requests_share_batches_and_each_gets_its_answer_alone(tiny) ->
     assert [r["choices"][0]["message"]["content"] for r in together] == [r["choices"][0]["message"]["content"] for r in alone]
     # the plain request (draft_max 0) verifies one token a round: any wider decode carried the others too
     assert shared(together[1]["stats"]) and not any(shared(r["stats"]) for r in alone)
-    assert all(r["stats"]["exact"] for r in together)
+    # one pool of KV cells for all sequences (the default) moves attention's rounding: not promised exact (--exact is)
+    assert not any(r["stats"]["exact"] for r in together)
     assert together[1]["stats"]["total_draft_tokens_count"] == 0  # draft_max 0: this request drafted nothing
     assert host.parallel == 4 and not host.active
 

@@ -287,9 +287,10 @@ class Context:
     for it too."""
 
     def __init__(self, model: Model, n_ctx: int, n_threads: int, n_batch: int = 512, n_seq: int = 1,
-                 hidden: bool = False, head_of: Context | None = None):  # fmt: skip
+                 hidden: bool = False, head_of: Context | None = None, unified: bool = True):  # fmt: skip
         """`hidden`: keep every decoded token's last hidden state (hidden()), which an MTP head drafts from;
-        `head_of`: this is the MTP head's context of that main context (MtpContext)."""
+        `head_of`: this is the MTP head's context of that main context (MtpContext); `unified`: several sequences
+        share one pool of KV cells (else each has its own stream, see shared_cells)."""
         self.model = model
         if model.on_cpu:  # no batch wider than the kernel trial checked (kernels.WIDEST): as cheap per token on a CPU
             n_batch = min(n_batch, kernels.WIDEST)
@@ -298,7 +299,13 @@ class Context:
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads = params.n_threads_batch = n_threads
         params.n_seq_max = n_seq
-        params.kv_unified = n_seq > 1  # one pool: a split cache would break a mixed batch into one ubatch per sequence
+        # One pool by default: a split cache breaks a mixed batch into one ubatch per sequence and cannot share a
+        # prefix. But in one pool a sequence's cells sit among the others', and attention sums a row over all
+        # of them in SIMD lanes: where its cells fall changes the rounding (a tiny Q4_K_M model, plain kernels,
+        # another sequence decoded beside it: logits up to 1e-5 apart). --exact therefore takes a stream per
+        # sequence, where its cells lie as they would alone (bit-identical, tests/test_exactness.py).
+        self.shared_cells = n_seq > 1 and unified
+        params.kv_unified = self.shared_cells
         params.no_perf = True
         # the MTP head's context holds only its own attention layer's KV cache, whatever the trunk is
         self.recurrent: bool = model.recurrent and head_of is None
@@ -577,8 +584,9 @@ class Context:
         for other in range(self.n_seq):
             if other != seq and (n := self.common_prefix(tokens, other)) > best:
                 best, source = n, other
-        # a recurrent state is not a prefix of positions: it cannot be shared from part of another sequence
-        if best - own < least or self.recurrent:
+        # a recurrent state is not a prefix of positions: it cannot be shared from part of another sequence; nor can
+        # part of another stream's cells (llama.cpp copies only whole streams)
+        if best - own < least or self.recurrent or not self.shared_cells:
             return own
         llama_cpp.llama_memory_seq_rm(self._memory, seq, 0, -1)
         llama_cpp.llama_memory_seq_cp(self._memory, source, seq, 0, best)
@@ -688,7 +696,8 @@ class MtpContext(Context):
     head predicts token p + 1, and from its own hidden state there, the next. Weights are the main model's."""
 
     def __init__(self, main: Context, n_threads: int):
-        super().__init__(main.model, main.n_ctx, n_threads, n_batch=main.n_batch, n_seq=main.n_seq, head_of=main)
+        super().__init__(main.model, main.n_ctx, n_threads, n_batch=main.n_batch, n_seq=main.n_seq, head_of=main,
+                         unified=main.shared_cells)  # fmt: skip
         _staging().set_embeddings_nextn(self.ptr, True, True)  # masked: hidden rows only where logits are asked
         self._ext = llama_cpp.llama_batch_ext_init(self.ptr)
         self._pos = (ctypes.c_int32 * 4)()

@@ -490,9 +490,10 @@ class Reply:
         stats.time_to_first_token = (self.first_token_at or finished_at) - self.started
         stats.overhead_time = stats.generation_time - self.decode_seconds
         # a batch no wider than the self-check's exact ones is plain decoding, bit for bit; so is a prompt read
-        # alone, in the chunks plain decoding reads it in
+        # alone, in the chunks plain decoding reads it in; but not among other sequences' cells (Context.shared_cells)
         kernels = engine.main_profile.kernels
-        stats.exact = engine.exact_kernels or (stats.widest_batch <= kernels.exact_up_to and not self.shared_prompt)
+        narrow = stats.widest_batch <= kernels.exact_up_to and not self.shared_prompt
+        stats.exact = (engine.exact_kernels or narrow) and not engine.main_ctx.shared_cells
         stats.exact_check = kernels.describe()
         stats.threads = engine.cores.threads if engine.cores is not None else engine.n_threads
         after_first = len(self.tokens) - self.first_round_tokens
@@ -559,7 +560,7 @@ class SpeculativeEngine:
         follow = following() if follow_cores is None else follow_cores
         self.cores = FreeCores(n_threads) if main.on_cpu and follow else None
         self.n_seq = n_seq
-        self.main_ctx = Context(main, n_ctx, n_threads, n_seq=n_seq, hidden=mtp)
+        self.main_ctx = Context(main, n_ctx, n_threads, n_seq=n_seq, hidden=mtp, unified=not exact)
         self.mtp = MtpDrafter(self.main_ctx, n_threads) if mtp else None
         self.draft_profile: DraftProfile | None = None
         if draft is not None:
