@@ -9,7 +9,7 @@ level then runs on every server in turn (interleaved: a machine that gets busy t
 streaming chat requests from real HTTP clients (httpx), greedy, each with its own text (the shared prompts,
 numbered). Ratios are read within one run.
 
-    .venv/bin/python bench/server_bench.py [--pair demo|real] [--max-tokens 64] [--clients 1 4 16] [--no-anchor]
+    .venv/bin/python bench/server_bench.py [--pair demo|real] [--max-tokens 64] [--clients 1 4 16] [--parallel 1 4] [--exact] [--no-anchor]
 """
 
 from __future__ import annotations
@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-anchor", action="store_true", help="leave out llama.cpp's llama-server")
+    parser.add_argument("--parallel", type=int, nargs="+", default=[1, 4], help="Tandem's --parallel values to run")
+    parser.add_argument("--exact", action="store_true", help="also Tandem speculative --exact at the widest --parallel")
     args = parser.parse_args()
     if args.pair == "real":
         main_path, draft_path = real_pair()
@@ -161,10 +163,13 @@ def main() -> None:
     prompts = [p["prompt"] for p in load_prompts(None)]
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        for mode, mode_args in {"plain": ["--no-draft"], "speculative": draft_args}.items():
-            for parallel in (1, 4):
-                servers[f"Tandem {mode}, --parallel {parallel}"] = start_tandem(model_args, mode_args, args.threads, parallel)
-                ready(*servers[f"Tandem {mode}, --parallel {parallel}"], prompts[0])
+        kinds = [(mode, mode_args, parallel) for mode, mode_args in {"plain": ["--no-draft"], "speculative": draft_args}.items()
+                 for parallel in args.parallel]  # fmt: skip
+        if args.exact:
+            kinds.append(("speculative --exact", [*draft_args, "--exact"], max(args.parallel)))
+        for mode, mode_args, parallel in kinds:
+            servers[f"Tandem {mode}, --parallel {parallel}"] = start_tandem(model_args, mode_args, args.threads, parallel)
+            ready(*servers[f"Tandem {mode}, --parallel {parallel}"], prompts[0])
         bin_dir = None if args.no_anchor else anchor_dir(None)
         if bin_dir is not None and (bin_dir / "llama-server").exists():
             servers["llama-server -np 4 -md"] = start_llama_server(bin_dir, main_path, draft_path, args.threads, 4)
